@@ -1,0 +1,83 @@
+"""Run the whole SELMA pipeline: skill prompts -> images -> experts -> merge -> Serve.
+
+    python jobs/full_pipeline.py                      # embedded default (tiny preset)
+    python jobs/full_pipeline.py --config sd14 run.dir=s3-mounted/runs/sd14 prompts.per_skill=200
+    ray job submit --working-dir . -- python jobs/full_pipeline.py --config sdxl
+
+Connects to the Ray cluster given by --address or RAY_ADDRESS (or one started with
+`ray start --head` on this machine); otherwise starts a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from selma_ray.config import DEFAULT_PRESET
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", "-c", default=DEFAULT_PRESET,
+                   help="preset name (tiny, sd14, sd2, sdxl, weak_to_strong) or YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
+    serve_group = p.add_mutually_exclusive_group()
+    serve_group.add_argument("--serve", dest="deploy", action="store_true", default=None,
+                             help="deploy the images API at the end (default: serve.deploy)")
+    serve_group.add_argument("--no-serve", dest="deploy", action="store_false")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def print_summary(summary: dict) -> None:
+    stages = summary["stages"]
+    print("\n=== selma_ray run summary ===")
+    print(f"run directory: {summary['run_dir']}")
+    for name, info in stages.items():
+        state = "skipped (already done)" if info["skipped"] else "done"
+        print(f"  {name:<8} {info['seconds']:>7.1f}s  {state}")
+    print(f"  {'total':<8} {sum(i['seconds'] for i in stages.values()):>7.1f}s")
+    prompts = stages.get("prompts", {}).get("result", {}).get("stats", {})
+    for skill, st in prompts.items():
+        print(f"  prompts[{skill}]: {st['accepted']} accepted of {st['candidates']} candidates")
+    images = stages.get("images", {}).get("result", {})
+    if images.get("total"):
+        print(f"  images: {images['total']} at {images.get('path')}")
+    for skill, metrics in stages.get("experts", {}).get("result", {}).get("experts", {}).items():
+        print(f"  expert[{skill}]: step {metrics.get('step')}, loss {metrics.get('loss', 0):.4f}")
+    merged = stages.get("merge", {}).get("result", {})
+    if merged.get("adapter"):
+        print(f"  merged ({merged.get('method')}): {merged['adapter']}")
+    if summary.get("endpoint"):
+        url = summary["endpoint"]
+        print(f"\nServe is answering at {url}  (adapters: {url}/v1/adapters, docs: {url}/docs)")
+        print(f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' "
+              "-d '{\"prompt\": \"two red apples on a table\", \"adapter\": \"merged\"}' "
+              "-o image.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from selma_ray.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from selma_ray.pipeline import run_pipeline
+
+    ray.init(address=args.address, logging_config=ray.LoggingConfig(log_level=args.log_level))
+    summary = run_pipeline(cfg, deploy=args.deploy)
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

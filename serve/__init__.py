@@ -1,0 +1,1 @@
+"""Ray Serve application of selma_ray: ``serve run serve/config.yaml``."""
