@@ -11,7 +11,6 @@ Connects to the Ray cluster given by --address or RAY_ADDRESS (or one started wi
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -60,8 +59,10 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from selma_ray.config import ConfigError, load_config
+    from selma_ray.logs import setup_logging
+
+    setup_logging(args.log_level)
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -69,11 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    import os
+
     import ray
 
     from selma_ray.pipeline import run_pipeline
 
-    ray.init(address=args.address, logging_config=ray.LoggingConfig(log_level=args.log_level))
+    if not os.path.isabs(cfg.run.dir) and "runtime_resources" in os.getcwd():
+        print(f"warning: run.dir={cfg.run.dir!r} is relative and this job runs in Ray's copy of "
+              "the working dir, so outputs land in a temporary folder; pass an absolute (shared) "
+              "path, e.g. run.dir=/mnt/shared/runs/tiny", file=sys.stderr)
+
+    ray.init(address=args.address)
     summary = run_pipeline(cfg, deploy=args.deploy)
     print_summary(summary)
     return 0

@@ -43,16 +43,18 @@ def skill_dataset(images_dir: str, skill: str):
     return ray.data.from_arrow(table)
 
 
-def _train_one(trial_config: dict[str, Any]) -> None:
+def _train_one(trial_config: dict[str, Any], job: dict[str, Any]) -> None:
     """Tune trial: train one skill's expert with a TorchTrainer, then export it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from selma_ray.logs import setup_logging
     from selma_ray.training import train_expert
 
+    setup_logging()
     skill = trial_config["skill"]
-    job = trial_config["job"]
+    log.info("experts: [%s] training starts", skill)
     res = job["resources"]
     resources = {"CPU": res["cpus_per_worker"]}
     if res["use_gpu"]:
@@ -120,8 +122,8 @@ def run_experts(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         log.info("experts: training %d experts (%d at once): %s", len(todo),
                  res.max_concurrent, ", ".join(todo))
         tuner = tune.Tuner(
-            tune.with_resources(_train_one, {"cpu": 0.01}),
-            param_space={"skill": tune.grid_search(todo), "job": job},
+            tune.with_resources(tune.with_parameters(_train_one, job=job), {"cpu": 0.01}),
+            param_space={"skill": tune.grid_search(todo)},
             tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent),
             run_config=tune.RunConfig(
                 name="experts", storage_path=str(run.path("ray_results")), verbose=1

@@ -52,8 +52,10 @@ class DiffusionRenderer:
                  guidance_scale: float, resolution: int | None):
         from diffusers import AutoPipelineForText2Image
 
+        from selma_ray.logs import setup_logging
         from selma_ray.models import resolve
 
+        setup_logging()
         self.device, torch_dtype = torch_device_and_dtype(num_gpus, dtype)
         pipe = AutoPipelineForText2Image.from_pretrained(resolve(model), torch_dtype=torch_dtype)
         pipe.set_progress_bar_config(disable=True)

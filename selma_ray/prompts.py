@@ -40,8 +40,10 @@ class VLLMGenerator:
     def __init__(self, model: str, engine_kwargs: dict[str, Any], sampling: dict[str, Any]):
         from vllm import LLM
 
+        from selma_ray.logs import setup_logging
         from selma_ray.models import resolve
 
+        setup_logging()
         self.llm = LLM(model=resolve(model), **engine_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.sampling = sampling
@@ -66,13 +68,20 @@ class VLLMGenerator:
 
 
 def parse_candidates(text: str) -> list[str]:
-    """Pull list items out of an LLM answer: numbered or bulleted lines, quotes stripped."""
+    """Pull list items out of an LLM answer: numbered or bulleted lines, quotes stripped.
+
+    Small models sometimes answer with plain lines instead of a list; when no line is
+    numbered or bulleted, every line that reads like a sentence is taken instead.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    matches = [_ITEM.match(line) for line in lines]
+    if any(matches):
+        raw = [m.group(1) for m in matches if m]
+    else:
+        raw = [line for line in lines if not line.endswith(":")]
     items = []
-    for line in text.splitlines():
-        match = _ITEM.match(line)
-        if not match:
-            continue
-        item = match.group(1).strip().strip("\"'\u201c\u201d").strip()
+    for item in raw:
+        item = item.strip().strip("\"'\u201c\u201d").strip()
         item = re.sub(r"\s*\(\d+\s+words?\)\s*$", "", item)
         if item:
             items.append(item)

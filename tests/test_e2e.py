@@ -1,0 +1,172 @@
+"""End to end on the tiny preset: a local Ray head, the job via `ray job submit`, then Serve.
+
+This is the slowest test (a few minutes on 2 cores): real vLLM on CPU writes the prompts, a
+tiny diffusers pipeline renders and learns, Ray Train trains five experts, Serve answers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SKILLS = ["dense_detail", "counting", "user_prompts", "commonsense_defying", "everyday_scenes"]
+STAGES = ["prompts", "images", "experts", "merge"]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head on free ports, stopped afterwards."""
+    if ray_cli("status").returncode == 0:
+        pytest.skip("a Ray cluster is already running on this machine; `ray stop` it first")
+    gcs, dashboard = free_port(), free_port()
+    started = ray_cli(
+        "start",
+        "--head",
+        "--num-cpus=2",
+        f"--port={gcs}",
+        f"--dashboard-port={dashboard}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+        timeout=180,
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield {
+            "dashboard": f"http://127.0.0.1:{dashboard}",
+            "serve_port": free_port(),
+            "run_dir": tmp_path_factory.mktemp("e2e") / "run",
+        }
+    finally:
+        ray_cli("stop", "--force", timeout=120)
+
+
+def submit(head: dict) -> str:
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head["dashboard"],
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "python",
+        "jobs/full_pipeline.py",
+        "--config",
+        "tiny",
+        f"run.dir={head['run_dir']}",
+        f"serve.port={head['serve_port']}",
+    ]
+    # `ray start --head` enables token auth by default (Ray 2.60) and stores the token in
+    # ~/.ray/auth_token; the jobs client reads it only when told to.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "token"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "succeeded" in out, out[-5000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(head) -> str:
+    return submit(head)
+
+
+def generate(head: dict, adapter, seed: int = 3) -> requests.Response:
+    url = f"http://127.0.0.1:{head['serve_port']}/v1/images/generations"
+    body = {"prompt": "two red apples on a wooden table", "adapter": adapter, "seed": seed}
+    return requests.post(url, json=body, timeout=120)
+
+
+def test_job_runs_every_stage_and_reports_time_per_stage(first_run):
+    for stage in [*STAGES, "serve"]:
+        assert f"  {stage}" in first_run
+    assert "Serve is answering at http://127.0.0.1:" in first_run
+
+
+def test_run_directory_has_artifacts_of_every_stage(head, first_run):
+    run = head["run_dir"]
+    assert (run / "config.yaml").is_file()
+    for skill in SKILLS:
+        assert (run / "prompts" / f"{skill}.jsonl").read_text().strip()
+        assert (run / "experts" / skill / "pytorch_lora_weights.safetensors").is_file()
+    assert list((run / "images" / "data").glob("*.parquet"))
+    merged = json.loads((run / "merged" / "manifest.json").read_text())
+    assert merged["method"] == "paper" and sorted(merged["weights"]) == sorted(SKILLS)
+
+
+def test_every_adapter_choice_returns_a_decodable_png(head, first_run):
+    from PIL import Image
+
+    listed = requests.get(f"http://127.0.0.1:{head['serve_port']}/v1/adapters", timeout=30)
+    names = {a["name"] for a in listed.json()["adapters"]}
+    assert names == {"base", "merged", *SKILLS}
+    for name in sorted(names):
+        resp = generate(head, name)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(resp.content))
+        assert image.size == (32, 32)
+
+
+def test_adapters_change_the_image_for_the_same_prompt_and_seed(head, first_run):
+    images = {name: generate(head, name).content for name in ["base", "merged", "counting"]}
+    assert images["base"] != images["merged"]
+    assert images["merged"] != images["counting"]
+    assert generate(head, "merged").content == images["merged"]  # same seed, same image
+
+
+def test_unknown_adapter_gets_4xx_naming_the_valid_ones(head, first_run):
+    resp = generate(head, "no-such-expert")
+    assert 400 <= resp.status_code < 500
+    assert "merged" in resp.text and "counting" in resp.text
+
+
+def test_adapters_load_into_a_plain_diffusers_pipeline(head, first_run):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from selma_ray.models import resolve
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve("tiny-sd"))
+    pipe.load_lora_weights(str(head["run_dir"] / "merged"), adapter_name="merged")
+    pipe.load_lora_weights(str(head["run_dir"] / "experts" / "counting"), adapter_name="counting")
+    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}
+    pipe.set_adapters(["merged"])
+    a = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.set_adapters(["counting"])
+    b = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert a.shape == (1, 32, 32, 3) and not (a == b).all()
+
+
+def test_second_run_repeats_no_stage(head, first_run):
+    manifests = sorted(head["run_dir"].rglob("manifest.json"))
+    before = {p: p.stat().st_mtime_ns for p in manifests}
+    out = submit(head)
+    for stage in STAGES:
+        assert any(
+            line.strip().startswith(stage) and "skipped (already done)" in line
+            for line in out.splitlines()
+        ), f"stage {stage} was repeated:\n{out[-3000:]}"
+    assert {p: p.stat().st_mtime_ns for p in manifests} == before
