@@ -18,13 +18,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from selma_ray.config import DEFAULT_PRESET
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", "-c", default=DEFAULT_PRESET,
-                   help="preset name (tiny, sd14, sd2, sdxl, weak_to_strong) or YAML path")
+    p.add_argument(
+        "--config",
+        "-c",
+        default=DEFAULT_PRESET,
+        help="preset name (tiny, sd14, sd2, sdxl, weak_to_strong) or YAML path",
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
     serve_group = p.add_mutually_exclusive_group()
-    serve_group.add_argument("--serve", dest="deploy", action="store_true", default=None,
-                             help="deploy the images API at the end (default: serve.deploy)")
+    serve_group.add_argument(
+        "--serve",
+        dest="deploy",
+        action="store_true",
+        default=None,
+        help="deploy the images API at the end (default: serve.deploy)",
+    )
     serve_group.add_argument("--no-serve", dest="deploy", action="store_false")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -52,9 +61,11 @@ def print_summary(summary: dict) -> None:
     if summary.get("endpoint"):
         url = summary["endpoint"]
         print(f"\nServe is answering at {url}  (adapters: {url}/v1/adapters, docs: {url}/docs)")
-        print(f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' "
-              "-d '{\"prompt\": \"two red apples on a table\", \"adapter\": \"merged\"}' "
-              "-o image.png")
+        print(
+            f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' "
+            '-d \'{"prompt": "two red apples on a table", "adapter": "merged"}\' '
+            "-o image.png"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     from selma_ray.pipeline import run_pipeline
 
     if not os.path.isabs(cfg.run.dir) and "runtime_resources" in os.getcwd():
-        print(f"warning: run.dir={cfg.run.dir!r} is relative and this job runs in Ray's copy of "
-              "the working dir, so outputs land in a temporary folder; pass an absolute (shared) "
-              "path, e.g. run.dir=/mnt/shared/runs/tiny", file=sys.stderr)
+        print(
+            f"warning: run.dir={cfg.run.dir!r} is relative and this job runs in Ray's copy of "
+            "the working dir, so outputs land in a temporary folder; pass an absolute (shared) "
+            "path, e.g. run.dir=/mnt/shared/runs/tiny",
+            file=sys.stderr,
+        )
 
     ray.init(address=args.address)
     summary = run_pipeline(cfg, deploy=args.deploy)

@@ -13,11 +13,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny"
-PAPER_SKILLS = ["dense_detail", "counting", "user_prompts", "commonsense_defying", "everyday_scenes"]
+PAPER_SKILLS = [
+    "dense_detail",
+    "counting",
+    "user_prompts",
+    "commonsense_defying",
+    "everyday_scenes",
+]
 
 
 class ConfigError(ValueError):
@@ -112,12 +125,26 @@ class ServeSection(_Section):
     max_prompt_chars: int = Field(1000, ge=1)
     max_size: int = Field(1024, ge=8, description="Largest image side a request may ask for.")
 
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ServeSection:
+        if self.default_steps > self.max_steps:
+            raise ValueError(
+                f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})"
+            )
+        return self
+
 
 class ActorPool(_Section):
     num_gpus: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(1.0, gt=0.0)
     min_size: int = Field(1, ge=1)
     max_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> ActorPool:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must be <= max_size ({self.max_size})")
+        return self
 
 
 class ExpertResources(_Section):
@@ -137,6 +164,14 @@ class ServeResources(TaskResources):
     max_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(8, ge=1)
 
+    @model_validator(mode="after")
+    def _min_le_max(self) -> ServeResources:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        return self
+
 
 class ResourcesSection(_Section):
     prompts: ActorPool = Field(default_factory=ActorPool)
@@ -155,6 +190,16 @@ class SelmaConfig(_Section):
     merge: MergeSection = Field(default_factory=MergeSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
+
+    @model_validator(mode="after")
+    def _merge_weights_name_skills(self) -> SelmaConfig:
+        weights = self.merge.weights
+        if weights is not None and set(weights) != set(self.prompts.skills):
+            raise ValueError(
+                f"merge.weights must give one weight per skill in prompts.skills "
+                f"{self.prompts.skills}; got {sorted(weights)}"
+            )
+        return self
 
     def fingerprint(self, *sections: str, extra: Any = None) -> str:
         """A stable hash of the named sections (and ``extra``), for stage manifests."""
@@ -176,7 +221,9 @@ def _read_preset(preset: str) -> dict[str, Any]:
     if path.suffix not in (".yaml", ".yml"):
         path = PRESET_DIR / f"{preset}.yaml"
         if not path.is_file():
-            raise ConfigError(f"unknown preset {preset!r}; choose one of {list_presets()} or a path")
+            raise ConfigError(
+                f"unknown preset {preset!r}; choose one of {list_presets()} or a path"
+            )
     elif not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
@@ -226,7 +273,11 @@ def _format_errors(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"{loc}: unknown key; allowed here: {', '.join(_allowed_keys(e['loc']))}")
         else:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+            got = e.get("input")
+            shown = (
+                "" if isinstance(got, dict | list) and len(repr(got)) > 80 else f" (got {got!r})"
+            )
+            lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}{shown}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -25,8 +25,12 @@ STAGE = "experts"
 def fingerprint(cfg: SelmaConfig, skill: str) -> str:
     return cfg.fingerprint(
         "experts",
-        extra={"base": cfg.models.base, "images": images_stage.fingerprint(cfg), "skill": skill,
-               "seed": cfg.run.seed},
+        extra={
+            "base": cfg.models.base,
+            "images": images_stage.fingerprint(cfg),
+            "skill": skill,
+            "seed": cfg.run.seed,
+        },
     )
 
 
@@ -93,8 +97,9 @@ def export_expert(run_root: Path, skill: str, result, fingerprint: str) -> None:
         shutil.copy2(Path(ckpt) / WEIGHT_NAME, tmp / WEIGHT_NAME)
         replace_dir(tmp, out)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float | str)}
-    run.write_manifest(fingerprint, STAGE, skill, skill=skill, metrics=metrics,
-                       adapter=str(out / WEIGHT_NAME))
+    run.write_manifest(
+        fingerprint, STAGE, skill, skill=skill, metrics=metrics, adapter=str(out / WEIGHT_NAME)
+    )
     log.info("experts: [%s] exported to %s (%s)", skill, out, metrics)
 
 
@@ -119,8 +124,12 @@ def run_experts(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
             "resources": res.model_dump(),
             "loop": {**ec.model_dump(), "base": cfg.models.base, "seed": cfg.run.seed},
         }
-        log.info("experts: training %d experts (%d at once): %s", len(todo),
-                 res.max_concurrent, ", ".join(todo))
+        log.info(
+            "experts: training %d experts (%d at once): %s",
+            len(todo),
+            res.max_concurrent,
+            ", ".join(todo),
+        )
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_train_one, job=job), {"cpu": 0.01}),
             param_space={"skill": tune.grid_search(todo)},
@@ -132,7 +141,9 @@ def run_experts(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         results = tuner.fit()
         failed = [r for r in results if r.error]
         if failed:
-            raise RuntimeError(f"experts: {len(failed)} expert(s) failed: " +
-                               "; ".join(str(r.error) for r in failed))
+            raise RuntimeError(
+                f"experts: {len(failed)} expert(s) failed: "
+                + "; ".join(str(r.error) for r in failed)
+            )
     summary = {s: (run.read_manifest(STAGE, s) or {}).get("metrics", {}) for s in skills}
     return {"experts": summary, "trained": todo, "skipped": not todo}

@@ -48,8 +48,15 @@ class DiffusionRenderer:
 
     REQUIRED = ("prompt", "seed")
 
-    def __init__(self, model: str, num_gpus: float, dtype: str, steps: int,
-                 guidance_scale: float, resolution: int | None):
+    def __init__(
+        self,
+        model: str,
+        num_gpus: float,
+        dtype: str,
+        steps: int,
+        guidance_scale: float,
+        resolution: int | None,
+    ):
         from diffusers import AutoPipelineForText2Image
 
         from selma_ray.logs import setup_logging
@@ -96,14 +103,22 @@ def image_rows(cfg: SelmaConfig, prompt_rows: list[dict[str, Any]]) -> list[dict
     for p in prompt_rows:
         for k in range(cfg.images.images_per_prompt):
             seed = stable_seed(cfg.run.seed, p["skill"], p["id"], k)
-            rows.append({"prompt_id": p["id"], "skill": p["skill"], "prompt": p["prompt"],
-                         "image_index": k, "seed": seed})
+            rows.append(
+                {
+                    "prompt_id": p["id"],
+                    "skill": p["skill"],
+                    "prompt": p["prompt"],
+                    "image_index": k,
+                    "seed": seed,
+                }
+            )
     return rows
 
 
 def fingerprint(cfg: SelmaConfig) -> str:
     return cfg.fingerprint(
-        "images", extra={"generator": cfg.models.generator, "prompts": prompts_stage.fingerprint(cfg)}
+        "images",
+        extra={"generator": cfg.models.generator, "prompts": prompts_stage.fingerprint(cfg)},
     )
 
 
@@ -136,8 +151,9 @@ def run_images(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         num_cpus=res.num_cpus,
     )
     final = run.path(STAGE, "data")
-    tmp = Path(tempfile.mkdtemp(prefix=".data.", dir=final.parent if final.parent.exists()
-                                else run.root))
+    tmp = Path(
+        tempfile.mkdtemp(prefix=".data.", dir=final.parent if final.parent.exists() else run.root)
+    )
     ds.write_parquet(str(tmp))
     replace_dir(tmp, final)
     counts: dict[str, int] = {}

@@ -44,6 +44,8 @@ def paper_merge(states: list[dict[str, Any]], weights: list[float]) -> dict[str,
     """The paper's merge: weighted sum of each LoRA matrix, key by key, in float32."""
     import torch
 
+    if not states:
+        raise ValueError("merge needs at least one adapter")
     if len(states) != len(weights):
         raise ValueError(f"{len(states)} adapters but {len(weights)} weights")
     keys = set(states[0])
@@ -72,8 +74,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def merge_adapters(inputs: dict[str, str], weights: dict[str, float] | None,
-                   out_dir: str) -> dict[str, Any]:
+def merge_adapters(
+    inputs: dict[str, str], weights: dict[str, float] | None, out_dir: str
+) -> dict[str, Any]:
     """Merge adapter folders or files by the paper rule into ``out_dir``; returns metadata."""
     names = list(inputs)
     w = check_weights(names, weights)
@@ -82,7 +85,9 @@ def merge_adapters(inputs: dict[str, str], weights: dict[str, float] | None,
     for key in ("r", "lora_alpha"):
         values = {c.get(key) for c in configs}
         if len(values) > 1:
-            raise ValueError(f"adapters disagree on LoRA {key} ({values}); the paper merge needs one")
+            raise ValueError(
+                f"adapters disagree on LoRA {key} ({values}); the paper merge needs one"
+            )
     merged = paper_merge([s for s, _ in loaded], w)
     save_adapter(Path(out_dir), merged, configs[0])
     return {
@@ -96,8 +101,9 @@ def merge_adapters(inputs: dict[str, str], weights: dict[str, float] | None,
 class MergeActor:
     """Ray actor that merges on the resources given to it (CPU by default)."""
 
-    def merge(self, inputs: dict[str, str], weights: dict[str, float] | None,
-              out_dir: str) -> dict[str, Any]:
+    def merge(
+        self, inputs: dict[str, str], weights: dict[str, float] | None, out_dir: str
+    ) -> dict[str, Any]:
         return merge_adapters(inputs, weights, out_dir)
 
 

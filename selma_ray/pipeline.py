@@ -34,14 +34,23 @@ def deploy_serve(cfg: SelmaConfig, run: RunDir) -> str:
 
     serve_config = {
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
-        "applications": [{"name": cfg.serve.app_name, "route_prefix": "/",
-                          "import_path": "serve.app:build_app",
-                          "args": {"run_dir": str(run.root)}}],
+        "applications": [
+            {
+                "name": cfg.serve.app_name,
+                "route_prefix": "/",
+                "import_path": "serve.app:build_app",
+                "args": {"run_dir": str(run.root)},
+            }
+        ],
     }
     atomic_write_text(run.path("serve.yaml"), yaml.safe_dump(serve_config, sort_keys=False))
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app({"run_dir": str(run.root)}), name=cfg.serve.app_name, route_prefix="/",
-              blocking=False)
+    serve.run(
+        build_app({"run_dir": str(run.root)}),
+        name=cfg.serve.app_name,
+        route_prefix="/",
+        blocking=False,
+    )
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
@@ -55,14 +64,24 @@ def run_pipeline(cfg: SelmaConfig, deploy: bool | None = None) -> dict[str, Any]
         start = time.perf_counter()
         result = stage(cfg, run)
         seconds = time.perf_counter() - start
-        summary["stages"][name] = {"seconds": round(seconds, 1), "skipped": bool(result.get("skipped")),
-                                   "result": result}
-        log.info("=== stage %s %s in %.1fs ===", name,
-                 "skipped" if result.get("skipped") else "done", seconds)
+        summary["stages"][name] = {
+            "seconds": round(seconds, 1),
+            "skipped": bool(result.get("skipped")),
+            "result": result,
+        }
+        log.info(
+            "=== stage %s %s in %.1fs ===",
+            name,
+            "skipped" if result.get("skipped") else "done",
+            seconds,
+        )
     if cfg.serve.deploy if deploy is None else deploy:
         start = time.perf_counter()
         summary["endpoint"] = deploy_serve(cfg, run)
-        summary["stages"]["serve"] = {"seconds": round(time.perf_counter() - start, 1),
-                                      "skipped": False, "result": {"url": summary["endpoint"]}}
+        summary["stages"]["serve"] = {
+            "seconds": round(time.perf_counter() - start, 1),
+            "skipped": False,
+            "result": {"url": summary["endpoint"]},
+        }
     atomic_write_json(run.path("summary.json"), summary)
     return summary

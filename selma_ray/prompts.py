@@ -81,8 +81,8 @@ def parse_candidates(text: str) -> list[str]:
         raw = [line for line in lines if not line.endswith(":")]
     items = []
     for item in raw:
-        item = item.strip().strip("\"'\u201c\u201d").strip()
-        item = re.sub(r"\s*\(\d+\s+words?\)\s*$", "", item)
+        item = re.sub(r"\s*\(\d+\s+words?\)\s*$", "", item.strip())
+        item = item.strip("\"'\u201c\u201d").strip()
         if item:
             items.append(item)
     return items
@@ -222,7 +222,9 @@ def run_prompts(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
     pools = {s.name: SkillPool(s, pc.rouge_threshold, resumed.get(s.name)) for s in skills}
     if resumed:
         log.info("prompts: resuming with %s", {k: len(v) for k, v in resumed.items()})
-    done_rounds = (run.read_manifest(STAGE, "progress") or {}).get("rounds_done", 0) if resumed else 0
+    done_rounds = (
+        (run.read_manifest(STAGE, "progress") or {}).get("rounds_done", 0) if resumed else 0
+    )
     for round_idx in range(done_rounds, pc.max_rounds):
         requests = build_requests(cfg, pools, round_idx)
         if not requests:
@@ -238,8 +240,13 @@ def run_prompts(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
                 pool.offer(candidate)
         _persist(run, fp, pools, round_idx)
         for name, pool in pools.items():
-            log.info("prompts: [%s] %d/%d accepted %s", name, len(pool.accepted), pc.per_skill,
-                     pool.stats)
+            log.info(
+                "prompts: [%s] %d/%d accepted %s",
+                name,
+                len(pool.accepted),
+                pc.per_skill,
+                pool.stats,
+            )
     short = {n: len(p.accepted) for n, p in pools.items() if len(p.accepted) < pc.per_skill}
     if any(len(p.accepted) == 0 for p in pools.values()):
         raise RuntimeError(
@@ -250,4 +257,6 @@ def run_prompts(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         log.warning("prompts: below target after %d rounds: %s", pc.max_rounds, short)
     stats = {n: {"accepted": len(p.accepted), **p.stats} for n, p in pools.items()}
     atomic_write_json(run.path(STAGE, "stats.json"), stats)
-    return run.write_manifest(fp, STAGE, stats=stats, total=sum(len(p.accepted) for p in pools.values()))
+    return run.write_manifest(
+        fp, STAGE, stats=stats, total=sum(len(p.accepted) for p in pools.values())
+    )

@@ -45,10 +45,10 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written folder into place, replacing an older one."""
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, trash / final.name)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(trash, ignore_errors=True)
     else:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)

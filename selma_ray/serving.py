@@ -95,8 +95,16 @@ class DiffusionService:
     def describe(self) -> list[dict[str, Any]]:
         return [asdict(a) for a in self.adapters.values()]
 
-    def generate(self, prompt: str, adapter: str, seed: int, steps: int, guidance_scale: float,
-                 size: int, negative_prompt: str | None = None) -> bytes:
+    def generate(
+        self,
+        prompt: str,
+        adapter: str,
+        seed: int,
+        steps: int,
+        guidance_scale: float,
+        size: int,
+        negative_prompt: str | None = None,
+    ) -> bytes:
         from selma_ray.images import png_bytes
 
         if adapter not in self.adapters:

@@ -31,8 +31,10 @@ def decode_images(pngs, size: int):
     for data in pngs:
         img = Image.open(io.BytesIO(data)).convert("RGB")
         scale = size / min(img.size)
-        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
-                         Image.BICUBIC)
+        img = img.resize(
+            (max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+            Image.BICUBIC,
+        )
         left, top = (img.width - size) // 2, (img.height - size) // 2
         img = img.crop((left, top, left + size, top + size))
         out.append(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
@@ -55,7 +57,7 @@ def train_expert(config: dict[str, Any]) -> None:
     from diffusers import DDPMScheduler, DiffusionPipeline
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import set_peft_model_state_dict
 
     from selma_ray.lora_io import load_adapter
     from selma_ray.models import resolve
@@ -122,8 +124,9 @@ def train_expert(config: dict[str, Any]) -> None:
                 latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
                 hidden = text_encoder(ids)[0]
             noise = torch.randn_like(latents)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              device=device)
+            t = torch.randint(
+                0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
+            )
             noisy = scheduler.add_noise(latents, noise, t)
             if scheduler.config.prediction_type == "v_prediction":
                 target = scheduler.get_velocity(latents, noise, t)
@@ -142,7 +145,11 @@ def train_expert(config: dict[str, Any]) -> None:
             step += 1
             losses.append(loss.item())
             if step % config["checkpoint_every"] == 0 or step >= config["max_steps"]:
-                metrics = {"step": step, "loss": sum(losses) / len(losses), "skill": config["skill"]}
+                metrics = {
+                    "step": step,
+                    "loss": sum(losses) / len(losses),
+                    "skill": config["skill"],
+                }
                 _report(unet, lora_config, optimizer, lr_scheduler, step, metrics, ctx)
                 losses.clear()
             if step >= config["max_steps"]:
@@ -170,8 +177,11 @@ def _report(unet, lora_config, optimizer, lr_scheduler, step, metrics, ctx) -> N
             out = Path(tmp) / "ckpt"
             save_adapter(out, get_peft_model_state_dict(unet), lora_config.to_dict())
             torch.save(
-                {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                 "step": step},
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "step": step,
+                },
                 out / STATE_FILE,
             )
             checkpoint = ray.train.Checkpoint.from_directory(str(out))

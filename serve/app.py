@@ -79,8 +79,10 @@ class Ingress:
     async def generate(self, req: GenerationRequest) -> Response:
         limits = self.limits
         if len(req.prompt) > limits.max_prompt_chars:
-            raise HTTPException(422, f"prompt is {len(req.prompt)} characters; the limit is "
-                                     f"{limits.max_prompt_chars}")
+            raise HTTPException(
+                422,
+                f"prompt is {len(req.prompt)} characters; the limit is {limits.max_prompt_chars}",
+            )
         steps = req.num_inference_steps or limits.default_steps
         if steps > limits.max_steps:
             raise HTTPException(422, f"num_inference_steps must be 1..{limits.max_steps}")
@@ -91,12 +93,21 @@ class Ingress:
         if size % 8 or not 8 <= size <= limits.max_size:
             raise HTTPException(422, f"size must be a multiple of 8 in 8..{limits.max_size}")
         png = await self.diffusion.generate.remote(
-            {"prompt": req.prompt, "adapter": req.adapter, "seed": req.seed, "steps": steps,
-             "guidance_scale": req.guidance_scale, "size": size,
-             "negative_prompt": req.negative_prompt}
+            {
+                "prompt": req.prompt,
+                "adapter": req.adapter,
+                "seed": req.seed,
+                "steps": steps,
+                "guidance_scale": req.guidance_scale,
+                "size": size,
+                "negative_prompt": req.negative_prompt,
+            }
         )
-        return Response(content=png, media_type="image/png",
-                        headers={"X-Adapter": req.adapter, "X-Seed": str(req.seed)})
+        return Response(
+            content=png,
+            media_type="image/png",
+            headers={"X-Adapter": req.adapter, "X-Seed": str(req.seed)},
+        )
 
 
 def resolve_run_dir(run_dir: str) -> str:
@@ -114,7 +125,10 @@ def build_app(args: dict[str, Any]):
     diffusion = Diffusion.options(
         ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
         max_ongoing_requests=res.max_ongoing_requests,
-        autoscaling_config={"min_replicas": res.min_replicas, "max_replicas": res.max_replicas,
-                            "target_ongoing_requests": 2},
+        autoscaling_config={
+            "min_replicas": res.min_replicas,
+            "max_replicas": res.max_replicas,
+            "target_ongoing_requests": 2,
+        },
     ).bind(run_dir)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(diffusion, run_dir)

@@ -101,8 +101,16 @@ def test_nested_override_reaches_sub_sections():
 
 
 def test_override_of_a_section_the_preset_omits_creates_it():
-    cfg = load_config("tiny", ["merge.weights={counting: 2, dense_detail: 1}"])
+    cfg = load_config(
+        "tiny",
+        ["prompts.skills=[counting, dense_detail]", "merge.weights={counting: 2, dense_detail: 1}"],
+    )
     assert cfg.merge.weights == {"counting": 2.0, "dense_detail": 1.0}
+
+
+def test_merge_weights_must_name_exactly_the_run_skills():
+    with pytest.raises(ConfigError, match="merge.weights must give one weight per skill"):
+        load_config("tiny", ["merge.weights={counting: 1.5}"])
 
 
 def test_later_override_wins():
@@ -290,7 +298,7 @@ def test_fingerprint_depends_on_which_sections_are_named():
 
 @pytest.mark.parametrize("preset", list_presets())
 def test_to_yaml_round_trips_to_an_equal_config(preset):
-    cfg = load_config(preset, ["merge.weights={counting: 1.5}"])
+    cfg = load_config(preset, ["prompts.skills=[counting]", "merge.weights={counting: 1.5}"])
     again = validate(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
     assert again.fingerprint("prompts", "experts", "merge") == cfg.fingerprint(

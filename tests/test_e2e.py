@@ -32,7 +32,12 @@ def free_port() -> int:
 
 
 def ray_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, **kwargs)
+    # With the virtualenv first on PATH, the head (and so each job's `python`) uses it,
+    # as it would after `source .venv/bin/activate`.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(
+        [str(BIN / "ray"), *args], capture_output=True, text=True, env=env, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")

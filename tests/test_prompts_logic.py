@@ -75,10 +75,6 @@ def test_refusal_without_list_reaches_pool_and_is_counted_as_junk():
     assert pool.stats["junk"] == len(items) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: quotes are stripped before the '(N words)' suffix, so a trailing quote stays",
-)
 def test_parse_strips_quotes_around_item_followed_by_word_count():
     assert parse_candidates('1. "A cat on a mat." (5 words)') == ["A cat on a mat."]
 
