@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
-    import ray
-
     from selma_ray.pipeline import run_pipeline
 
     if not os.path.isabs(cfg.run.dir) and "runtime_resources" in os.getcwd():
@@ -95,10 +94,36 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
 
-    ray.init(address=args.address)
+    started_here = connect(args.address)
     summary = run_pipeline(cfg, deploy=args.deploy)
     print_summary(summary)
+    if started_here and summary.get("endpoint"):
+        # Serve lives only as long as the Ray cluster this script started.
+        print(
+            "\nRay was started by this script, so Serve stops when it exits. Press Ctrl-C to "
+            "stop (or start a head first with `ray start --head`, as `make run` does)."
+        )
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
     return 0
+
+
+def connect(address: str | None) -> bool:
+    """Join the given (or running) Ray cluster; start a local one if there is none."""
+    import ray
+
+    if address:
+        ray.init(address=address)
+        return False
+    try:
+        ray.init(address="auto")
+        return False
+    except ConnectionError:
+        ray.init()
+        return True
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class DiffusionRenderer:
 
         setup_logging()
         self.device, torch_dtype = torch_device_and_dtype(num_gpus, dtype)
-        pipe = AutoPipelineForText2Image.from_pretrained(resolve(model), torch_dtype=torch_dtype)
+        pipe = AutoPipelineForText2Image.from_pretrained(resolve(model), dtype=torch_dtype)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         self.model = model

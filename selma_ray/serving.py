@@ -78,7 +78,7 @@ class DiffusionService:
         res = self.config.resources.serve
         self.device, dtype = torch_device_and_dtype(res.num_gpus, "auto")
         pipe = AutoPipelineForText2Image.from_pretrained(
-            resolve(self.config.models.base), torch_dtype=dtype
+            resolve(self.config.models.base), dtype=dtype
         )
         pipe.set_progress_bar_config(disable=True)
         self.adapters = find_adapters(run_dir)
