@@ -72,7 +72,9 @@ def _train_one(trial_config: dict[str, Any], job: dict[str, Any]) -> None:
             resources_per_worker=resources,
         ),
         run_config=RunConfig(
-            name=f"expert-{skill}",
+            # One storage folder per (skill, fingerprint): a re-run of the same expert resumes
+            # from its latest checkpoint; a changed config or data set starts afresh.
+            name=f"expert-{skill}-{job['fingerprints'][skill]}",
             storage_path=job["storage_path"],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=job["max_failures"]),

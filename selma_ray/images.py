@@ -16,7 +16,7 @@ from typing import Any
 
 from selma_ray import prompts as prompts_stage
 from selma_ray.config import SelmaConfig
-from selma_ray.rundir import RunDir, replace_dir
+from selma_ray.rundir import RunDir, atomic_write_bytes, replace_dir
 from selma_ray.seeds import stable_seed
 
 log = logging.getLogger(__name__)
@@ -151,14 +151,44 @@ def run_images(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         num_cpus=res.num_cpus,
     )
     final = run.path(STAGE, "data")
-    tmp = Path(
-        tempfile.mkdtemp(prefix=".data.", dir=final.parent if final.parent.exists() else run.root)
-    )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".data.", dir=final.parent))
     ds.write_parquet(str(tmp))
     replace_dir(tmp, final)
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["skill"]] = counts.get(r["skill"], 0) + 1
+    counts = write_contact_sheets(final, run.path(STAGE, "contact_sheets"))
     for skill, n in counts.items():
-        log.info("images: [%s] %d images", skill, n)
-    return run.write_manifest(fp, STAGE, counts=counts, total=len(rows), path=str(final))
+        log.info("images: [%s] %d images, contact sheet in %s", skill, n, STAGE)
+    return run.write_manifest(fp, STAGE, counts=counts, total=sum(counts.values()), path=str(final))
+
+
+def write_contact_sheets(data_dir: Path, out_dir: Path, per_sheet: int = 16) -> dict[str, int]:
+    """One PNG grid per skill (first ``per_sheet`` images with their prompts); returns counts."""
+    import pyarrow.dataset as pads
+    from PIL import Image, ImageDraw
+
+    table = pads.dataset(str(data_dir), format="parquet").to_table(
+        columns=["skill", "prompt_id", "image_index", "prompt", "image"]
+    )
+    by_skill: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted(table.to_pylist(), key=lambda r: (r["prompt_id"], r["image_index"])):
+        by_skill.setdefault(row["skill"], []).append(row)
+    cell, caption, cols = 128, 44, 4
+    for skill, rows in by_skill.items():
+        shown = rows[:per_sheet]
+        n_rows = -(-len(shown) // cols)
+        sheet = Image.new("RGB", (cols * cell, n_rows * (cell + caption)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for i, row in enumerate(shown):
+            x, y = (i % cols) * cell, (i // cols) * (cell + caption)
+            img = Image.open(io.BytesIO(row["image"])).convert("RGB").resize((cell, cell))
+            sheet.paste(img, (x, y))
+            words, lines = row["prompt"].split(), [""]
+            for w in words:
+                if len(lines[-1]) + len(w) > 21 and len(lines) < 3:
+                    lines.append("")
+                lines[-1] = f"{lines[-1]} {w}".strip()
+            draw.multiline_text((x + 2, y + cell + 2), "\n".join(lines[:3]), fill="black")
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG")
+        atomic_write_bytes(out_dir / f"{skill}.png", buf.getvalue())
+    return {skill: len(rows) for skill, rows in by_skill.items()}

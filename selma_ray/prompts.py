@@ -27,8 +27,14 @@ STAGE = "prompts"
 _ITEM = re.compile(r"^\s*(?:\d+\s*[.):]|[-*\u2022])\s*(.+?)\s*$")
 _JUNK = re.compile(
     r"\b(i'm sorry|i cannot|i can't|as an ai|language model|here are|here is|"
-    r"image descriptions?|numbered list|new descriptions?)\b",
+    r"image descriptions?|numbered list|new descriptions?)\b"
+    r"|^(i'm|i am|sure|certainly|note|let me|of course)\b"  # assistant chatter
+    r"|[=<>{}\[\]_#`|\\?]",  # code, markup and questions are not image descriptions
     re.IGNORECASE,
+)
+# "A cat on a sofa - This is a fun scene": drop the commentary after the description.
+_COMMENTARY = re.compile(
+    r"(?:\s*:|\s+[-\u2013\u2014])\s+(this|it|that|which|the image)\b.*$", re.IGNORECASE
 )
 
 
@@ -90,6 +96,7 @@ def parse_candidates(text: str) -> list[str]:
 
 def normalize(text: str) -> str:
     text = re.sub(r"\s+", " ", text).strip()
+    text = _COMMENTARY.sub("", text).rstrip(" ;,")
     return text.strip("\"'\u201c\u201d").strip()
 
 
@@ -116,7 +123,7 @@ class SkillPool:
         if not text or len(text.split()) > self.skill.max_words:
             self.stats["too_long"] += 1
             return False
-        if len(text.split()) < 3 or _JUNK.search(text):
+        if len(re.findall(r"[A-Za-z]{2,}", text)) < 3 or _JUNK.search(text):
             self.stats["junk"] += 1
             return False
         if not self._rouge.offer(text):

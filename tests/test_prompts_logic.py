@@ -131,7 +131,7 @@ def test_pool_counts_too_long(counting_pool):
     assert not counting_pool.offer(long_text)
     assert counting_pool.stats["too_long"] == 1
     # exactly at the limit is fine as far as length goes
-    at_limit = "Two cats " + " ".join(f"w{i}" for i in range(limit - 2))
+    at_limit = "Two cats " + " ".join(["apple"] * (limit - 2))
     assert len(at_limit.split()) == limit
     assert counting_pool.offer(at_limit)
 
@@ -306,3 +306,27 @@ def test_registered_skill_seeds_fit_their_own_word_limit(name):
     assert skill.name == name
     for seed in skill.seeds:
         assert len(seed.split()) <= skill.max_words
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "output = []",
+        "type(int(num), dtype=int), type(num))",
+        "I'm ready to help with the task. What's your text that needs to be edited?",
+        "Sure, three cats on a mat",
+        "<b>two dogs</b> in a park",
+    ],
+)
+def test_code_chatter_and_questions_are_junk(text):
+    pool = SkillPool(SKILLS["counting"], threshold=0.8)
+    assert not pool.offer(text)
+    assert pool.stats["junk"] == 1
+
+
+def test_trailing_commentary_is_cut_from_a_description():
+    assert normalize("A candle melting in a kitchen - This is an unusual combination.") == (
+        "A candle melting in a kitchen"
+    )
+    assert normalize("Two cats on a sofa: it looks cozy") == "Two cats on a sofa"
+    assert normalize("A red bus - parked by a bakery") == "A red bus - parked by a bakery"
