@@ -49,8 +49,16 @@ def print_summary(summary: dict) -> None:
         print(f"  {name:<8} {info['seconds']:>7.1f}s  {state}")
     print(f"  {'total':<8} {sum(i['seconds'] for i in stages.values()):>7.1f}s")
     prompts = stages.get("prompts", {}).get("result", {}).get("stats", {})
+    if prompts:
+        head = ("skill", "accepted", "cands", "rate", "maxRL", "dist-2", "words")
+        print("  {:<22}{:>9}{:>7}{:>7}{:>7}{:>8}{:>7}".format(*head))
     for skill, st in prompts.items():
-        print(f"  prompts[{skill}]: {st['accepted']} accepted of {st['candidates']} candidates")
+        rouge = st.get("mean_max_rouge")
+        print(
+            f"  {skill:<22}{st['accepted']:>9}{st['candidates']:>7}{st['acceptance_rate']:>7.0%}"
+            f"{rouge if rouge is not None else float('nan'):>7.2f}{st['distinct_2']:>8.2f}"
+            f"{st['mean_words']:>7.1f}"
+        )
     images = stages.get("images", {}).get("result", {})
     if images.get("total"):
         print(f"  images: {images['total']} at {images.get('path')}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,18 +54,51 @@ class ModelsSection(_Section):
     base: str = Field("tiny-sd", description="Diffusion model that gets the experts and is served.")
 
 
+SKILL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+RESERVED_NAMES = {"base", "merged"}
+
+
+class SkillSpec(_Section):
+    """A user-defined skill, given inline in the config or in a YAML file."""
+
+    name: str = Field(pattern=SKILL_NAME)
+    description: str = Field(min_length=1)
+    seeds: list[str] = Field(min_length=3, description="At least 3 example descriptions.")
+    max_words: int = Field(30, ge=3)
+    extra_rule: str = ""
+
+
+class OpenAIBackend(_Section):
+    base_url: str = Field("http://127.0.0.1:8001/v1", description="OpenAI-compatible API root.")
+    model: str | None = Field(None, description="Model name at the endpoint; null = models.llm.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Env var holding the key (not the key).")
+    max_retries: int = Field(5, ge=0)
+    backoff_seconds: float = Field(1.0, ge=0.0)
+    timeout_seconds: float = Field(60.0, gt=0.0)
+    concurrency: int = Field(8, ge=1, description="Requests in flight per actor.")
+
+
 class PromptsSection(_Section):
     skills: list[str] = Field(default_factory=lambda: list(PAPER_SKILLS), min_length=1)
+    custom_skills: list[SkillSpec] = Field(default_factory=list)
+    skill_files: list[str] = Field(default_factory=list, description="YAML files of skills.")
     per_skill: int = Field(1000, ge=1, description="Target number of new prompts per skill.")
     in_context_examples: int = Field(3, ge=1)
     new_per_request: int = Field(5, ge=1, description="Descriptions asked of the LLM per request.")
-    requests_per_round: int = Field(64, ge=1, description="Requests per skill per round.")
+    requests_per_round: int = Field(64, ge=1, description="Most requests per skill per round.")
     max_rounds: int = Field(50, ge=1)
     rouge_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    semantic_threshold: float | None = Field(
+        None, gt=0.0, le=1.0, description="Cosine cut-off for semantic dedup; null = off."
+    )
+    backend: Literal["vllm", "openai"] = "vllm"
+    openai: OpenAIBackend = Field(default_factory=OpenAIBackend)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(256, ge=8)
     batch_size: int = Field(64, ge=1)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int = Field(2048, ge=256)
     gpu_memory_utilization: float = Field(
         0.85, gt=0.0, le=0.95, description="vLLM memory share; on CPU, the KV-cache share of RAM."
@@ -75,7 +109,55 @@ class PromptsSection(_Section):
     def _unique_skills(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"skills must be unique, got {v}")
+        bad = [
+            n
+            for n in v
+            if not re.match(SKILL_NAME, n) or n in RESERVED_NAMES or n.startswith("merged-")
+        ]
+        if bad:
+            raise ValueError(
+                f"invalid skill names {bad}: use letters, digits, '_' or '-', and neither "
+                f"{sorted(RESERVED_NAMES)} nor a 'merged-' prefix (those name served adapters)"
+            )
         return v
+
+    def all_custom_skills(self) -> list[SkillSpec]:
+        """Inline custom skills plus those read from ``skill_files``."""
+        specs = list(self.custom_skills)
+        for file in self.skill_files:
+            specs.extend(read_skill_file(file))
+        return specs
+
+    @model_validator(mode="after")
+    def _skills_exist(self) -> PromptsSection:
+        from selma_ray.skills import SKILLS
+
+        custom = {s.name for s in self.all_custom_skills()}
+        unknown = [n for n in self.skills if n not in SKILLS and n not in custom]
+        if unknown:
+            raise ValueError(
+                f"unknown skills {unknown}; built-in: {sorted(SKILLS)}; custom: {sorted(custom)} "
+                "(add custom ones under prompts.custom_skills or prompts.skill_files)"
+            )
+        return self
+
+
+def read_skill_file(path: str) -> list[SkillSpec]:
+    """Skills from a YAML file: ``skills: [{name, description, seeds, ...}, ...]``."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"skill file {path!r} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"skill file {path!r} is not valid YAML: {e}") from e
+    items = data.get("skills") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise ValueError(f"skill file {path!r} must hold a list under the key 'skills'")
+    try:
+        return [SkillSpec.model_validate(item) for item in items]
+    except ValidationError as e:
+        raise ValueError(f"skill file {path!r}: {_format_errors(e, SkillSpec)}") from None
 
 
 class ImagesSection(_Section):
@@ -111,8 +193,62 @@ class ExpertsSection(_Section):
 
 
 class MergeSection(_Section):
-    method: Literal["paper"] = Field("paper", description="paper = mean of A's and of B's.")
-    weights: dict[str, float] | None = Field(None, description="Per-skill weights; null = 1/N.")
+    """How the experts are merged (rules in ``selma_ray.merge_math``)."""
+
+    methods: list[Literal["paper", "cat", "svd", "ties", "dare_linear", "dare_ties"]] = Field(
+        default_factory=lambda: ["paper"],
+        min_length=1,
+        description="Merges to write to merges/<method>/; paper = mean of A's and of B's.",
+    )
+    default: Literal["paper", "cat", "svd", "ties", "dare_linear", "dare_ties"] = Field(
+        "paper", description="The method served as 'merged' when select=default."
+    )
+    select: Literal["default", "validation"] = Field(
+        "default",
+        description="validation: 'merged' is the method with the lowest denoising loss on a "
+        "fixed sample of the run's images.",
+    )
+    weights: dict[str, float] | None = Field(
+        None, description="Per-skill weights; null = each method's default (1/N for paper)."
+    )
+    density: float = Field(0.5, gt=0.0, le=1.0, description="ties/dare: fraction of entries kept.")
+    svd_rank: int | None = Field(None, ge=1, description="svd output rank; null = largest input.")
+    seed: int = Field(0, ge=0, description="Seeds the DARE drop masks and the validation noise.")
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Stored dtype of merged adapters; maths always in float32 or more."
+    )
+    val_samples: int = Field(8, ge=1, description="Images scored per method (select=validation).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_method(cls, data: Any) -> Any:
+        # Runs written before ``methods`` existed have ``method: paper``; read them unchanged.
+        if isinstance(data, dict) and "method" in data and "methods" not in data:
+            data = dict(data)
+            method = data.pop("method")
+            data.update(methods=[method], default=method)
+        return data
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and (
+            not all(w >= 0 for w in v.values()) or sum(v.values()) <= 0  # also rejects NaN
+        ):
+            raise ValueError(f"weights must be >= 0 and not all zero, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _default_is_a_method(self) -> MergeSection:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be unique, got {self.methods}")
+        if self.default not in self.methods:
+            raise ValueError(
+                f"default ({self.default!r}) must be one of methods {self.methods}; "
+                f"add it to merge.methods or pick another default"
+            )
+        return self
 
 
 class ServeSection(_Section):
@@ -255,8 +391,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = SelmaConfig
+def _allowed_keys(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
+    model = root
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = field.annotation if field else None
@@ -266,12 +402,13 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_errors(err: ValidationError) -> str:
+def _format_errors(err: ValidationError, root: type[BaseModel] | None = None) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key; allowed here: {', '.join(_allowed_keys(e['loc']))}")
+            allowed = ", ".join(_allowed_keys(e["loc"], root or SelmaConfig))
+            lines.append(f"{loc}: unknown key; allowed here: {allowed}")
         else:
             got = e.get("input")
             shown = (

@@ -42,7 +42,8 @@ def load_run_config(run_dir: str | Path) -> SelmaConfig:
 
 
 def find_adapters(run_dir: str | Path) -> dict[str, AdapterInfo]:
-    """Every finished adapter of a run (experts and merged), plus ``base``."""
+    """Every finished adapter of a run, plus ``base``: the experts, ``merged`` and each
+    method's merge as ``merged-<method>``."""
     from selma_ray.lora_io import load_adapter
 
     run = RunDir(run_dir)
@@ -52,9 +53,16 @@ def find_adapters(run_dir: str | Path) -> dict[str, AdapterInfo]:
     if experts_dir.is_dir():
         candidates += [(p.name, "expert", p.name, p) for p in sorted(experts_dir.iterdir())]
     candidates.append(("merged", "merged", None, run.path(merge_stage.STAGE)))
+    merges_dir = run.path(merge_stage.MERGES)
+    if merges_dir.is_dir():
+        merges = [p for p in sorted(merges_dir.iterdir()) if not p.name.startswith(".")]
+        candidates += [(f"merged-{p.name}", "merged", None, p) for p in merges]
     for name, kind, skill, folder in candidates:
         if name.startswith(".") or run.read_manifest(str(folder.relative_to(run.root))) is None:
             continue  # unfinished or temporary
+        if name in found:  # e.g. a skill named like a merge
+            log.warning("skipping adapter %s at %s: the name is taken", name, folder)
+            continue
         try:
             _, lora_config = load_adapter(adapter_file(folder))
         except (FileNotFoundError, ValueError) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 SUB_SKILLS = (
     "spatial, count, animal, human, object, location, activity, color, attribute, food, "
@@ -112,9 +113,19 @@ SKILLS: dict[str, Skill] = {
 }
 
 
-def get_skills(names: list[str]) -> list[Skill]:
-    """The registered skills named, in order; an unknown name is an error listing known ones."""
-    unknown = [n for n in names if n not in SKILLS]
+def get_skills(names: list[str], custom: list[Any] | None = None) -> list[Skill]:
+    """The skills named, in order, from the registry or ``custom`` specs (which win)."""
+    known = dict(SKILLS)
+    for spec in custom or []:
+        known[spec.name] = Skill(
+            name=spec.name,
+            description=spec.description,
+            seeds=tuple(spec.seeds),
+            max_words=spec.max_words,
+            extra_rule=spec.extra_rule,
+            source="custom",
+        )
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown skills {unknown}; known skills: {sorted(SKILLS)}")
-    return [SKILLS[n] for n in names]
+        raise ValueError(f"unknown skills {unknown}; known skills: {sorted(known)}")
+    return [known[n] for n in names]

@@ -126,7 +126,7 @@ def test_every_adapter_choice_returns_a_decodable_png(head, first_run):
 
     listed = requests.get(f"http://127.0.0.1:{head['serve_port']}/v1/adapters", timeout=30)
     names = {a["name"] for a in listed.json()["adapters"]}
-    assert names == {"base", "merged", *SKILLS}
+    assert names == {"base", "merged", "merged-paper", *SKILLS}
     for name in sorted(names):
         resp = generate(head, name)
         assert resp.status_code == 200, resp.text

@@ -194,13 +194,15 @@ def test_merge_adapters_applies_given_weights(tmp_path, peft_lora):
         assert torch.allclose(merged[key].double(), expected, rtol=1e-6, atol=1e-6), key
 
 
-def test_merge_adapters_rejects_adapters_with_different_alpha(tmp_path, peft_lora):
+def test_merge_adapters_folds_different_alphas_into_the_paper_merge(tmp_path, peft_lora):
     state, config = peft_lora
-    other = lora_config(r=4, alpha=8)
-    save_adapter(tmp_path / "a", state, config.to_dict())
-    save_adapter(tmp_path / "b", state, other.to_dict())
-    with pytest.raises(ValueError, match="lora_alpha"):
-        merge_adapters(
-            {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, None, str(tmp_path / "m")
-        )
-    assert not (tmp_path / "m").exists()
+    first, second = randomized(state, 31), randomized(state, 32)
+    save_adapter(tmp_path / "a", first, config.to_dict())  # alpha 4 / r 4: scale 1
+    save_adapter(tmp_path / "b", second, lora_config(r=4, alpha=16).to_dict())  # scale 4
+    merge_adapters({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, None, str(tmp_path / "m"))
+    merged, merged_config = load_adapter(tmp_path / "m")
+    # Scales differ, so sqrt(scale_i) goes into both factors and the output has scale 1.
+    assert merged_config["r"] == 4 and merged_config["lora_alpha"] == 4
+    for key in state:
+        expected = 0.5 * first[key].double() + 0.5 * 2.0 * second[key].double()
+        assert torch.allclose(merged[key].double(), expected, rtol=1e-6, atol=1e-6), key

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from selma_ray.config import load_config
-from selma_ray.prompts import SkillPool, build_requests, normalize, parse_candidates
+from selma_ray.prompt_filters import SkillPool, normalize
+from selma_ray.prompts import build_requests, parse_candidates, requests_needed
 from selma_ray.skills import SKILLS, SUB_SKILLS, Skill, get_skills
 
 # ---------------------------------------------------------------- parse_candidates
@@ -70,7 +71,7 @@ def test_parse_plain_line_fallback_is_not_used_when_any_line_is_listed():
 
 def test_refusal_without_list_reaches_pool_and_is_counted_as_junk():
     items = parse_candidates("I'm sorry, I can't help with that.")
-    pool = SkillPool(SKILLS["counting"], 0.8)
+    pool = make_pool()
     assert [pool.offer(i) for i in items] == [False] * len(items)
     assert pool.stats["junk"] == len(items) == 1
 
@@ -86,15 +87,32 @@ def test_normalize_collapses_whitespace_and_strips_quotes():
 # ---------------------------------------------------------------- SkillPool
 
 
+def make_pool(accepted=None, skill="counting", per_skill=1000, threshold=0.8):
+    settings = load_config(
+        "tiny", [f"prompts.per_skill={per_skill}", f"prompts.rouge_threshold={threshold}"]
+    ).prompts
+    rows = [{"id": f"{skill}-{i:05d}", "prompt": t} for i, t in enumerate(accepted or [])]
+    return SkillPool(SKILLS[skill], settings, accepted=rows)
+
+
+def texts(pool):
+    return [r["prompt"] for r in pool.accepted]
+
+
+def counts(pool, *keys):
+    keys = keys or ("candidates", "duplicate", "too_long", "junk", "rouge")
+    return {k: pool.stats[k] for k in keys}
+
+
 @pytest.fixture
 def counting_pool() -> SkillPool:
-    return SkillPool(SKILLS["counting"], threshold=0.8)
+    return make_pool()
 
 
 def test_pool_accepts_good_candidate(counting_pool):
     assert counting_pool.offer("Two blue umbrellas leaning against a brick wall.")
-    assert counting_pool.accepted == ["Two blue umbrellas leaning against a brick wall."]
-    assert counting_pool.stats == {
+    assert texts(counting_pool) == ["Two blue umbrellas leaning against a brick wall."]
+    assert counts(counting_pool) == {
         "candidates": 1,
         "duplicate": 0,
         "too_long": 0,
@@ -105,7 +123,7 @@ def test_pool_accepts_good_candidate(counting_pool):
 
 def test_pool_normalizes_accepted_text(counting_pool):
     assert counting_pool.offer('  "One   green kettle on a stove."  ')
-    assert counting_pool.accepted == ["One green kettle on a stove."]
+    assert texts(counting_pool) == ["One green kettle on a stove."]
 
 
 def test_pool_counts_echoed_seed_as_duplicate(counting_pool):
@@ -114,7 +132,7 @@ def test_pool_counts_echoed_seed_as_duplicate(counting_pool):
     assert not counting_pool.offer(seed.upper())  # case does not hide an echo
     assert counting_pool.stats["duplicate"] == 2
     assert counting_pool.stats["rouge"] == 0
-    assert counting_pool.accepted == []
+    assert texts(counting_pool) == []
 
 
 def test_pool_counts_repeat_of_accepted_prompt_as_duplicate(counting_pool):
@@ -122,7 +140,7 @@ def test_pool_counts_repeat_of_accepted_prompt_as_duplicate(counting_pool):
     assert counting_pool.offer(text)
     assert not counting_pool.offer(text.lower())
     assert counting_pool.stats["duplicate"] == 1
-    assert counting_pool.accepted == [text]
+    assert texts(counting_pool) == [text]
 
 
 def test_pool_counts_too_long(counting_pool):
@@ -149,7 +167,7 @@ def test_pool_counts_too_long(counting_pool):
 def test_pool_counts_junk(counting_pool, junk):
     assert not counting_pool.offer(junk)
     assert counting_pool.stats["junk"] == 1
-    assert counting_pool.accepted == []
+    assert texts(counting_pool) == []
 
 
 def test_pool_counts_rouge_near_duplicate_of_a_seed(counting_pool):
@@ -167,12 +185,12 @@ def test_pool_counts_each_rejection_reason_separately(counting_pool):
         "Two blue umbrellas leaning against a brick wall.",  # duplicate (already accepted)
         " ".join(["many"] * 40),  # too long
         "Here are some new descriptions.",  # junk
-        "Two blue umbrellas leaning against the brick wall.",  # rouge
+        "Two blue umbrellas leaning against a stone wall.",  # rouge
         "Three paper boats floating in a puddle.",  # accepted
     ]
     results = [counting_pool.offer(o) for o in offers]
     assert results == [True, False, False, False, False, False, True]
-    assert counting_pool.stats == {
+    assert counts(counting_pool) == {
         "candidates": 7,
         "duplicate": 2,
         "too_long": 1,
@@ -184,9 +202,9 @@ def test_pool_counts_each_rejection_reason_separately(counting_pool):
 
 def test_pool_resumes_with_previously_accepted_prompts():
     earlier = ["Three paper boats floating in a puddle."]
-    pool = SkillPool(SKILLS["counting"], 0.8, earlier)
-    assert pool.accepted == earlier
-    assert pool.examples_pool() == [*SKILLS["counting"].seeds, *earlier]
+    pool = make_pool(earlier)
+    assert texts(pool) == earlier
+    assert [t for _, t in pool.examples_pool()] == [*SKILLS["counting"].seeds, *earlier]
     assert not pool.offer(earlier[0])
     assert pool.stats["duplicate"] == 1
     earlier.append("mutating the caller's list must not change the pool")
@@ -199,7 +217,11 @@ def test_pool_resumes_with_previously_accepted_prompts():
 def _pools(cfg, accepted=None):
     accepted = accepted or {}
     return {
-        s.name: SkillPool(s, cfg.prompts.rouge_threshold, accepted.get(s.name))
+        s.name: SkillPool(
+            s,
+            cfg.prompts,
+            accepted=[{"id": str(i), "prompt": t} for i, t in enumerate(accepted.get(s.name, []))],
+        )
         for s in get_skills(cfg.prompts.skills)
     }
 
@@ -209,7 +231,12 @@ def test_build_requests_is_deterministic_for_same_config():
     first = build_requests(cfg, _pools(cfg), 0)
     second = build_requests(load_config("tiny"), _pools(cfg), 0)
     assert first == second
-    assert len(first) == len(cfg.prompts.skills) * cfg.prompts.requests_per_round
+    pools = _pools(cfg)
+    expected = sum(
+        requests_needed(p, cfg.prompts.per_skill, cfg.prompts.new_per_request, 99)
+        for p in pools.values()
+    )
+    assert len(first) == expected > 0
 
 
 def test_build_requests_seeds_differ_between_rounds_requests_and_run_seeds():
@@ -229,7 +256,7 @@ def test_build_requests_instruction_uses_examples_from_the_skill_pool():
     pools = _pools(cfg)
     for req in build_requests(cfg, pools, 0):
         pool = pools[req["skill"]]
-        shown = [e for e in pool.examples_pool() if e in req["instruction"]]
+        shown = [t for _, t in pool.examples_pool() if t in req["instruction"]]
         assert len(shown) == 2
         assert "Write 7 new" in req["instruction"]
         assert 0 <= req["seed"] < 2**31
@@ -240,7 +267,6 @@ def test_build_requests_skips_skills_that_reached_per_skill():
     done = {"counting": ["Three paper boats in a puddle.", "One lamp beside two books."]}
     requests = build_requests(cfg, _pools(cfg, done), 0)
     assert {r["skill"] for r in requests} == {"everyday_scenes"}
-    assert len(requests) == cfg.prompts.requests_per_round
 
 
 def test_build_requests_is_empty_when_every_skill_is_done():
@@ -319,7 +345,7 @@ def test_registered_skill_seeds_fit_their_own_word_limit(name):
     ],
 )
 def test_code_chatter_and_questions_are_junk(text):
-    pool = SkillPool(SKILLS["counting"], threshold=0.8)
+    pool = make_pool()
     assert not pool.offer(text)
     assert pool.stats["junk"] == 1
 
@@ -330,3 +356,61 @@ def test_trailing_commentary_is_cut_from_a_description():
     )
     assert normalize("Two cats on a sofa: it looks cozy") == "Two cats on a sofa"
     assert normalize("A red bus - parked by a bakery") == "A red bus - parked by a bakery"
+
+
+def test_near_duplicates_differing_only_in_case_punctuation_or_articles_are_duplicates():
+    pool = make_pool()
+    assert pool.offer("Two blue umbrellas leaning against a brick wall.")
+    assert not pool.offer("two blue umbrellas, leaning against the brick wall!")
+    assert counts(pool, "duplicate", "rouge") == {"duplicate": 1, "rouge": 0}
+
+
+def test_filters_run_in_order_and_each_candidate_gets_one_verdict():
+    pool = make_pool(per_skill=2)
+    records = pool.offer_many(
+        [
+            "Here are some lovely scenes of a park today.",  # junk beats everything after it
+            " ".join(["long"] * 40) + " Here are",  # too long is checked before junk
+            "Two blue umbrellas leaning against a brick wall.",
+            "Three paper boats floating in a puddle.",
+            "One lamp beside two books on a desk.",  # surplus: the target is reached
+        ],
+        round_idx=3,
+        examples=["counting-seed-0"],
+    )
+    assert [r["verdict"] for r in records] == [
+        "junk",
+        "too_long",
+        "accepted",
+        "accepted",
+        "surplus",
+    ]
+    assert all(r["round"] == 3 and r["examples"] == ["counting-seed-0"] for r in records)
+    assert pool.accepted[0]["id"] == "counting-00000" and pool.accepted[1]["max_rouge"] < 0.8
+    assert pool.stats["candidates"] == 5 and pool.stats["surplus"] == 1
+
+
+def test_requests_needed_follows_the_observed_acceptance_rate():
+    pool = make_pool()
+    assert requests_needed(pool, per_skill=10, new_per_request=5, cap=100) == 4  # 50% prior
+    pool.stats.update(candidates=100, accepted=10)
+    assert requests_needed(pool, per_skill=10, new_per_request=5, cap=100) == 20
+    assert requests_needed(pool, per_skill=10, new_per_request=5, cap=7) == 7
+    pool.accepted = [{"prompt": "x"}] * 10
+    assert requests_needed(pool, per_skill=10, new_per_request=5, cap=7) == 0
+
+
+def test_parse_handles_parenthesised_numbers_and_echoed_instructions():
+    text = "Write 3 new descriptions:\n(1) Two cats on a sofa.\n(2) A kite over a beach.\n\n"
+    assert parse_candidates(text) == ["Two cats on a sofa.", "A kite over a beach."]
+
+
+def test_semantic_filter_rejects_paraphrases_that_rouge_lets_through():
+    settings = load_config(
+        "tiny", ["prompts.semantic_threshold=0.8", "prompts.rouge_threshold=0.8"]
+    ).prompts
+    pool = SkillPool(SKILLS["counting"], settings)
+    assert pool.offer("Two red apples next to a blue cup on the kitchen table.")
+    assert not pool.offer("A pair of crimson apples beside one blue mug on a kitchen table.")
+    assert pool.offer("Three children flying kites over a windy beach.")
+    assert counts(pool, "semantic", "rouge") == {"semantic": 1, "rouge": 0}

@@ -134,3 +134,33 @@ def test_filter_rejects_threshold_outside_zero_one(threshold):
 
 def test_filter_accepts_threshold_one():
     assert RougeFilter(1.0).threshold == 1.0
+
+
+def test_rouge_l_agrees_with_the_rouge_score_package():
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rng = random.Random(7)
+    vocab = ["a", "cat", "dog", "red", "Two", "on", "the", "mat,", "sofa!", "3", "blue-green"]
+    for _ in range(300):
+        a = " ".join(rng.choices(vocab, k=rng.randint(0, 12)))
+        b = " ".join(rng.choices(vocab, k=rng.randint(0, 12)))
+        expected = scorer.score(a, b)["rougeL"].fmeasure
+        assert rouge_l(tokenize(a), tokenize(b)) == pytest.approx(expected, abs=1e-12), (a, b)
+
+
+def test_filter_checks_candidates_against_each_other_and_respects_the_limit():
+    f = RougeFilter(0.7, ["a red bus parked by a bakery"])
+    verdicts = f.filter(
+        [
+            "a red bus parked by the bakery",  # near the kept one
+            "three dogs on a lawn",
+            "three dogs on the lawn",  # near the previous candidate
+            "a kite over a beach",
+            "two cups of tea",  # over the limit
+        ],
+        limit=2,
+    )
+    assert [keep for keep, _ in verdicts] == [False, True, False, True, False]
+    assert verdicts[0][1] > 0.7 and verdicts[2][1] > 0.7
+    assert len(f) == 3

@@ -1,0 +1,181 @@
+"""Benchmark P4: merge 5 rank-128 LoRAs of the SD v1.5 UNet shape on CPU, for each method.
+
+The layer shapes come from ``UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280),
+cross_attention_dim=768, layers_per_block=2, attention_head_dim=8)`` built under
+``accelerate.init_empty_weights()`` (no weights, no download); the LoRA tensors are random.
+
+Each method runs in a fresh child process, so the peak RSS it reports (``ru_maxrss``) is its
+own. Time is the merge itself (``merge_math.merge`` + ``to_state``, i.e. up to a state dict
+ready to save), best of ``--repeat``. Memory is reported as peak RSS and as
+(peak RSS - RSS before the inputs existed) / input size, which counts the inputs themselves
+(so 1.0 is the floor). The baseline, measured in the same run, is the naive per-key Python
+loop of the paper rule (``sum(w * s[key] for ...)`` for every key).
+
+Goals: the paper merge under 10 s; peak RSS under 3x the inputs.
+
+    python bench/merge_bench.py [--adapters 5] [--rank 128] [--methods paper,cat,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+NAIVE = "naive-paper"
+
+
+def sd15_shapes() -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every attention projection of the SD v1.5 UNet."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention_dim=768,
+            layers_per_block=2,
+            attention_head_dim=8,
+        )
+    return {
+        name: (module.in_features, module.out_features)
+        for name, module in unet.named_modules()
+        if any(name == t or name.endswith("." + t) for t in TARGETS)
+    }
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def child(method: str, shapes_file: str, n: int, rank: int, repeat: int) -> dict:
+    """Build the inputs, merge ``repeat`` times, report time and memory (runs in a child)."""
+    import torch
+
+    from selma_ray.merge_math import LoraModule, default_weights, merge, to_state
+
+    shapes = json.loads(Path(shapes_file).read_text())
+    base = rss_mib()
+    gen = torch.Generator().manual_seed(0)
+    adapters = [
+        {
+            name: LoraModule(
+                torch.randn(rank, fan_in, generator=gen) * 0.01,
+                torch.randn(fan_out, rank, generator=gen) * 0.01,
+                1.0,
+            )
+            for name, (fan_in, fan_out) in shapes.items()
+        }
+        for _ in range(n)
+    ]
+    input_mib = sum(m.A.nbytes + m.B.nbytes for a in adapters for m in a.values()) / 2**20
+    weights = default_weights("paper" if method == NAIVE else method, n)
+    times, out_rank = [], rank
+    for _ in range(repeat):
+        start = time.perf_counter()
+        if method == NAIVE:  # the old per-key loop over flat state dicts
+            states = [
+                {k: t for name, m in a.items() for k, t in ((f"{name}.A", m.A), (f"{name}.B", m.B))}
+                for a in adapters
+            ]
+            out = {}
+            for key in sorted(states[0]):
+                acc = sum(
+                    w * s[key].to(torch.float32) for w, s in zip(weights, states, strict=True)
+                )
+                out[key] = acc.to(torch.float32)
+        else:
+            out, out_rank, _ = to_state(merge(adapters, weights, method, seed=0))
+        times.append(time.perf_counter() - start)
+        del out
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "method": method,
+        "seconds": min(times),
+        "peak_mib": peak,
+        "base_mib": base,
+        "input_mib": input_mib,
+        "rank": out_rank,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adapters", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--methods", default="paper,cat,svd,ties,dare_linear,dare_ties")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.shapes, args.adapters, args.rank, args.repeat)))
+        return 0
+
+    import torch
+
+    shapes = sd15_shapes()
+    params = sum((i + o) * args.rank for i, o in shapes.values())
+    print(
+        f"P4 merge benchmark: {args.adapters} adapters x rank {args.rank}, SD v1.5 UNet shape "
+        f"({len(shapes)} attention projections, {params / 1e6:.1f}M LoRA params per adapter), "
+        f"CPU, {torch.get_num_threads()} threads, best of {args.repeat}"
+    )
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        shapes_file = Path(tmp) / "shapes.json"
+        shapes_file.write_text(json.dumps(shapes))
+        for method in [NAIVE, *args.methods.split(",")]:
+            cmd = [sys.executable, __file__, "--child", method, "--shapes", str(shapes_file)]
+            cmd += ["--adapters", str(args.adapters), "--rank", str(args.rank)]
+            cmd += ["--repeat", str(args.repeat)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                print(f"{method}: failed\n{proc.stderr}", file=sys.stderr)
+                return 1
+            results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    inputs = results[NAIVE]["input_mib"]
+    print(f"inputs: {inputs:.1f} MiB (fp32)")
+    header = (
+        f"{'method':<12} {'time (s)':>9} {'peak RSS (MiB)':>15} {'RSS/inputs':>11} {'out rank':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    ratios = {}
+    for method, r in results.items():
+        ratios[method] = (r["peak_mib"] - r["base_mib"]) / r["input_mib"]
+        print(
+            f"{method:<12} {r['seconds']:>9.3f} {r['peak_mib']:>15.0f} "
+            f"{ratios[method]:>10.2f}x {r['rank']:>9}"
+        )
+    print("RSS/inputs = (peak RSS - RSS before the inputs existed) / input size; 1.00x = inputs")
+    if "paper" in results:
+        paper, naive = results["paper"], results[NAIVE]
+        print(
+            f"paper merge vs naive per-key python loop: "
+            f"{paper['seconds'] / naive['seconds']:.2f}x time, "
+            f"{ratios['paper'] / ratios[NAIVE]:.2f}x (peak RSS - base)"
+        )
+        ok = paper["seconds"] < 10
+        print(f"goal paper < 10 s: {'met' if ok else 'MISSED'} ({paper['seconds']:.3f} s)")
+    worst = max((m for m in results if m != NAIVE), key=ratios.get)
+    ok = ratios[worst] < 3
+    print(
+        f"goal peak RSS < 3x inputs: {'met' if ok else 'MISSED'} "
+        f"(worst {worst}: {ratios[worst]:.2f}x)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

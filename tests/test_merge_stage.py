@@ -1,0 +1,152 @@
+"""The merge stage on a run directory: every method written, ``merged`` chosen by default or
+by validation loss, served names, and one run through the Ray actor."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from selma_ray import merge as merge_stage  # noqa: E402
+from selma_ray.config import load_config  # noqa: E402
+from selma_ray.lora_io import WEIGHT_NAME, save_adapter  # noqa: E402
+from selma_ray.models import TINY_SD, resolve  # noqa: E402
+from selma_ray.rundir import RunDir  # noqa: E402
+from selma_ray.serving import find_adapters  # noqa: E402
+
+SKILLS = ["counting", "everyday_scenes"]
+
+
+def make_run(root: Path, *overrides: str):
+    cfg = load_config(
+        "tiny", [f"run.dir={root}", f"prompts.skills=[{', '.join(SKILLS)}]", *overrides]
+    )
+    run = RunDir(root)
+    (root / "config.yaml").write_text(cfg.to_yaml())
+    unet = UNet2DConditionModel.from_pretrained(resolve(TINY_SD), subfolder="unet")
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.add_adapter(config)
+    shapes = {k: v.shape for k, v in get_peft_model_state_dict(unet).items()}
+    for i, skill in enumerate(SKILLS):
+        gen = torch.Generator().manual_seed(i)
+        state = {k: torch.randn(s, generator=gen) * 0.3 for k, s in shapes.items()}
+        save_adapter(run.path("experts", skill), state, config.to_dict())
+        run.write_manifest("fp", "experts", skill)
+    rng = torch.Generator().manual_seed(0)
+    pngs = []
+    for _ in range(4):
+        pixels = (torch.rand(32, 32, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    table = pa.table(
+        {"prompt": [f"{n} red apples" for n in range(4)], "image": pngs, "skill": SKILLS * 2}
+    )
+    (root / "images" / "data").mkdir(parents=True)
+    pq.write_table(table, root / "images" / "data" / "part-0.parquet")
+    return cfg, run
+
+
+def test_default_selection_writes_every_method_and_copies_the_default(tmp_path):
+    cfg, run = make_run(tmp_path / "run", "merge.methods=[paper, cat, ties]", "merge.default=cat")
+    info = merge_stage.merge_run(merge_stage.merge_job(cfg, run))
+    assert info["method"] == "cat" and info["selected_by"] == "default" and info["scores"] == {}
+    assert info["adapter"] == str(run.path("merged", WEIGHT_NAME))
+    assert sorted(info["merges"]) == ["cat", "paper", "ties"]
+    merged_bytes = run.path("merged", WEIGHT_NAME).read_bytes()
+    assert merged_bytes == run.path("merges", "cat", WEIGHT_NAME).read_bytes()
+    for method in ("paper", "cat", "ties"):
+        manifest = run.read_manifest("merges", method)
+        assert manifest["method"] == method
+        assert manifest["fingerprint"] == merge_stage.fingerprint(cfg)
+        assert set(manifest["inputs"]) == set(SKILLS) and len(manifest["inputs"]["counting"]) == 64
+        assert "score" not in manifest
+    assert run.read_manifest("merges", "ties")["options"] == {"density": 0.5}
+    assert run.read_manifest("merges", "ties")["weights"] == {s: 1.0 for s in SKILLS}
+    assert run.read_manifest("merges", "paper")["weights"] == {s: 0.5 for s in SKILLS}
+
+
+def test_validation_selection_picks_the_lowest_score_and_records_scores(tmp_path, monkeypatch):
+    cfg, run = make_run(
+        tmp_path / "run", "merge.methods=[paper, cat, ties]", "merge.select=validation"
+    )
+    fake = {"base": 1.0, "paper": 0.5, "cat": 0.2, "ties": 0.9}
+    seen = {}
+
+    def scorer(base, images_dir, adapters, samples, seed, device):
+        seen.update(base=base, images=images_dir, adapters=adapters, samples=samples)
+        return dict(fake)
+
+    monkeypatch.setattr(merge_stage, "validation_scores", scorer)
+    info = merge_stage.merge_run(merge_stage.merge_job(cfg, run))
+    assert info["method"] == "cat" and info["selected_by"] == "validation"
+    assert info["scores"] == fake
+    assert seen["base"] == "tiny-sd" and seen["samples"] == cfg.merge.val_samples
+    assert seen["images"] == run.path("images", "data")
+    assert set(seen["adapters"]) == {"paper", "cat", "ties"}
+    assert run.read_manifest("merges", "ties")["score"] == 0.9
+    merged_bytes = run.path("merged", WEIGHT_NAME).read_bytes()
+    assert merged_bytes == run.path("merges", "cat", WEIGHT_NAME).read_bytes()
+
+    run.write_manifest("fp", "merged", **info)
+    found = find_adapters(run.root)
+    assert {"merged", "merged-paper", "merged-cat", "merged-ties"} <= set(found)
+    assert found["merged-cat"].kind == "merged" and found["merged-cat"].rank == 8
+
+
+def test_real_validation_scores_on_tiny_sd_pick_the_lowest_and_are_deterministic(tmp_path):
+    cfg, run = make_run(
+        tmp_path / "run",
+        "merge.methods=[paper, cat]",
+        "merge.select=validation",
+        "merge.val_samples=3",
+    )
+    info = merge_stage.merge_run(merge_stage.merge_job(cfg, run))
+    scores = info["scores"]
+    assert set(scores) == {"base", "paper", "cat"}
+    assert all(math.isfinite(v) and v > 0 for v in scores.values())
+    assert scores["paper"] != scores["base"] and scores["cat"] != scores["paper"]
+    assert info["method"] == min(["paper", "cat"], key=scores.get)
+    adapters = {m: str(run.path("merges", m)) for m in ("paper", "cat")}
+    again = merge_stage.validation_scores(
+        TINY_SD, run.path("images", "data"), adapters, 3, cfg.merge.seed, "cpu"
+    )
+    assert again == scores
+
+
+def test_cuda_without_gpu_resources_is_refused_before_starting_an_actor(tmp_path):
+    cfg, run = make_run(tmp_path / "run", "merge.device=cuda")
+    with pytest.raises(ValueError, match="resources.merge.num_gpus"):
+        merge_stage.run_merge(cfg, run)
+
+
+def test_run_merge_in_a_ray_actor_then_skips_and_drops_stale_methods(tmp_path):
+    ray = pytest.importorskip("ray")
+    cfg, run = make_run(tmp_path / "run", "merge.methods=[paper, svd]", "merge.svd_rank=2")
+    stale = run.path("merges", "dare_ties")
+    stale.mkdir(parents=True)
+    (stale / "manifest.json").write_text(json.dumps({"fingerprint": "old"}))
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        first = merge_stage.run_merge(cfg, run)
+        again = merge_stage.run_merge(cfg, run)
+    finally:
+        ray.shutdown()
+    assert first["method"] == "paper" and first["adapter"] == str(run.path("merged", WEIGHT_NAME))
+    assert run.read_manifest("merged")["fingerprint"] == merge_stage.fingerprint(cfg)
+    assert run.read_manifest("merges", "svd")["r"] == 2
+    assert not stale.exists()
+    assert again["skipped"] is True and again["method"] == "paper"

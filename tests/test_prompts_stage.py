@@ -1,0 +1,283 @@
+"""The prompts stage: rounds, resume, custom skills and both LLM backends."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from selma_ray.config import load_config
+from selma_ray.llm import OpenAIGenerator
+from selma_ray.prompts import STAGE, run_prompts
+from selma_ray.rundir import RunDir
+
+OBJECTS = [
+    "apple",
+    "kite",
+    "lamp",
+    "boat",
+    "chair",
+    "mug",
+    "bench",
+    "drum",
+    "scarf",
+    "vase",
+    "clock",
+    "bucket",
+    "ladder",
+    "teapot",
+    "guitar",
+    "basket",
+    "candle",
+    "pillow",
+]
+PLACES = [
+    "on a table",
+    "by a window",
+    "in a garden",
+    "under a tree",
+    "near a river",
+    "on a shelf",
+    "in a kitchen",
+    "at a station",
+]
+
+
+def fake_answer(seed: int, n: int = 5) -> str:
+    """A numbered list of varied descriptions, different for every request seed."""
+    lines = []
+    for i in range(n):
+        k = seed * 7 + i * 13
+        obj, other, place = OBJECTS[k % 18], OBJECTS[(k // 18 + 5) % 18], PLACES[k % 8]
+        lines.append(f"{i + 1}. Two {obj}s beside one {other} {place}, seen {k % 97} times.")
+    return "Here are new descriptions:\n" + "\n".join(lines)
+
+
+class FakeLLM:
+    """Stands in for the Ray Data pass; can fail once at a chosen round (a simulated kill)."""
+
+    def __init__(self, fail_at_round: int | None = None):
+        self.fail_at_round = fail_at_round
+        self.rounds: list[int] = []
+
+    def __call__(self, cfg, requests):
+        round_idx = requests[0]["round"]
+        self.rounds.append(round_idx)
+        if round_idx == self.fail_at_round:
+            self.fail_at_round = None
+            raise KeyboardInterrupt("killed")
+        return [{**r, "generated_text": fake_answer(r["seed"]), "error": ""} for r in requests]
+
+
+def tiny(tmp_path, *overrides):
+    return load_config(
+        "tiny", [f"run.dir={tmp_path}", "prompts.skills=[counting, everyday_scenes]", *overrides]
+    )
+
+
+def test_stage_grows_every_skill_to_its_target_and_records_verdicts(tmp_path):
+    cfg = tiny(tmp_path, "prompts.per_skill=12")
+    summary = run_prompts(cfg, RunDir(tmp_path), generate=FakeLLM())
+    for skill in ("counting", "everyday_scenes"):
+        rows = _rows(tmp_path, f"{skill}.jsonl")
+        assert len(rows) == 12 and len({r["prompt"] for r in rows}) == 12
+        assert all(r["max_rouge"] <= 0.8 and r["examples"] for r in rows)
+        history = _rows(tmp_path, f"{skill}.candidates.jsonl")
+        assert {h["verdict"] for h in history} <= {
+            "accepted",
+            "duplicate",
+            "too_long",
+            "junk",
+            "rouge",
+            "surplus",
+        }
+        stats = summary["stats"][skill]
+        assert stats["accepted"] == 12 and stats["candidates"] == len(history)
+        assert 0 < stats["acceptance_rate"] <= 1 and 0 < stats["distinct_2"] <= 1
+
+
+def _rows(root, name):
+    return [json.loads(line) for line in (root / STAGE / name).read_text().splitlines() if line]
+
+
+def test_resume_after_a_kill_between_rounds_keeps_earlier_rounds(tmp_path):
+    cfg = tiny(
+        tmp_path, "prompts.per_skill=30", "prompts.requests_per_round=2", "prompts.max_rounds=30"
+    )
+    run = RunDir(tmp_path)
+    killed = FakeLLM(fail_at_round=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_prompts(cfg, run, generate=killed)
+    after_kill = _rows(tmp_path, "counting.jsonl")
+    assert killed.rounds == [0, 1] and 0 < len(after_kill) < 30
+    assert run.read_manifest(STAGE) is None  # not finished
+    resumed = FakeLLM()
+    run_prompts(cfg, run, generate=resumed)
+    assert resumed.rounds[0] == 1  # round 0 is not asked again
+    final = _rows(tmp_path, "counting.jsonl")
+    assert final[: len(after_kill)] == after_kill and len(final) == 30
+    # Same config, uninterrupted: the same prompts (sampling is seeded).
+    fresh = tmp_path / "fresh"
+    run_prompts(
+        tiny(
+            fresh, "prompts.per_skill=30", "prompts.requests_per_round=2", "prompts.max_rounds=30"
+        ),
+        RunDir(fresh),
+        generate=FakeLLM(),
+    )
+    assert _rows(fresh, "counting.jsonl") == final
+
+
+def test_finished_stage_is_skipped(tmp_path):
+    cfg = tiny(tmp_path)
+    run_prompts(cfg, RunDir(tmp_path), generate=FakeLLM())
+    llm = FakeLLM()
+    assert run_prompts(cfg, RunDir(tmp_path), generate=llm)["skipped"] and llm.rounds == []
+
+
+def test_custom_skill_from_yaml_is_generated(tmp_path):
+    skill_file = tmp_path / "skills.yaml"
+    skill_file.write_text(
+        "skills:\n"
+        "  - name: texture\n"
+        "    description: images where the material of objects matters.\n"
+        "    max_words: 20\n"
+        "    seeds: [A wooden spoon in a glass jar., A wool scarf on a metal hook.,"
+        " A paper lamp over a stone floor.]\n"
+    )
+    cfg = load_config(
+        "tiny",
+        [
+            f"run.dir={tmp_path}/run",
+            "prompts.skills=[texture]",
+            f"prompts.skill_files=[{skill_file}]",
+        ],
+    )
+    run_prompts(cfg, RunDir(tmp_path / "run"), generate=FakeLLM())
+    assert len(_rows(tmp_path / "run", "texture.jsonl")) == cfg.prompts.per_skill
+
+
+def test_unknown_skill_is_rejected_at_config_time():
+    from selma_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown skills .*texture"):
+        load_config("tiny", ["prompts.skills=[texture]"])
+
+
+# ------------------------------------------------------------ OpenAI-compatible backend
+
+
+class _FakeAPI(BaseHTTPRequestHandler):
+    failures: dict[str, int] = {}
+    seen_auth: list[str] = []
+
+    def do_POST(self):  # noqa: N802 (http.server naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen_auth.append(self.headers.get("Authorization", ""))
+        text = body["messages"][0]["content"]
+        left = self.failures.get(text, 0)
+        if left:
+            self.failures[text] = left - 1
+            self.send_response(503 if left % 2 else 429)
+            self.end_headers()
+            return
+        if text == "always-400":
+            self.send_response(400)
+            self.end_headers()
+            return
+        payload = {"choices": [{"message": {"content": fake_answer(body["seed"], 2)}}]}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_api():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeAPI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_openai_backend_retries_with_backoff_and_reports_errors_in_rows(fake_api, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-test-secret")
+    _FakeAPI.failures = {"flaky": 3}
+    gen = OpenAIGenerator(
+        fake_api,
+        "m",
+        "TEST_LLM_KEY",
+        {"temperature": 0.7, "max_tokens": 32},
+        max_retries=3,
+        backoff_seconds=0.01,
+        concurrency=2,
+    )
+    out = gen({"instruction": ["flaky", "always-400", "fine"], "seed": [1, 2, 3]})
+    assert out["error"].tolist() == ["", "HTTP 400", ""]
+    assert out["generated_text"][0].count("\n") == 2 and out["generated_text"][1] == ""
+    assert _FakeAPI.failures["flaky"] == 0  # three failures, then success on the 4th try
+    assert set(_FakeAPI.seen_auth) == {"Bearer sk-test-secret"}
+
+
+def test_openai_backend_gives_up_after_max_retries(fake_api):
+    _FakeAPI.failures = {"down": 10}
+    gen = OpenAIGenerator(fake_api, "m", "NO_SUCH_KEY_VAR", {}, max_retries=2, backoff_seconds=0)
+    out = gen({"instruction": ["down"], "seed": [1]})
+    assert out["error"].tolist() == ["HTTP 429"] and _FakeAPI.failures["down"] == 7
+
+
+def test_unreachable_endpoint_is_an_error_row_not_a_crash():
+    gen = OpenAIGenerator(
+        "http://127.0.0.1:9/v1", "m", "X", {}, max_retries=1, backoff_seconds=0, timeout_seconds=2
+    )
+    out = gen({"instruction": ["hi"], "seed": [0]})
+    assert out["error"][0].startswith("ConnectionError")
+
+
+# ------------------------------------------------------------ real vLLM on CPU (SmolLM2)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine():
+    from selma_ray.llm import VLLMGenerator
+    from selma_ray.prompts import backend_udf
+
+    cls, kwargs = backend_udf(load_config("tiny"))
+    assert cls is VLLMGenerator
+    return VLLMGenerator(**kwargs)  # one engine shared by the tests below
+
+
+@pytest.mark.slow
+def test_vllm_generator_answers_each_request(vllm_engine):
+    out = vllm_engine({"instruction": ["List 2 colors.", "Name a fruit."], "seed": [1, 2]})
+    assert len(out["generated_text"]) == 2 and all(t.strip() for t in out["generated_text"])
+    # Per-request seeds make a repeated batch repeat itself (vLLM is not batch-invariant on
+    # CPU, so only the same batch composition is expected to match exactly).
+    again = vllm_engine({"instruction": ["List 2 colors.", "Name a fruit."], "seed": [1, 2]})
+    assert again["generated_text"].tolist() == out["generated_text"].tolist()
+
+
+@pytest.mark.slow
+def test_stage_on_smollm2_accepts_real_prompts(tmp_path, vllm_engine):
+    cfg = tiny(tmp_path, "prompts.per_skill=3")
+    summary = run_prompts(
+        cfg,
+        RunDir(tmp_path),
+        generate=lambda c, reqs: _as_rows(vllm_engine({k: [r[k] for r in reqs] for k in reqs[0]})),
+    )
+    for skill in ("counting", "everyday_scenes"):
+        assert summary["stats"][skill]["accepted"] >= 1
+        assert all(len(r["prompt"].split()) >= 3 for r in _rows(tmp_path, f"{skill}.jsonl"))
+
+
+def _as_rows(batch):
+    keys = list(batch)
+    return [dict(zip(keys, values, strict=True)) for values in zip(*batch.values(), strict=True)]
