@@ -115,6 +115,10 @@ def backend_udf(cfg: SelmaConfig) -> tuple[type, dict[str, Any]]:
         "tensor_parallel_size": pc.tensor_parallel_size,
         "seed": cfg.run.seed,
     }
+    if not on_gpu:
+        # vLLM's CPU runner cannot rewind a per-request seeded generator when chunked prefill
+        # splits a prompt ("CPU Generator does not use offset"); prefill whole prompts instead.
+        engine_kwargs["enable_chunked_prefill"] = False
     return VLLMGenerator, {
         "model": cfg.models.llm,
         "engine_kwargs": engine_kwargs,
