@@ -72,6 +72,7 @@ def print_summary(summary: dict) -> None:
         print(f"\nServe is answering at {url}  (adapters: {url}/v1/adapters, docs: {url}/docs)")
         print(
             f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' "
+            "-H 'Accept: image/png' "
             '-d \'{"prompt": "two red apples on a table", "adapter": "merged"}\' '
             "-o image.png"
         )

@@ -259,7 +259,14 @@ class ServeSection(_Section):
     default_steps: int = Field(30, ge=1)
     max_steps: int = Field(100, ge=1)
     max_prompt_chars: int = Field(1000, ge=1)
+    min_size: int = Field(8, ge=8, description="Smallest image side a request may ask for.")
     max_size: int = Field(1024, ge=8, description="Largest image side a request may ask for.")
+    max_n: int = Field(4, ge=1, description="Most images one request may ask for.")
+    max_batch_size: int = Field(8, ge=1, description="Requests micro-batched per replica.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, description="Wait to fill a batch.")
+    api_key_env: str = Field(
+        "SELMA_API_KEY", description="If this env var is set on the replicas, requests need it."
+    )
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> ServeSection:
@@ -267,6 +274,8 @@ class ServeSection(_Section):
             raise ValueError(
                 f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})"
             )
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must be <= max_size ({self.max_size})")
         return self
 
 

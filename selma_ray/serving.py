@@ -89,49 +89,119 @@ class DiffusionService:
             resolve(self.config.models.base), dtype=dtype
         )
         pipe.set_progress_bar_config(disable=True)
-        self.adapters = find_adapters(run_dir)
-        for info in self.adapters.values():
-            if info.path:
-                pipe.load_lora_weights(info.path, weight_name=WEIGHT_NAME, adapter_name=info.name)
         self.pipe = pipe.to(self.device)
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.native_size = self.config.images.resolution or native
+        self.adapters: dict[str, AdapterInfo] = {}
         self._lock = threading.Lock()
         self._torch = torch
-        log.info("serving %s with adapters %s", self.config.models.base, sorted(self.adapters))
+        self._load_adapters(run_dir)
+        self._native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    @property
+    def native_size(self) -> int:
+        """The run's image size (or the model's native one)."""
+        return self.config.images.resolution or self._native
+
+    def _load_adapters(self, run_dir: str | Path) -> None:
+        found = find_adapters(run_dir)
+        for info in found.values():
+            if info.path:
+                self.pipe.load_lora_weights(
+                    info.path, weight_name=WEIGHT_NAME, adapter_name=info.name
+                )
+        self.adapters = found
+        log.info("serving %s with adapters %s", self.config.models.base, sorted(found))
+
+    def reload(self, run_dir: str | Path) -> None:
+        """Swap in the adapters of another run of the same base model, without a restart."""
+        config = load_run_config(run_dir)
+        if config.models.base != self.config.models.base:
+            raise ValueError(
+                f"{run_dir} was trained on {config.models.base}, but this replica serves "
+                f"{self.config.models.base}; deploy a new application for another base model"
+            )
+        with self._lock:
+            loaded = [n for n, a in self.adapters.items() if a.path]
+            if loaded:
+                self.pipe.delete_adapters(loaded)
+            self.config = config
+            self._load_adapters(run_dir)
 
     def describe(self) -> list[dict[str, Any]]:
         return [asdict(a) for a in self.adapters.values()]
 
+    def _activate(self, spec: AdapterSpec) -> None:
+        if spec == ((BASE, 1.0),):
+            self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([n for n, _ in spec], [w for _, w in spec])
+
+    def generate_many(
+        self,
+        spec: AdapterSpec,
+        prompts: list[str],
+        seeds: list[int],
+        steps: int,
+        guidance_scale: float,
+        width: int,
+        height: int,
+        negative_prompt: str | None = None,
+    ) -> list[bytes]:
+        """Render one image per (prompt, seed) with one adapter spec in one forward pass.
+
+        Each image has its own generator, so it does not depend on what it is batched with.
+        """
+        from selma_ray.images import png_bytes
+
+        with self._lock:  # the pipeline is not re-entrant
+            self._activate(spec)
+            out = self.pipe(
+                prompt=prompts,
+                negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                generator=[self._torch.Generator(self.device).manual_seed(s) for s in seeds],
+                output_type="np",
+            )
+        return [png_bytes(img) for img in out.images]
+
     def generate(
         self,
         prompt: str,
-        adapter: str,
+        adapter: str | dict[str, float],
         seed: int,
         steps: int,
         guidance_scale: float,
         size: int,
         negative_prompt: str | None = None,
     ) -> bytes:
-        from selma_ray.images import png_bytes
+        """One square image; ``adapter`` is a name or a weighted mix."""
+        spec = parse_adapter_spec(adapter, set(self.adapters))
+        return self.generate_many(
+            spec, [prompt], [seed], steps, guidance_scale, size, size, negative_prompt
+        )[0]
 
-        if adapter not in self.adapters:
-            raise KeyError(f"unknown adapter {adapter!r}; valid: {sorted(self.adapters)}")
-        with self._lock:
-            if adapter == BASE:
-                self.pipe.disable_lora()
-            else:
-                self.pipe.enable_lora()
-                self.pipe.set_adapters([adapter], [1.0])
-            generator = self._torch.Generator(self.device).manual_seed(seed)
-            out = self.pipe(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                height=size,
-                width=size,
-                generator=generator,
-                output_type="np",
-            )
-        return png_bytes(out.images[0])
+
+AdapterSpec = tuple[tuple[str, float], ...]
+
+
+def parse_adapter_spec(adapter: str | dict[str, float], valid: set[str]) -> AdapterSpec:
+    """A request's ``adapter`` (a name, or a mix such as ``{"counting": 0.7, "merged": 0.3}``)
+    as a canonical, hashable spec. Raises KeyError for unknown names, ValueError otherwise."""
+    if isinstance(adapter, str):
+        if adapter not in valid:
+            raise KeyError(f"unknown adapter {adapter!r}; valid: {sorted(valid)}")
+        return ((adapter, 1.0),)
+    if not isinstance(adapter, dict) or not adapter:
+        raise ValueError("adapter must be a name or a non-empty mapping of names to weights")
+    unknown = sorted(set(adapter) - valid)
+    if unknown:
+        raise KeyError(f"unknown adapters {unknown} in the mix; valid: {sorted(valid)}")
+    if BASE in adapter:
+        raise ValueError("'base' means no adapter and cannot be mixed; leave it out of the mix")
+    bad = {k: w for k, w in adapter.items() if not (isinstance(w, int | float) and 0 <= w <= 10)}
+    if bad or not any(w > 0 for w in adapter.values()):
+        raise ValueError(f"mix weights must be numbers in [0, 10], at least one > 0; got {adapter}")
+    return tuple(sorted((k, float(w)) for k, w in adapter.items() if w > 0))

@@ -1,7 +1,9 @@
 """Ray Serve app: a FastAPI ingress in front of a diffusion deployment.
 
-The diffusion deployment holds the base model with every expert of a run and ``merged``
-loaded once; each request picks one by name (``base`` for no adapter). Use it with
+The diffusion deployment holds the base model with every expert and merge of a run loaded
+once, unfused; each request picks one by name, ``base`` for none, or a weighted mix. Requests
+arriving together are micro-batched (``@serve.batch``) and grouped by adapter spec and
+sampling settings, so one forward pass never mixes adapters. Use it with
 ``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or let
 ``jobs/full_pipeline.py`` deploy it at the end of a run.
 """
@@ -9,39 +11,85 @@ loaded once; each request picks one by name (``base`` for no adapter). Use it wi
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import logging
+import os
+import time
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from selma_ray.serving import DiffusionService, load_run_config
+from selma_ray.serving import DiffusionService, load_run_config, parse_adapter_spec
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-api = FastAPI(title="selma_ray images API", version="0.1.0")
+OPEN_PATHS = {"/healthz", "/docs", "/openapi.json"}
+api = FastAPI(title="selma_ray images API", version="0.2.0")
 
 
 class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, description="What to draw.")
-    adapter: str = Field("merged", description="'merged', a skill expert's name, or 'base'.")
+    n: int = Field(1, ge=1, description="Images to return (seeds seed, seed+1, ...).")
+    size: str | None = Field(
+        None, pattern=r"^\d{1,5}x\d{1,5}$", description="'WIDTHxHEIGHT'; default: the run's."
+    )
+    response_format: Literal["b64_json"] = "b64_json"
+    adapter: str | dict[str, float] = Field(
+        "merged", description="'merged', a skill, 'merged-<method>', 'base', or a weighted mix."
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     num_inference_steps: int | None = Field(None, ge=1, description="Default: from the run.")
     guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
-    size: int | None = Field(None, description="Square size in pixels; default: the run's.")
     negative_prompt: str | None = None
+
+
+# Helpers the ingress uses must be defined above it: serve.ingress pickles the FastAPI
+# app (and what its routes reference) when the class is decorated.
+def authorized(api_key: str, path: str, headers: Any) -> bool:
+    """True if no key is configured, the path is open, or the request carries the key."""
+    if not api_key or path in OPEN_PATHS:
+        return True
+    given = headers.get("authorization", "").removeprefix("Bearer ").strip()
+    given = given or headers.get("x-api-key", "")
+    return hmac.compare_digest(given.encode(), api_key.encode())
+
+
+def _json(payload: dict[str, Any]) -> bytes:
+    import json
+
+    return json.dumps(payload).encode()
+
+
+def resolve_run_dir(run_dir: str) -> str:
+    """Relative run directories are relative to the project root, wherever Serve runs."""
+    path = Path(run_dir).expanduser()
+    return str(path if path.is_absolute() else (PROJECT_ROOT / path).resolve())
 
 
 @serve.deployment
 class Diffusion:
     def __init__(self, run_dir: str):
+        self.run_dir = run_dir
         self.service = DiffusionService(run_dir)
+        limits = self.service.config.serve
+        self._batched.set_max_batch_size(limits.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(limits.batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Hot reload: ``user_config: {run_dir: ...}`` swaps in another run's adapters."""
+        run_dir = user_config.get("run_dir")
+        if run_dir and resolve_run_dir(run_dir) != self.run_dir:
+            self.run_dir = resolve_run_dir(run_dir)
+            self.service.reload(self.run_dir)
 
     def adapters(self) -> list[dict[str, Any]]:
         return self.service.describe()
@@ -49,10 +97,44 @@ class Diffusion:
     def native_size(self) -> int:
         return self.service.native_size
 
-    async def generate(self, request: dict[str, Any]) -> bytes:
-        # The pipeline is not re-entrant; DiffusionService serialises calls with a lock,
-        # and the work runs off the event loop so health checks stay responsive.
-        return await asyncio.to_thread(self.service.generate, **request)
+    async def generate(self, job: dict[str, Any]) -> list[bytes]:
+        return await self._batched(job)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _batched(self, jobs: list[dict[str, Any]]) -> list[list[bytes]]:
+        """Run concurrent requests as few forward passes as their adapter specs allow."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            key = (
+                job["spec"],
+                job["steps"],
+                job["guidance_scale"],
+                job["width"],
+                job["height"],
+                job["negative_prompt"],
+            )
+            groups[key].append(i)
+        results: list[list[bytes]] = [[] for _ in jobs]
+        for (spec, steps, guidance, width, height, negative), members in groups.items():
+            prompts, seeds = [], []
+            for i in members:
+                prompts += [jobs[i]["prompt"]] * jobs[i]["n"]
+                seeds += [jobs[i]["seed"] + k for k in range(jobs[i]["n"])]
+            # Off the event loop, so health checks and new requests are still accepted.
+            images = await asyncio.to_thread(
+                self.service.generate_many,
+                spec,
+                prompts,
+                seeds,
+                steps,
+                guidance,
+                width,
+                height,
+                negative,
+            )
+            for i in members:
+                results[i], images = images[: jobs[i]["n"]], images[jobs[i]["n"] :]
+        return results
 
 
 @serve.deployment
@@ -62,58 +144,99 @@ class Ingress:
         self.diffusion = diffusion
         self.limits = load_run_config(run_dir).serve
         self.run_dir = run_dir
+        self.api_key = os.environ.get(self.limits.api_key_env, "")
+        if self.api_key:
+            log.info("API key required (from $%s)", self.limits.api_key_env)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Hot reload: follow the diffusion deployment to another run's limits."""
+        if user_config.get("run_dir"):
+            self.run_dir = resolve_run_dir(user_config["run_dir"])
+            self.limits = load_run_config(self.run_dir).serve
+
+    def _authorize(self, request: Request) -> None:
+        if not authorized(self.api_key, request.url.path, request.headers):
+            raise HTTPException(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @api.get("/v1/adapters")
-    async def adapters(self) -> dict[str, Any]:
+    async def adapters(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
         return {"run": self.run_dir, "adapters": await self.diffusion.adapters.remote()}
+
+    def _size(self, size: str | None, native: int) -> tuple[int, int]:
+        lim = self.limits
+        width, height = (int(v) for v in size.split("x")) if size else (native, native)
+        for side in (width, height):
+            if side % 8 or not lim.min_size <= side <= lim.max_size:
+                raise HTTPException(
+                    422,
+                    f"size {width}x{height}: each side must be a multiple of 8 in "
+                    f"{lim.min_size}..{lim.max_size}",
+                )
+        return width, height
 
     @api.post(
         "/v1/images/generations",
-        response_class=Response,
-        responses={200: {"content": {"image/png": {}}}},
+        responses={200: {"content": {"application/json": {}, "image/png": {}}}},
     )
-    async def generate(self, req: GenerationRequest) -> Response:
-        limits = self.limits
-        if len(req.prompt) > limits.max_prompt_chars:
+    async def generate(self, req: GenerationRequest, request: Request) -> Response:
+        self._authorize(request)
+        lim = self.limits
+        if len(req.prompt) > lim.max_prompt_chars:
             raise HTTPException(
-                422,
-                f"prompt is {len(req.prompt)} characters; the limit is {limits.max_prompt_chars}",
+                422, f"prompt is {len(req.prompt)} characters; the limit is {lim.max_prompt_chars}"
             )
-        steps = req.num_inference_steps or limits.default_steps
-        if steps > limits.max_steps:
-            raise HTTPException(422, f"num_inference_steps must be 1..{limits.max_steps}")
-        names = [a["name"] for a in await self.diffusion.adapters.remote()]
-        if req.adapter not in names:
-            raise HTTPException(404, f"unknown adapter {req.adapter!r}; valid: {sorted(names)}")
-        size = req.size or await self.diffusion.native_size.remote()
-        if size % 8 or not 8 <= size <= limits.max_size:
-            raise HTTPException(422, f"size must be a multiple of 8 in 8..{limits.max_size}")
-        png = await self.diffusion.generate.remote(
+        if req.n > lim.max_n:
+            raise HTTPException(422, f"n must be in 1..{lim.max_n}")
+        steps = req.num_inference_steps or lim.default_steps
+        if steps > lim.max_steps:
+            raise HTTPException(422, f"num_inference_steps must be in 1..{lim.max_steps}")
+        if req.seed + req.n - 1 > 2**31 - 1:
+            raise HTTPException(422, f"seed + n - 1 must be at most {2**31 - 1}")
+        names = {a["name"] for a in await self.diffusion.adapters.remote()}
+        try:
+            spec = parse_adapter_spec(req.adapter, names)
+        except KeyError as e:
+            raise HTTPException(404, str(e.args[0])) from None
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        width, height = self._size(req.size, await self.diffusion.native_size.remote())
+        want_png = "image/png" in request.headers.get("accept", "")
+        if want_png and req.n != 1:
+            raise HTTPException(422, "Accept: image/png returns one image; use n=1 or b64_json")
+        images = await self.diffusion.generate.remote(
             {
+                "spec": spec,
                 "prompt": req.prompt,
-                "adapter": req.adapter,
+                "n": req.n,
                 "seed": req.seed,
                 "steps": steps,
                 "guidance_scale": req.guidance_scale,
-                "size": size,
+                "width": width,
+                "height": height,
                 "negative_prompt": req.negative_prompt,
             }
         )
+        if want_png:
+            return Response(
+                content=images[0], media_type="image/png", headers={"X-Seed": str(req.seed)}
+            )
+        data = [
+            {"b64_json": base64.b64encode(png).decode(), "seed": req.seed + k}
+            for k, png in enumerate(images)
+        ]
         return Response(
-            content=png,
-            media_type="image/png",
-            headers={"X-Adapter": req.adapter, "X-Seed": str(req.seed)},
+            content=_json({"created": int(time.time()), "adapter": dict(spec), "data": data}),
+            media_type="application/json",
         )
-
-
-def resolve_run_dir(run_dir: str) -> str:
-    """Relative run directories are relative to the project root, wherever Serve runs."""
-    path = Path(run_dir).expanduser()
-    return str(path if path.is_absolute() else (PROJECT_ROOT / path).resolve())
 
 
 def build_app(args: dict[str, Any]):

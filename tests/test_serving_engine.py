@@ -10,7 +10,7 @@ from selma_ray.config import load_config
 from selma_ray.lora_io import save_adapter
 from selma_ray.merge import merge_adapters
 from selma_ray.rundir import RunDir
-from selma_ray.serving import DiffusionService, find_adapters
+from selma_ray.serving import DiffusionService, find_adapters, parse_adapter_spec
 
 
 def _random_adapter(out: Path, seed: int) -> None:
@@ -82,3 +82,92 @@ def test_switching_back_gives_the_same_image_as_before(service):
 def test_unknown_adapter_error_lists_valid_names(service):
     with pytest.raises(KeyError, match="valid: .*counting.*merged"):
         _png(service, "nope")
+
+
+def test_a_weighted_mix_differs_from_each_of_its_parts(service):
+    mix = service.generate(
+        "two red apples",
+        {"counting": 0.7, "everyday_scenes": 0.3},
+        seed=1,
+        steps=2,
+        guidance_scale=7.5,
+        size=32,
+    )
+    assert mix not in {_png(service, "counting"), _png(service, "everyday_scenes")}
+
+
+def test_batched_generation_equals_one_by_one(service):
+    spec = (("merged", 1.0),)
+    batched = service.generate_many(spec, ["a cat", "a dog", "a cat"], [1, 2, 3], 2, 7.5, 32, 32)
+    alone = [
+        service.generate_many(spec, [p], [s], 2, 7.5, 32, 32)[0]
+        for p, s in [("a cat", 1), ("a dog", 2), ("a cat", 3)]
+    ]
+    # Same seeds, same images: every image has its own generator. Batched kernels round
+    # differently in the last bit, so pixels may differ by 1/255, never more.
+    for x, y in zip(batched, alone, strict=True):
+        assert _pixels(x).shape == (32, 32, 3)
+        assert abs(_pixels(x) - _pixels(y)).max() <= 1
+
+
+def _pixels(png: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "error", "match"),
+    [
+        ("nope", KeyError, "valid"),
+        ({"counting": 0.5, "nope": 0.5}, KeyError, "nope"),
+        ({"base": 1.0}, ValueError, "cannot be mixed"),
+        ({}, ValueError, "non-empty"),
+        ({"counting": -1.0}, ValueError, "weights"),
+        ({"counting": 0.0}, ValueError, "at least one"),
+    ],
+)
+def test_bad_adapter_specs_are_refused_with_a_message(adapter, error, match):
+    with pytest.raises(error, match=match):
+        parse_adapter_spec(adapter, {"base", "merged", "counting"})
+
+
+def test_adapter_specs_are_canonical():
+    valid = {"base", "merged", "counting"}
+    assert parse_adapter_spec("merged", valid) == (("merged", 1.0),)
+    assert parse_adapter_spec(
+        {
+            "merged": 0.3,
+            "counting": 0.7,
+        },
+        valid,
+    ) == parse_adapter_spec({"counting": 0.7, "merged": 0.3}, valid)
+    assert parse_adapter_spec({"merged": 1, "counting": 0}, valid) == (("merged", 1.0),)
+
+
+def test_reload_swaps_adapters_without_rebuilding_the_pipeline(run_dir, tmp_path):
+    other = tmp_path / "other"
+    cfg = load_config("tiny", [f"run.dir={other}", "prompts.skills=[counting]"])
+    run = RunDir(other)
+    (other / "config.yaml").write_text(cfg.to_yaml())
+    _random_adapter(run.path("experts", "counting"), seed=42)
+    run.write_manifest("fp", "experts", "counting")
+    service = DiffusionService(run_dir)
+    pipe, before = service.pipe, _png(service, "counting")
+    service.reload(other)
+    assert service.pipe is pipe
+    assert {a["name"] for a in service.describe()} == {"base", "counting"}
+    assert _png(service, "counting") != before
+    with pytest.raises(KeyError):
+        _png(service, "merged")
+
+
+def test_reload_refuses_a_run_of_another_base_model(run_dir, tmp_path):
+    other = tmp_path / "sd14"
+    other.mkdir()
+    (other / "config.yaml").write_text(load_config("sd14").to_yaml())
+    with pytest.raises(ValueError, match="deploy a new application"):
+        DiffusionService(run_dir).reload(other)

@@ -1,0 +1,44 @@
+"""The HTTP layer's own logic: API key checks and run-directory resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serve.app import PROJECT_ROOT, GenerationRequest, authorized, resolve_run_dir
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "headers", "ok"),
+    [
+        ("", "/v1/adapters", {}, True),  # no key configured: open
+        ("s3cret", "/healthz", {}, True),  # health checks stay open
+        ("s3cret", "/v1/adapters", {}, False),
+        ("s3cret", "/v1/adapters", {"authorization": "Bearer s3cret"}, True),
+        ("s3cret", "/v1/adapters", {"authorization": "Bearer wrong"}, False),
+        ("s3cret", "/v1/images/generations", {"x-api-key": "s3cret"}, True),
+        ("s3cret", "/v1/images/generations", {"authorization": "s3cret"}, True),
+    ],
+)
+def test_api_key_is_enforced_when_set(key, path, headers, ok):
+    assert authorized(key, path, headers) is ok
+
+
+def test_relative_run_dirs_resolve_against_the_project_root():
+    assert resolve_run_dir("runs/tiny") == str((PROJECT_ROOT / "runs" / "tiny").resolve())
+    assert resolve_run_dir("/data/run") == str(Path("/data/run"))
+
+
+def test_request_schema_rejects_unknown_fields_and_bad_sizes():
+    from pydantic import ValidationError
+
+    assert GenerationRequest(prompt="x", adapter={"a": 0.5}).adapter == {"a": 0.5}
+    for bad in (
+        {"prompt": "x", "sizes": "32x32"},
+        {"prompt": "x", "size": "big"},
+        {"prompt": "x", "n": 0},
+        {"prompt": "x", "response_format": "url"},
+    ):
+        with pytest.raises(ValidationError):
+            GenerationRequest(**bad)
