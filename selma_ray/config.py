@@ -167,12 +167,28 @@ class ImagesSection(_Section):
     images_per_prompt: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    real_data: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="skill -> image folders, Parquet or WebDataset tars used instead of "
+        "rendering that skill (see selma_ray.datasets).",
+    )
 
     @field_validator("resolution")
     @classmethod
     def _multiple_of_8(cls, v: int | None) -> int | None:
         if v is not None and (v < 8 or v % 8):
             raise ValueError(f"resolution must be a positive multiple of 8, got {v}")
+        return v
+
+    @field_validator("real_data")
+    @classmethod
+    def _real_data_valid(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        bad = [k for k in v if not re.match(SKILL_NAME, k)]
+        if bad:
+            raise ValueError(f"real_data keys must be skill names, got {bad}")
+        empty = [k for k, sources in v.items() if not sources]
+        if empty:
+            raise ValueError(f"real_data skills {empty} list no sources; give paths or drop them")
         return v
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -30,7 +30,8 @@ from selma_ray.serving import DiffusionService, load_run_config, parse_adapter_s
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-OPEN_PATHS = {"/healthz", "/docs", "/openapi.json"}
+OPEN_PATHS = {"/", "/healthz", "/docs", "/openapi.json"}
+PLAYGROUND = (Path(__file__).parent / "playground.html").read_text()
 api = FastAPI(title="selma_ray images API", version="0.2.0")
 
 
@@ -161,6 +162,11 @@ class Ingress:
                 "missing or wrong API key: send 'Authorization: Bearer <key>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> str:
+        """A plain HTML/JS page: prompt, adapter or mix, seed, steps; compare mode."""
+        return PLAYGROUND
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

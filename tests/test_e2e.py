@@ -240,6 +240,12 @@ def test_concurrent_requests_are_batched_and_match_requests_alone(head, first_ru
         assert np.abs(a - b).max() <= 1  # batched kernels may round the last bit differently
 
 
+def test_playground_page_is_served(head, first_run):
+    resp = requests.get(f"http://127.0.0.1:{head['serve_port']}/", timeout=30)
+    assert resp.status_code == 200 and "text/html" in resp.headers["content-type"]
+    assert "selma_ray playground" in resp.text
+
+
 def test_second_run_repeats_no_stage(head, first_run):
     manifests = sorted(head["run_dir"].rglob("manifest.json"))
     before = {p: p.stat().st_mtime_ns for p in manifests}

@@ -42,3 +42,11 @@ def test_request_schema_rejects_unknown_fields_and_bad_sizes():
     ):
         with pytest.raises(ValidationError):
             GenerationRequest(**bad)
+
+
+def test_playground_page_is_self_contained_and_uses_the_api():
+    from serve.app import PLAYGROUND
+
+    assert PLAYGROUND.startswith("<!doctype html>")
+    assert "/v1/adapters" in PLAYGROUND and "/v1/images/generations" in PLAYGROUND
+    assert "<script src" not in PLAYGROUND  # no build step, no external assets

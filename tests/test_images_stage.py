@@ -1,0 +1,131 @@
+"""The Ray Data image stage: seeds independent of batching, resume, and real data."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image
+
+from selma_ray.config import SelmaConfig, load_config
+from selma_ray.images import STAGE, fingerprint, run_images
+from selma_ray.rundir import RunDir
+
+SKILLS = ["counting", "dense_detail"]
+PROMPTS = [
+    "two red apples on a table",
+    "a tall lamp beside a chair",
+    "three boats on a river",
+    "a kite above a green hill",
+    "one mug and two spoons",
+    "a cat asleep on a rug",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local() -> Iterator[None]:
+    import ray
+
+    os.environ.setdefault("SELMA_CACHE", "/tmp/selma_cache")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def setup_run(root: Path, n_prompts: int, *overrides: str) -> tuple[SelmaConfig, RunDir]:
+    """A run dir whose prompts stage holds the first ``n_prompts`` prompts, alternating skills."""
+    cfg = load_config(
+        "tiny",
+        [
+            f"run.dir={root}",
+            f"prompts.skills={SKILLS}",
+            f"prompts.per_skill={n_prompts}",
+            "images.steps=2",
+            "images.resolution=32",
+            *overrides,
+        ],
+    )
+    run = RunDir(root)
+    by_skill: dict[str, list[str]] = {s: [] for s in SKILLS}
+    for i, prompt in enumerate(PROMPTS[:n_prompts]):
+        skill = SKILLS[i % 2]
+        row = {"id": f"{skill}-{i:05d}", "skill": skill, "prompt": prompt}
+        by_skill[skill].append(json.dumps(row) + "\n")
+    for skill, lines in by_skill.items():
+        path = run.path("prompts", f"{skill}.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(lines))
+    return cfg, run
+
+
+def images_by_key(run: RunDir) -> dict[tuple[str, int], bytes]:
+    table = pads.dataset(str(run.path(STAGE, "data")), format="parquet").to_table()
+    rows = table.to_pylist()
+    keys = {(r["prompt_id"], r["image_index"]): r["image"] for r in rows}
+    assert len(keys) == len(rows)
+    return keys
+
+
+def test_images_do_not_depend_on_batch_size(tmp_path: Path) -> None:
+    results = []
+    for bs in (1, 3):
+        cfg, run = setup_run(tmp_path / f"bs{bs}", 6, f"images.batch_size={bs}")
+        summary = run_images(cfg, run)
+        assert summary["rendered"] == 6 and summary["reused"] == 0
+        assert summary["broken_retried"] == 0 and summary["broken_dropped"] == 0
+        results.append(images_by_key(run))
+    assert len(results[0]) == 6
+    assert results[0] == results[1]
+
+
+def test_resume_renders_only_missing_prompts(tmp_path: Path) -> None:
+    cfg, run = setup_run(tmp_path / "run", 5)
+    first = run_images(cfg, run)
+    before = images_by_key(run)
+    cfg, run = setup_run(tmp_path / "run", 6)
+    second = run_images(cfg, run)
+    after = images_by_key(run)
+    assert (first["rendered"], second["rendered"], second["reused"]) == (5, 1, 5)
+    assert len(after) == 6 and all(after[k] == v for k, v in before.items())
+    again = run_images(cfg, run)
+    assert again["skipped"] is True
+    cfg, run = setup_run(tmp_path / "run", 6, "images.steps=3")
+    assert run_images(cfg, run)["rendered"] == 6  # new render settings: nothing reused
+
+
+def test_real_data_replaces_rendering_for_its_skill(tmp_path: Path) -> None:
+    src = tmp_path / "real"
+    src.mkdir()
+    for i, color in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.new("RGB", (16, 16), color).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text(f"real picture {i}")
+    (src / "nocaption.png").write_bytes((src / "0.png").read_bytes())
+    cfg, run = setup_run(tmp_path / "run", 2, f"images.real_data={{counting: [{src}]}}")
+    summary = run_images(cfg, run)
+    rows = pads.dataset(str(run.path(STAGE, "data")), format="parquet").to_table().to_pylist()
+    real = sorted((r for r in rows if r["skill"] == "counting"), key=lambda r: r["prompt"])
+    assert [r["prompt"] for r in real] == ["real picture 0", "real picture 1"]
+    assert {r["generator"] for r in real} == {f"real:{src}"}
+    assert Image.open(io.BytesIO(real[0]["image"])).size == (16, 16)
+    assert [r["skill"] for r in rows if r["generator"] == "tiny-sd"] == ["dense_detail"]
+    assert summary["counts"] == {"counting": 2, "dense_detail": 1} and summary["rendered"] == 1
+    assert summary["real_skipped"] == [
+        f"{src / 'nocaption.png'}: " + summary["real_skipped"][0].split(": ", 1)[1]
+    ]
+    old = fingerprint(cfg)
+    (src / "1.txt").write_text("a changed caption")
+    os.utime(src / "1.txt", ns=(1, 1))
+    assert fingerprint(cfg) != old
+
+
+def test_missing_real_data_source_fails_before_rendering(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    cfg, run = setup_run(tmp_path / "run", 2, f"images.real_data={{counting: [{missing}]}}")
+    with pytest.raises(ValueError, match="no such file or folder"):
+        run_images(cfg, run)
+    assert not run.path(STAGE, "data").exists()
