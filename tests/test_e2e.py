@@ -246,6 +246,22 @@ def test_playground_page_is_served(head, first_run):
     assert "selma_ray playground" in resp.text
 
 
+def test_bounded_load_of_200_requests_at_concurrency_16_loses_nothing(head, first_run):
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = ["base", "merged", "merged-paper", *SKILLS]
+
+    def one(i: int) -> tuple[int, int]:
+        resp = generate(head, names[i % len(names)], seed=1000 + i, num_inference_steps=2)
+        return resp.status_code, len(resp.content)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(200)))
+    assert len(results) == 200
+    assert [code for code, _ in results if code != 200] == []
+    assert all(size > 100 for _, size in results)
+
+
 def test_second_run_repeats_no_stage(head, first_run):
     manifests = sorted(head["run_dir"].rglob("manifest.json"))
     before = {p: p.stat().st_mtime_ns for p in manifests}
