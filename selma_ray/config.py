@@ -142,15 +142,20 @@ class PromptsSection(_Section):
         return self
 
 
+def _load_yaml(path: Path, error: type[Exception]) -> Any:
+    """A YAML file's data (empty -> {}); a syntax error becomes ``error`` naming the file."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from e
+
+
 def read_skill_file(path: str) -> list[SkillSpec]:
     """Skills from a YAML file: ``skills: [{name, description, seeds, ...}, ...]``."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"skill file {path!r} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"skill file {path!r} is not valid YAML: {e}") from e
+    data = _load_yaml(file, ValueError)
     items = data.get("skills") if isinstance(data, dict) else None
     if not isinstance(items, list):
         raise ValueError(f"skill file {path!r} must hold a list under the key 'skills'")
@@ -387,10 +392,7 @@ def _read_preset(preset: str) -> dict[str, Any]:
             )
     elif not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    data = _load_yaml(path, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
