@@ -59,9 +59,11 @@ def train_expert(config: dict[str, Any]) -> None:
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
 
+    from selma_ray.logs import setup_logging
     from selma_ray.lora_io import load_adapter
     from selma_ray.models import resolve
 
+    setup_logging()
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"] + ctx.get_world_rank())
