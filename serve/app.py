@@ -144,6 +144,7 @@ class Ingress:
     def __init__(self, diffusion: DeploymentHandle, run_dir: str):
         self.diffusion = diffusion
         self.limits = load_run_config(run_dir).serve
+        self._served: tuple[set[str], int] | None = None  # adapter names, native size
         self.run_dir = run_dir
         self.api_key = os.environ.get(self.limits.api_key_env, "")
         if self.api_key:
@@ -154,6 +155,7 @@ class Ingress:
         if user_config.get("run_dir"):
             self.run_dir = resolve_run_dir(user_config["run_dir"])
             self.limits = load_run_config(self.run_dir).serve
+            self._served = None
 
     def _authorize(self, request: Request) -> None:
         if not authorized(self.api_key, request.url.path, request.headers):
@@ -167,6 +169,17 @@ class Ingress:
     async def playground(self) -> str:
         """A plain HTML/JS page: prompt, adapter or mix, seed, steps; compare mode."""
         return PLAYGROUND
+
+    async def _served_adapters(self) -> tuple[set[str], int]:
+        """Adapter names and native size, asked of the diffusion deployment once (not per
+        request); a hot reload clears them."""
+        if self._served is None:
+            adapters = await self.diffusion.adapters.remote()
+            self._served = (
+                {a["name"] for a in adapters},
+                await self.diffusion.native_size.remote(),
+            )
+        return self._served
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -207,14 +220,14 @@ class Ingress:
             raise HTTPException(422, f"num_inference_steps must be in 1..{lim.max_steps}")
         if req.seed + req.n - 1 > 2**31 - 1:
             raise HTTPException(422, f"seed + n - 1 must be at most {2**31 - 1}")
-        names = {a["name"] for a in await self.diffusion.adapters.remote()}
+        names, native = await self._served_adapters()
         try:
             spec = parse_adapter_spec(req.adapter, names)
         except KeyError as e:
             raise HTTPException(404, str(e.args[0])) from None
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        width, height = self._size(req.size, await self.diffusion.native_size.remote())
+        width, height = self._size(req.size, native)
         want_png = "image/png" in request.headers.get("accept", "")
         if want_png and req.n != 1:
             raise HTTPException(422, "Accept: image/png returns one image; use n=1 or b64_json")
