@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="deploy the images API at the end (default: serve.deploy)",
     )
     serve_group.add_argument("--no-serve", dest="deploy", action="store_false")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the stage plan (models, resolutions, resources) and exit; runs nothing",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -90,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        from selma_ray.plan import build_plan, format_plan
+
+        print(format_plan(build_plan(cfg)))
+        return 0
 
     import os
 

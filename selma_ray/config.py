@@ -165,6 +165,20 @@ def read_skill_file(path: str) -> list[SkillSpec]:
         raise ValueError(f"skill file {path!r}: {_format_errors(e, SkillSpec)}") from None
 
 
+SchedulerName = Literal[
+    "default",
+    "ddim",
+    "ddpm",
+    "pndm",
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "lms",
+    "dpmsolver_multistep",
+    "unipc",
+]
+
+
 class ImagesSection(_Section):
     steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0.0)
@@ -172,6 +186,11 @@ class ImagesSection(_Section):
     images_per_prompt: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    scheduler: SchedulerName = Field(
+        "default",
+        description="Sampler for rendering: default = the model's own, or one of the diffusers "
+        "schedulers named in selma_ray.images.SCHEDULERS (built from the model's config).",
+    )
     real_data: dict[str, list[str]] = Field(
         default_factory=dict,
         description="skill -> image folders, Parquet or WebDataset tars used instead of "
@@ -211,6 +230,63 @@ class ExpertsSection(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     resolution: int | None = Field(None, description="Training resolution; null = native.")
     checkpoint_every: int = Field(500, ge=1)
+    lora_init: Literal["gaussian", "default"] = Field(
+        "gaussian", description="peft init_lora_weights: gaussian A, or default (Kaiming A); B = 0."
+    )
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = False
+    snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting (e.g. 5).")
+    noise_offset: float = Field(0.0, ge=0.0, description="Offset noise strength (e.g. 0.05).")
+    train_text_encoder: bool = Field(False, description="Also train (and export) a CLIP LoRA.")
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
+    )
+    crop: Literal["center", "random"] = Field("center", description="After the shorter-side resize.")
+    random_flip: bool = False
+    cache_latents: bool = Field(
+        False, description="Encode images (VAE) and prompts (text encoder) once, in the run dir."
+    )
+    validation_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of each skill's images held out for selection."
+    )
+    validation_count: int | None = Field(
+        None, ge=0, description="Held-out images per skill; overrides validation_fraction."
+    )
+    select: Literal["best", "last"] = Field(
+        "best", description="Exported checkpoint: lowest validation loss, or the last one."
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Checkpoints kept per expert (best ones with select=best, plus last)."
+    )
+    sample_images: int = Field(
+        0, ge=0, description="Validation prompts rendered at every checkpoint (0 = none)."
+    )
+    max_failures: int = Field(2, ge=0, description="Worker failures retried from a checkpoint.")
+    fail_at_step: dict[str, int] = Field(
+        default_factory=dict,
+        description="Test hook: skill -> step at which one worker raises once (fault drill).",
+    )
+
+    @model_validator(mode="after")
+    def _cache_compatible(self) -> ExpertsSection:
+        if self.cache_latents and (self.random_flip or self.crop == "random"):
+            raise ValueError(
+                "experts.cache_latents encodes each image once, so it cannot be combined with "
+                "random_flip or crop=random; turn one of them off"
+            )
+        if self.cache_latents and self.train_text_encoder:
+            raise ValueError(
+                "experts.cache_latents caches text embeddings, which a trained text encoder "
+                "changes; set train_text_encoder=false or cache_latents=false"
+            )
+        count = self.validation_count
+        held_out = count > 0 if count is not None else self.validation_fraction > 0
+        if self.select == "best" and not held_out:
+            raise ValueError(
+                "experts.select=best needs a validation split; set validation_fraction > 0 "
+                "(or validation_count > 0), or select=last"
+            )
+        return self
 
 
 class MergeSection(_Section):
@@ -300,6 +376,55 @@ class ServeSection(_Section):
         return self
 
 
+SCORERS = ("clip", "pick", "dsg", "image_reward", "hps")
+
+
+class EvalSection(_Section):
+    """The eval stage: held-out prompts rendered by every variant, then scored."""
+
+    enabled: bool = Field(True, description="Run the eval stage in the pipeline job.")
+    prompts_file: str = Field(
+        "builtin:tiny_eval.csv",
+        description="Held-out prompts: .txt (one a line), .csv (prompt/text, optional "
+        "category/source/skill, id/item_id) or TIFA .json; builtin:NAME = selma_ray/benchmarks.",
+    )
+    questions: Literal["llm", "file", "none"] = Field(
+        "llm", description="DSG questions: written by the LLM, read from questions_file, or none."
+    )
+    questions_file: str | None = Field(
+        None, description="DSG-1K question CSV or TIFA JSON (questions=file); null = prompts_file."
+    )
+    max_prompts: int | None = Field(None, ge=1, description="Use the first N prompts; null = all.")
+    max_questions: int = Field(12, ge=1, description="Most LLM-written questions per prompt.")
+    on_overlap: Literal["drop", "error"] = Field(
+        "drop", description="Eval prompts also in the training prompts: drop them, or fail."
+    )
+    variants: list[str] | None = Field(None, description="Adapters to evaluate; null = all.")
+    seeds_per_prompt: int = Field(1, ge=1, description="Images per prompt (same seeds per variant).")
+    steps: int | None = Field(None, ge=1, description="Sampling steps; null = images.steps.")
+    guidance_scale: float | None = Field(None, ge=0.0, description="null = images.guidance_scale.")
+    batch_size: int = Field(8, ge=1)
+    scorers: list[Literal["clip", "pick", "dsg", "image_reward", "hps"]] = Field(
+        default_factory=lambda: ["clip", "pick", "dsg"]
+    )
+    clip_model: str = "openai/clip-vit-large-patch14"
+    pick_model: str = "yuvalkirstain/PickScore_v1"
+    pick_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    vqa_model: str = Field("Salesforce/blip-vqa-base", description="BLIP VQA model id or path.")
+    question_llm: str | None = Field(None, description="LLM writing questions; null = models.llm.")
+    image_reward_model: str = "ImageReward-v1.0"
+    hps_version: str = "v2.1"
+    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the 95% CIs.")
+    grid_prompts: int = Field(8, ge=0, description="Prompts shown as image grids in the report.")
+
+    @field_validator("scorers")
+    @classmethod
+    def _unique_scorers(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"scorers must be unique, got {v}")
+        return v
+
+
 class ActorPool(_Section):
     num_gpus: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(1.0, gt=0.0)
@@ -345,6 +470,7 @@ class ResourcesSection(_Section):
     experts: ExpertResources = Field(default_factory=ExpertResources)
     merge: TaskResources = Field(default_factory=TaskResources)
     serve: ServeResources = Field(default_factory=ServeResources)
+    eval: ActorPool = Field(default_factory=ActorPool)
 
 
 class SelmaConfig(_Section):
@@ -355,6 +481,7 @@ class SelmaConfig(_Section):
     experts: ExpertsSection = Field(default_factory=ExpertsSection)
     merge: MergeSection = Field(default_factory=MergeSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
 
     @model_validator(mode="after")

@@ -29,6 +29,31 @@ from selma_ray.seeds import stable_seed
 
 log = logging.getLogger(__name__)
 STAGE = "images"
+# images.scheduler -> diffusers scheduler class, built from the model's own scheduler config
+# (so its training betas and prediction type carry over).
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "dpmsolver_multistep": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Swap ``pipe.scheduler`` for the named sampler (``default`` keeps the model's own)."""
+    if name == "default":
+        return
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose default or one of {list(SCHEDULERS)}")
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
 def torch_device_and_dtype(num_gpus: float, dtype: str):
@@ -72,6 +97,7 @@ class DiffusionRenderer:
         steps: int,
         guidance_scale: float,
         resolution: int | None,
+        scheduler: str = "default",
     ):
         from diffusers import AutoPipelineForText2Image
 
@@ -82,6 +108,7 @@ class DiffusionRenderer:
         self.device, torch_dtype = torch_device_and_dtype(num_gpus, dtype)
         pipe = AutoPipelineForText2Image.from_pretrained(resolve(model), dtype=torch_dtype)
         pipe.set_progress_bar_config(disable=True)
+        set_scheduler(pipe, scheduler)
         self.pipe = pipe.to(self.device)
         self.model = model
         self.steps, self.guidance_scale = steps, guidance_scale
@@ -171,6 +198,7 @@ def render_key(cfg: SelmaConfig) -> str:
     ic = cfg.images
     return cfg.fingerprint(
         extra=[cfg.models.generator, ic.steps, ic.guidance_scale, ic.resolution, ic.dtype]
+        + ([ic.scheduler] if ic.scheduler != "default" else [])
     )
 
 
@@ -228,6 +256,7 @@ def _render(cfg: SelmaConfig, rows: list[dict[str, Any]], out_dir: Path) -> None
             "steps": ic.steps,
             "guidance_scale": ic.guidance_scale,
             "resolution": ic.resolution,
+            "scheduler": ic.scheduler,
         },
         compute=ray.data.ActorPoolStrategy(min_size=res.min_size, max_size=res.max_size),
         batch_size=ic.batch_size,

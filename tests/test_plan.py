@@ -1,0 +1,97 @@
+"""The stage plan of each preset, built from config alone (nothing is loaded or run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selma_ray.config import load_config
+from selma_ray.plan import build_plan, diffusion_model_info, format_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@pytest.mark.parametrize(
+    ("preset", "pipeline", "resolution"),
+    [
+        ("sd14", "StableDiffusionPipeline", 512),
+        ("sd2", "StableDiffusionPipeline", 768),
+        ("sdxl", "StableDiffusionXLPipeline", 1024),
+    ],
+)
+def test_paper_presets_plan_the_paper_settings(preset, pipeline, resolution):
+    plan = build_plan(load_config(preset))
+    images, experts = plan["stages"]["images"], plan["stages"]["experts"]
+    assert images["generator"]["pipeline"] == pipeline
+    assert (images["resolution"], images["steps"], images["guidance_scale"]) == (
+        resolution,
+        50,
+        7.5,
+    )
+    assert images["images"] == 5 * 1000  # five skills, 1K prompts each, one image per prompt
+    assert experts["train_resolution"] == resolution and not experts["resize"]
+    assert experts["lora"] == {"rank": 128, "alpha": 128.0, "targets": PAPER_TARGETS}
+    assert (experts["learning_rate"], experts["lr_scheduler"]) == (3e-4, "constant")
+    assert (experts["batch_size"], experts["max_steps"]) == (64, 5000)
+    assert experts["mixed_precision"] == "fp16" and experts["peak_gpus"] == 5
+    assert plan["stages"]["prompts"]["llm"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert plan["warnings"] == []
+
+
+def test_weak_to_strong_plans_sd2_data_resized_for_sdxl_experts():
+    plan = build_plan(load_config("weak_to_strong"))
+    images, experts = plan["stages"]["images"], plan["stages"]["experts"]
+    assert images["generator"]["model"] == "stabilityai/stable-diffusion-2"
+    assert images["generator"]["family"] == "sd2" and images["resolution"] == 768
+    assert experts["base"]["family"] == "sdxl"
+    assert (experts["data_resolution"], experts["train_resolution"]) == (768, 1024)
+    assert experts["resize"] is True
+    assert any("768px images to 1024px" in w for w in plan["warnings"])
+    assert any("weak-to-strong" in w for w in plan["warnings"])
+
+
+def test_tiny_plan_is_cpu_only_and_counts_real_data_skills_out_of_rendering(tmp_path):
+    cfg = load_config("tiny", [f"images.real_data={{counting: [{tmp_path}]}}"])
+    plan = build_plan(cfg)
+    images = plan["stages"]["images"]
+    assert images["generator"]["source"] == "built-in" and images["resolution"] == 32
+    assert "counting" not in images["rendered_skills"]
+    assert images["real_data_skills"] == ["counting"]
+    assert images["images"] == cfg.prompts.per_skill * (len(cfg.prompts.skills) - 1)
+    assert plan["stages"]["experts"]["peak_gpus"] == 0
+    assert "CPU" in plan["stages"]["serve"]["replicas"]
+    json.dumps(plan)  # plain data, ready for a UI or a log
+    assert "tiny-sd (sd1, StableDiffusionPipeline, native 32px, built-in)" in format_plan(plan)
+
+
+def test_local_model_folders_are_read_from_their_configs(tmp_path):
+    model = tmp_path / "my-sdxl"
+    (model / "unet").mkdir(parents=True)
+    (model / "vae").mkdir()
+    index = {"_class_name": "StableDiffusionXLPipeline"}
+    (model / "model_index.json").write_text(json.dumps(index))
+    (model / "unet" / "config.json").write_text(json.dumps({"sample_size": 128}))
+    (model / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [1, 2, 3, 4]}))
+    info = diffusion_model_info(str(model))
+    assert (info.family, info.native_resolution, info.source) == ("sdxl", 1024, "local folder")
+    unknown = diffusion_model_info("someone/some-model")
+    assert unknown.family == "unknown" and unknown.native_resolution is None
+
+
+def test_job_prints_the_plan_without_starting_ray():
+    done = subprocess.run(
+        [sys.executable, "jobs/full_pipeline.py", "--config", "weak_to_strong", "--plan"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "train_resolution: 1024" in done.stdout
+    assert "training resizes 768px images to 1024px" in done.stdout
+    assert "Started a local Ray instance" not in done.stdout + done.stderr
