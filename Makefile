@@ -21,6 +21,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: lint
+	@bash scripts/setup_browser.sh   # headless chromium for the playground test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 stop:

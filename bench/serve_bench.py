@@ -19,35 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def make_run(root: Path, skills: list[str], rank: int) -> None:
-    import torch
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from selma_ray.config import load_config
-    from selma_ray.lora_io import save_adapter
-    from selma_ray.merge import merge_adapters
-    from selma_ray.models import TINY_SD, resolve
-    from selma_ray.rundir import RunDir
-
-    cfg = load_config("tiny", [f"run.dir={root}", f"prompts.skills=[{', '.join(skills)}]"])
-    run = RunDir(root)
-    (root / "config.yaml").write_text(cfg.to_yaml())
-    unet = UNet2DConditionModel.from_pretrained(resolve(TINY_SD), subfolder="unet")
-    config = LoraConfig(
-        r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
-    )
-    unet.add_adapter(config)
-    shapes = get_peft_model_state_dict(unet)
-    for i, skill in enumerate(skills):
-        gen = torch.Generator().manual_seed(i)
-        state = {k: torch.randn(v.shape, generator=gen) * 0.2 for k, v in shapes.items()}
-        save_adapter(run.path("experts", skill), state, config.to_dict())
-        run.write_manifest("bench", "experts", skill)
-    merge_adapters({s: str(run.path("experts", s)) for s in skills}, None, str(run.path("merged")))
-    run.write_manifest("bench", "merged")
+from selma_ray.testing import make_run
 
 
 def timed(fn) -> float:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from selma_ray.config import ServeSection
 from selma_ray.serving import DiffusionService, load_run_config, parse_adapter_spec
 
 log = logging.getLogger(__name__)
@@ -76,24 +77,57 @@ def resolve_run_dir(run_dir: str) -> str:
     return str(path if path.is_absolute() else (PROJECT_ROOT / path).resolve())
 
 
+def effective_limits(run_limits: ServeSection, overrides: dict[str, Any] | None) -> ServeSection:
+    """The run's ``serve`` limits with the deployment's ``limits`` (from serve/config.yaml's
+    args or user_config) on top, validated like the run's config."""
+    if not overrides:
+        return run_limits
+    try:
+        return ServeSection.model_validate({**run_limits.model_dump(), **overrides})
+    except ValueError as e:
+        raise ValueError(f"invalid serve limits {overrides}: {e}") from None
+
+
+def replica_info() -> dict[str, Any]:
+    """Which process answers: lets clients see that a hot reload kept the replica."""
+    try:
+        replica = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (unit tests)
+        replica = None
+    return {"pid": os.getpid(), "replica_id": replica}
+
+
 @serve.deployment
 class Diffusion:
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, limits: dict[str, Any] | None = None):
         self.run_dir = run_dir
         self.service = DiffusionService(run_dir)
-        limits = self.service.config.serve
+        self.reloads = 0
+        self._overrides = limits
+        self._apply_limits(limits)
+
+    def _apply_limits(self, overrides: dict[str, Any] | None) -> None:
+        limits = effective_limits(self.service.config.serve, overrides)
         self._batched.set_max_batch_size(limits.max_batch_size)
         self._batched.set_batch_wait_timeout_s(limits.batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Hot reload: ``user_config: {run_dir: ...}`` swaps in another run's adapters."""
+        """Hot reload: ``user_config: {run_dir: ..., limits: {...}}`` swaps in another run's
+        adapters (same base model) in this replica, without a restart."""
         run_dir = user_config.get("run_dir")
         if run_dir and resolve_run_dir(run_dir) != self.run_dir:
+            self.service.reload(resolve_run_dir(run_dir))
             self.run_dir = resolve_run_dir(run_dir)
-            self.service.reload(self.run_dir)
+            self.reloads += 1
+            log.info("hot reload %d: now serving %s", self.reloads, self.run_dir)
+        self._overrides = user_config.get("limits", self._overrides)
+        self._apply_limits(self._overrides)
 
     def adapters(self) -> list[dict[str, Any]]:
         return self.service.describe()
+
+    def status(self) -> dict[str, Any]:
+        return {**replica_info(), "run": self.run_dir, "reloads": self.reloads}
 
     def native_size(self) -> int:
         return self.service.native_size
@@ -141,9 +175,12 @@ class Diffusion:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, diffusion: DeploymentHandle, run_dir: str):
+    def __init__(
+        self, diffusion: DeploymentHandle, run_dir: str, limits: dict[str, Any] | None = None
+    ):
         self.diffusion = diffusion
-        self.limits = load_run_config(run_dir).serve
+        self._overrides = limits
+        self.limits = effective_limits(load_run_config(run_dir).serve, limits)
         self._served: tuple[set[str], int] | None = None  # adapter names, native size
         self.run_dir = run_dir
         self.api_key = os.environ.get(self.limits.api_key_env, "")
@@ -154,8 +191,9 @@ class Ingress:
         """Hot reload: follow the diffusion deployment to another run's limits."""
         if user_config.get("run_dir"):
             self.run_dir = resolve_run_dir(user_config["run_dir"])
-            self.limits = load_run_config(self.run_dir).serve
-            self._served = None
+        overrides = user_config.get("limits", self._overrides)
+        self.limits = effective_limits(load_run_config(self.run_dir).serve, overrides)
+        self._served = None
 
     def _authorize(self, request: Request) -> None:
         if not authorized(self.api_key, request.url.path, request.headers):
@@ -187,8 +225,14 @@ class Ingress:
 
     @api.get("/v1/adapters")
     async def adapters(self, request: Request) -> dict[str, Any]:
+        """Every adapter a request may name; ``replica`` says which diffusion replica
+        answered (its pid and id stay the same across a hot reload)."""
         self._authorize(request)
-        return {"run": self.run_dir, "adapters": await self.diffusion.adapters.remote()}
+        return {
+            "run": self.run_dir,
+            "adapters": await self.diffusion.adapters.remote(),
+            "replica": await self.diffusion.status.remote(),
+        }
 
     def _size(self, size: str | None, native: int) -> tuple[int, int]:
         lim = self.limits
@@ -259,11 +303,25 @@ class Ingress:
 
 
 def build_app(args: dict[str, Any]):
-    """Serve application builder: ``args`` holds ``run_dir``."""
+    """Serve application builder. ``args``: ``run_dir`` (a finished run directory) and
+    optionally ``limits`` (overrides of the run's ``serve`` limits, e.g. ``max_n``).
+
+    Replica resources and autoscaling default to the run's ``resources.serve``; the
+    ``deployments:`` section of a Serve config file overrides them."""
+    unknown = set(args) - {"run_dir", "limits"}
+    if unknown:
+        raise ValueError(
+            f"unknown args {sorted(unknown)} for serve.app:build_app; it takes run_dir and limits"
+        )
     if "run_dir" not in args:
         raise ValueError("the selma_ray Serve app needs args.run_dir (a finished run directory)")
     run_dir = resolve_run_dir(str(args["run_dir"]))
-    res = load_run_config(run_dir).resources.serve
+    cfg = load_run_config(run_dir)
+    limits = args.get("limits") or None
+    if limits is not None and not isinstance(limits, dict):
+        raise ValueError(f"args.limits must be a mapping of serve limits, got {limits!r}")
+    effective_limits(cfg.serve, limits)  # fail at deploy time, not in the replicas
+    res = cfg.resources.serve
     diffusion = Diffusion.options(
         ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
         max_ongoing_requests=res.max_ongoing_requests,
@@ -272,5 +330,9 @@ def build_app(args: dict[str, Any]):
             "max_replicas": res.max_replicas,
             "target_ongoing_requests": 2,
         },
-    ).bind(run_dir)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(diffusion, run_dir)
+    ).bind(run_dir, limits)
+    # The ingress only validates and forwards: many requests in flight, so the diffusion
+    # replicas' batches can fill.
+    return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64).bind(
+        diffusion, run_dir, limits
+    )

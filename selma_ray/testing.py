@@ -1,0 +1,153 @@
+"""Helpers shared by tests and benchmarks: synthetic run directories and a loopback Serve app.
+
+``make_run`` writes a finished-looking run directory (config, experts with random LoRA
+weights, the paper merge, manifests) for the tiny base model, so the serving layer can be
+exercised without running the earlier stages. ``LocalServe`` starts a private local Ray
+cluster with Serve on a free loopback port and deploys ``serve/config.yaml``'s application
+declaratively, the way ``serve deploy`` does, so a redeploy that changes only ``user_config``
+reconfigures the running replicas instead of replacing them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve" / "config.yaml"
+
+
+def make_run(
+    root: str | Path,
+    skills: list[str],
+    rank: int = 4,
+    overrides: list[str] | None = None,
+    scale: float = 0.2,
+) -> Path:
+    """A tiny-preset run directory with one random rank-``rank`` expert per skill and the
+    paper merge of them, each with a manifest, as the serving layer expects."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from selma_ray.config import load_config
+    from selma_ray.lora_io import save_adapter
+    from selma_ray.merge import merge_adapters
+    from selma_ray.models import TINY_SD, resolve
+    from selma_ray.rundir import RunDir
+
+    root = Path(root)
+    cfg = load_config(
+        "tiny", [f"run.dir={root}", f"prompts.skills=[{', '.join(skills)}]", *(overrides or [])]
+    )
+    run = RunDir(root)
+    (root / "config.yaml").write_text(cfg.to_yaml())
+    unet = UNet2DConditionModel.from_pretrained(resolve(TINY_SD), subfolder="unet")
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    unet.add_adapter(config)
+    shapes = get_peft_model_state_dict(unet)
+    for i, skill in enumerate(skills):
+        gen = torch.Generator().manual_seed(i)
+        state = {k: torch.randn(v.shape, generator=gen) * scale for k, v in shapes.items()}
+        save_adapter(run.path("experts", skill), state, config.to_dict())
+        run.write_manifest("synthetic", "experts", skill)
+    merge_adapters({s: str(run.path("experts", s)) for s in skills}, None, str(run.path("merged")))
+    run.write_manifest("synthetic", "merged")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_app_config(
+    run_dir: str | Path,
+    limits: dict[str, Any] | None = None,
+    user_config: dict[str, Any] | None = None,
+    ingress_env: dict[str, str] | None = None,
+) -> dict:
+    """``serve/config.yaml``'s application, pointed at ``run_dir`` with ``limits`` replacing
+    its limits; ``user_config`` goes on both deployments (a hot reload), ``ingress_env`` into
+    the ingress replicas' environment (e.g. an API key)."""
+    spec = yaml.safe_load(SERVE_CONFIG.read_text())
+    app = copy.deepcopy(spec["applications"][0])
+    app["args"] = {**app.get("args", {}), "run_dir": str(run_dir)}
+    if limits is not None:
+        app["args"]["limits"] = dict(limits)
+    by_name = {d["name"]: d for d in app.setdefault("deployments", [])}
+    if user_config is not None:
+        for name in ("Diffusion", "Ingress"):
+            by_name.setdefault(name, {"name": name})["user_config"] = dict(user_config)
+    if ingress_env:
+        options = by_name.setdefault("Ingress", {"name": "Ingress"})
+        options.setdefault("ray_actor_options", {})["runtime_env"] = {"env_vars": ingress_env}
+    app["deployments"] = list(by_name.values())
+    return {"applications": [app]}
+
+
+class LocalServe:
+    """A private local Ray cluster with Serve on 127.0.0.1:<free port>; ``deploy`` applies an
+    application config as ``serve deploy`` would. Use as a context manager."""
+
+    def __init__(self, num_cpus: int = 2):
+        self.num_cpus = num_cpus
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LocalServe:
+        import ray
+        from ray import serve
+
+        ray.init(
+            address="local",
+            num_cpus=self.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        return self
+
+    def deploy(self, config: dict[str, Any], timeout_s: float = 180.0) -> None:
+        """Apply a multi-application config (``ServeDeploySchema``) and wait until running."""
+        from ray.serve._private.api import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        schema = ServeDeploySchema.model_validate(config)
+        client = _get_global_client()
+        client.deploy_apps(schema)
+        names = {a.name for a in schema.applications}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            from ray import serve
+
+            status = serve.status().applications
+            states = {n: status[n].status for n in names if n in status}
+            if len(states) == len(names) and set(states.values()) == {"RUNNING"}:
+                return
+            failed = {n: status[n].message for n, s in states.items() if s == "DEPLOY_FAILED"}
+            if failed:
+                raise RuntimeError(f"Serve deploy failed: {failed}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Serve apps not running after {timeout_s}s: {states}")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

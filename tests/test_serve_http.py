@@ -1,0 +1,353 @@
+"""The real Serve app over HTTP on loopback, in-process: a private local Ray cluster, Serve on
+a free port, ``serve/config.yaml``'s application deployed declaratively (as ``serve deploy``
+does) on a synthetic tiny run with random adapters.
+
+One module-scoped deployment serves every test here: adapters and mixes, batching, bad inputs,
+the API key, a schemathesis run against ``/openapi.json``, the playground in headless
+Chromium, and last a hot reload to another run.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import platform
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from selma_ray.testing import LocalServe, make_run, serve_app_config
+
+pytestmark = pytest.mark.slow
+
+SKILLS = ["counting", "everyday_scenes"]
+# Small limits keep every request (and every fuzzed one) cheap on 2 cores.
+LIMITS = {"default_steps": 2, "max_steps": 3, "max_size": 48, "max_n": 2, "max_prompt_chars": 200}
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve_http")
+    return {
+        "a": make_run(root / "a", SKILLS, rank=4, scale=0.5),
+        "b": make_run(root / "b", [*SKILLS, "dense_detail"], rank=4, scale=0.5),
+    }
+
+
+@pytest.fixture(scope="module")
+def live(runs):
+    try:
+        import ray
+
+        if ray.is_initialized():
+            pytest.fail("Ray is already initialised in this process")
+    except ImportError:
+        pytest.fail("ray is not installed")
+    with LocalServe(num_cpus=2) as srv:
+        srv.deploy(serve_app_config(runs["a"], limits=LIMITS))
+        yield srv
+
+
+def gen(live, adapter="merged", seed=3, png=True, headers=None, **extra) -> requests.Response:
+    body = {"prompt": "two red apples on a table", "adapter": adapter, "seed": seed, **extra}
+    headers = {**({"Accept": "image/png"} if png else {}), **(headers or {})}
+    return requests.post(
+        f"{live.url}/v1/images/generations", json=body, headers=headers, timeout=120
+    )
+
+
+def adapters(live, **kwargs) -> dict:
+    resp = requests.get(f"{live.url}/v1/adapters", timeout=60, **kwargs)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def pixels(png: bytes):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+
+def test_health_docs_and_adapter_list(live, runs):
+    assert requests.get(f"{live.url}/healthz", timeout=30).json() == {"status": "ok"}
+    assert requests.get(f"{live.url}/docs", timeout=30).status_code == 200
+    spec = requests.get(f"{live.url}/openapi.json", timeout=30).json()
+    assert "/v1/images/generations" in spec["paths"]
+    body = adapters(live)
+    assert body["run"] == str(runs["a"])
+    kinds = {a["name"]: a["kind"] for a in body["adapters"]}
+    assert kinds == {
+        "base": "base",
+        "merged": "merged",
+        "counting": "expert",
+        "everyday_scenes": "expert",
+    }
+    assert {a["rank"] for a in body["adapters"] if a["kind"] == "expert"} == {4}
+    assert body["replica"]["pid"] > 0 and body["replica"]["reloads"] == 0
+
+
+def test_every_adapter_kind_and_a_mix_give_different_images(live):
+    specs = [
+        "base",
+        "merged",
+        "counting",
+        "everyday_scenes",
+        {"counting": 0.5, "everyday_scenes": 0.5},
+    ]
+    images = []
+    for spec in specs:
+        resp = gen(live, spec)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"] == "image/png"
+        images.append(resp.content)
+    assert len(set(images)) == len(specs)
+    assert gen(live, "counting").content == images[2]  # same seed and adapter: same image
+
+
+def test_b64_json_with_n_images_and_the_default_size(live):
+    resp = gen(live, {"counting": 1.0}, seed=7, png=False, n=2)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert [d["seed"] for d in body["data"]] == [7, 8]
+    first, second = (base64.b64decode(d["b64_json"]) for d in body["data"])
+    assert first != second and pixels(first).shape[:2] == (32, 32)
+    resized = gen(live, "merged", size="48x16")
+    assert resized.status_code == 200 and pixels(resized.content).shape[:2] == (16, 48)
+
+
+def test_concurrent_requests_are_batched_and_match_requests_alone(live):
+    jobs = [("merged", 11), ("counting", 12), ("merged", 13), ("base", 14)] * 2
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda j: gen(live, j[0], seed=j[1]), jobs))
+    assert [r.status_code for r in together] == [200] * len(jobs)
+    for (adapter, seed), resp in zip(jobs, together, strict=True):
+        alone = gen(live, adapter, seed=seed).content
+        assert abs(pixels(resp.content) - pixels(alone)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ({"prompt": "x", "n": 3}, 422, "n must be in 1..2"),
+        ({"prompt": "x", "num_inference_steps": 4}, 422, "1..3"),
+        ({"prompt": "x", "size": "33x32"}, 422, "multiple of 8 in 8..48"),
+        ({"prompt": "x", "size": "64x64"}, 422, "multiple of 8 in 8..48"),
+        ({"prompt": "x" * 201}, 422, "limit is 200"),
+        ({"prompt": "x", "adapter": {"base": 1}}, 422, "cannot be mixed"),
+        ({"prompt": "x", "adapter": {"counting": -1}}, 422, "weights"),
+        ({"prompt": "x", "adapter": {}}, 422, "non-empty"),
+        ({"prompt": "x", "adapter": "../../etc/passwd"}, 404, "counting"),
+        ({"prompt": "x", "adapter": {"nope": 1}}, 404, "valid"),
+        ({"prompt": "x", "seed": 2**31 - 1, "n": 2}, 422, "seed + n - 1"),
+        ({"prompt": ""}, 422, "prompt"),
+        ({"prompt": "x", "unknown_field": 1}, 422, "unknown_field"),
+        ({"prompt": "x", "response_format": "url"}, 422, "b64_json"),
+        ([1, 2], 422, "dict"),
+        ("not json", 422, "JSON"),
+    ],
+)
+def test_bad_requests_get_a_4xx_that_says_what_is_allowed(live, body, status, says):
+    url = f"{live.url}/v1/images/generations"
+    if isinstance(body, str):
+        resp = requests.post(url, data=body, headers={"Content-Type": "application/json"})
+    else:
+        resp = requests.post(url, json=body, timeout=60)
+    assert resp.status_code == status, resp.text
+    assert says in resp.text
+
+
+def test_png_accept_with_several_images_is_refused(live):
+    resp = gen(live, n=2)
+    assert resp.status_code == 422 and "n=1" in resp.text
+
+
+def test_schemathesis_finds_no_server_error(live):
+    """Fuzz every operation of /openapi.json (valid and invalid inputs); no 5xx allowed."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
+    failures: list[str] = []
+    calls = {"n": 0}
+    codes: dict[int, int] = {}
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+        @settings(
+            max_examples=60,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=schema.as_strategy(generation_mode=mode))
+        def fuzz(case):
+            calls["n"] += 1
+            resp = case.call(base_url=live.url, timeout=120)
+            codes[resp.status_code] = codes.get(resp.status_code, 0) + 1
+            if resp.status_code >= 500:
+                failures.append(f"{case.method} {case.path} {case.body!r} -> {resp.status_code}")
+            case.validate_response(resp, checks=[not_a_server_error])
+
+        fuzz()
+    print("schemathesis status codes:", dict(sorted(codes.items())))
+    assert calls["n"] >= 60 and failures == []
+    assert codes.get(200, 0) > 0  # some fuzzed requests really generated images
+
+
+def test_api_key_is_enforced_when_set(live, runs):
+    """Redeploy the ingress with $SELMA_API_KEY in its environment, then without it again."""
+    before = adapters(live)["replica"]
+    live.deploy(serve_app_config(runs["a"], limits=LIMITS, ingress_env={"SELMA_API_KEY": API_KEY}))
+    try:
+        assert requests.get(f"{live.url}/v1/adapters", timeout=60).status_code == 401
+        assert gen(live).status_code == 401
+        assert gen(live, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = gen(live, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert ok.status_code == 200 and ok.content.startswith(b"\x89PNG")
+        assert gen(live, headers={"X-API-Key": API_KEY}).status_code == 200
+        assert requests.get(f"{live.url}/healthz", timeout=30).status_code == 200
+        auth = {"headers": {"Authorization": f"Bearer {API_KEY}"}}
+        assert adapters(live, **auth)["replica"]["pid"] == before["pid"]  # only the ingress
+    finally:
+        live.deploy(serve_app_config(runs["a"], limits=LIMITS))
+    assert requests.get(f"{live.url}/v1/adapters", timeout=60).status_code == 200
+
+
+# ---- the playground in headless Chromium ----------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("the browser test installs Debian's chromium: Linux as root only")
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+    if missing:
+        pytest.fail(
+            f"{missing} not installed: run `bash scripts/setup_browser.sh` (make test does) "
+            f"on {platform.platform()}"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver, condition, timeout=120):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+
+
+def shown_images(driver) -> list[dict]:
+    """The result images that have loaded, with their natural width and source scheme."""
+    return driver.execute_script(
+        """return [...document.querySelectorAll('#out img[data-testid="result-image"]')]
+             .map((img) => ({alt: img.alt, width: img.naturalWidth, complete: img.complete,
+                             scheme: img.src.split(':')[0]}));"""
+    )
+
+
+def run_and_wait(driver, button: str, count: int) -> list[dict]:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, button).click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "out").get_attribute("data-state") == "done")
+    status = driver.find_element(By.ID, "status").text
+    assert status == "", f"the page reported an error: {status}"
+    wait_for(driver, lambda d: all(i["complete"] for i in shown_images(d)), timeout=30)
+    images = shown_images(driver)
+    assert len(images) == count, images
+    assert all(i["width"] > 0 and i["scheme"] in ("data", "blob") for i in images), images
+    return images
+
+
+def test_playground_lists_adapters_and_generates_in_a_browser(live, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(f"{live.url}/")
+    assert browser.title == "selma_ray playground"
+    wait_for(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-adapters"))
+    select = Select(browser.find_element(By.ID, "adapter"))
+    values = [o.get_attribute("value") for o in select.options]
+    assert set(values) == {"base", "merged", "counting", "everyday_scenes", "mix"}
+    assert select.first_selected_option.get_attribute("value") == "merged"
+    steps = browser.find_element(By.ID, "steps")
+    steps.clear()
+    steps.send_keys("2")
+    select.select_by_value("counting")
+    assert [i["alt"] for i in run_and_wait(browser, "generate", 1)] == ["counting"]
+
+    select.select_by_value("everyday_scenes")
+    images = run_and_wait(browser, "compare", 3)
+    assert [i["alt"] for i in images] == ["base", "merged", "everyday_scenes"]
+
+
+def test_playground_shows_the_servers_message_on_a_bad_request(live, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{live.url}/")
+    wait_for(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-adapters"))
+    steps = browser.find_element(By.ID, "steps")
+    steps.clear()
+    steps.send_keys("99")
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "out").get_attribute("data-state") == "done")
+    assert "num_inference_steps must be in 1..3" in browser.find_element(By.ID, "status").text
+
+
+# ---- last: hot reload to another run --------------------------------------------------------
+
+
+def test_hot_reload_swaps_adapters_without_restarting_the_replica(live, runs):
+    before = adapters(live)
+    assert "dense_detail" not in {a["name"] for a in before["adapters"]}
+    merged_before = gen(live, "merged").content
+
+    live.deploy(serve_app_config(runs["a"], limits=LIMITS, user_config={"run_dir": str(runs["b"])}))
+    deadline = time.monotonic() + 120
+    while (after := adapters(live))["run"] != str(runs["b"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    names = {a["name"] for a in after["adapters"]}
+    assert after["run"] == str(runs["b"]) and names == {"base", "merged", "dense_detail", *SKILLS}
+    assert after["replica"]["pid"] == before["replica"]["pid"]
+    assert after["replica"]["replica_id"] == before["replica"]["replica_id"]
+    assert after["replica"]["reloads"] == 1
+
+    detail = gen(live, "dense_detail")
+    assert detail.status_code == 200, detail.text
+    assert detail.content != gen(live, "counting").content
+    assert gen(live, "merged").content != merged_before  # the merge of three experts now
