@@ -72,6 +72,7 @@ def print_summary(summary: dict) -> None:
     merged = stages.get("merge", {}).get("result", {})
     if merged.get("adapter"):
         print(f"  merged ({merged.get('method')}): {merged['adapter']}")
+    print_eval(stages.get("eval", {}).get("result", {}))
     if summary.get("endpoint"):
         url = summary["endpoint"]
         print(f"\nServe is answering at {url}  (adapters: {url}/v1/adapters, docs: {url}/docs)")
@@ -81,6 +82,29 @@ def print_summary(summary: dict) -> None:
             '-d \'{"prompt": "two red apples on a table", "adapter": "merged"}\' '
             "-o image.png"
         )
+
+
+def print_eval(result: dict) -> None:
+    """The eval headline: each variant's mean per metric, and its paired change vs base."""
+    table = result.get("headline") or {}
+    if not table:
+        return
+    metrics = list(next(iter(table.values())))
+    print("  eval (mean, change vs base):")
+    print("  {:<22}".format("variant") + "".join(f"{m:>20}" for m in metrics))
+    for variant, row in table.items():
+        cells = []
+        for m in metrics:
+            cell = row.get(m) or {}
+            mean, delta = cell.get("mean"), cell.get("delta")
+            text = "–" if mean is None else f"{mean:.3g}"
+            text += "" if delta is None else f" ({delta:+.2g})"
+            cells.append(f"{text:>20}")
+        print(f"  {variant:<22}" + "".join(cells))
+    for name, reason in (result.get("skipped_scorers") or {}).items():
+        print(f"  eval: {name} skipped: {reason}")
+    if result.get("report"):
+        print(f"  eval report: {result['report']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -400,7 +400,9 @@ class EvalSection(_Section):
         "drop", description="Eval prompts also in the training prompts: drop them, or fail."
     )
     variants: list[str] | None = Field(None, description="Adapters to evaluate; null = all.")
-    seeds_per_prompt: int = Field(1, ge=1, description="Images per prompt (same seeds per variant).")
+    seeds_per_prompt: int = Field(
+        1, ge=1, description="Images per prompt (same seeds per variant)."
+    )
     steps: int | None = Field(None, ge=1, description="Sampling steps; null = images.steps.")
     guidance_scale: float | None = Field(None, ge=0.0, description="null = images.guidance_scale.")
     batch_size: int = Field(8, ge=1)

@@ -4,6 +4,8 @@
   into a normal Hugging Face checkpoint that vLLM and transformers load offline.
 - ``tiny-sd``: a tiny, randomly initialised Stable Diffusion pipeline built deterministically
   from configs (for CPU runs and tests; its images are noise-like by design).
+- ``tiny-clip`` / ``tiny-vqa``: tiny, randomly initialised CLIP and BLIP-VQA models with
+  tokenizers built from hand-made vocabularies, for the eval scorers on CPU (scores are noise).
 - anything else: a hub id or a local path, returned unchanged.
 
 Built assets are cached under ``$SELMA_CACHE`` (default ``~/.cache/selma_ray``), never in git.
@@ -26,8 +28,10 @@ log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_SD = "tiny-sd"
+TINY_CLIP = "tiny-clip"
+TINY_VQA = "tiny-vqa"
 # Bump a version when a builder changes, so stale caches are rebuilt rather than reused.
-_VERSIONS = {SMOLLM2: "v1", TINY_SD: "v1"}
+_VERSIONS = {SMOLLM2: "v1", TINY_SD: "v1", TINY_CLIP: "v1", TINY_VQA: "v1"}
 
 
 def cache_dir() -> Path:
@@ -179,4 +183,90 @@ def _build_tiny_sd(out: Path) -> None:
     pipe.save_pretrained(out, safe_serialization=True)
 
 
-_BUILDERS: dict[str, Callable[[Path], None]] = {SMOLLM2: _build_smollm2, TINY_SD: _build_tiny_sd}
+def _tiny_vision(image_size: int = 32) -> dict[str, int]:
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": 8,
+    }
+
+
+def _build_tiny_clip(out: Path) -> None:
+    """CLIPModel + CLIPProcessor; the BPE vocabulary is the 256 byte symbols (no merges)."""
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    torch.manual_seed(0)
+    text = {k: v for k, v in _tiny_vision().items() if k not in ("image_size", "patch_size")}
+    text.update(
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=_tiny_vision(), projection_dim=16))
+    images = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out)
+
+
+def _build_tiny_vqa(out: Path) -> None:
+    """BlipForQuestionAnswering + BlipProcessor; a WordPiece vocabulary of letters and digits."""
+    import string
+
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForQuestionAnswering,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    chars = string.ascii_lowercase + string.digits
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "yes", "no"]
+    words += list(chars + string.punctuation) + [f"##{c}" for c in chars]
+    vocab = {w: i for i, w in enumerate(words)}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=64)
+    torch.manual_seed(0)
+    text = {k: v for k, v in _tiny_vision().items() if k not in ("image_size", "patch_size")}
+    text.update(
+        vocab_size=len(vocab),
+        encoder_hidden_size=32,
+        max_position_embeddings=64,
+        bos_token_id=vocab["[DEC]"],
+        pad_token_id=vocab["[PAD]"],
+        sep_token_id=vocab["[SEP]"],
+    )
+    model = BlipForQuestionAnswering(
+        BlipConfig(text_config=text, vision_config=_tiny_vision(), projection_dim=16)
+    )
+    images = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    model.save_pretrained(out, safe_serialization=True)
+    BlipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out)
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {
+    SMOLLM2: _build_smollm2,
+    TINY_SD: _build_tiny_sd,
+    TINY_CLIP: _build_tiny_clip,
+    TINY_VQA: _build_tiny_vqa,
+}

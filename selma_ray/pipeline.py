@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from selma_ray.config import SelmaConfig
+from selma_ray.evaluate import run_eval
 from selma_ray.experts import run_experts
 from selma_ray.images import run_images
 from selma_ray.merge import run_merge
@@ -23,6 +24,7 @@ STAGES: list[tuple[str, Callable[[SelmaConfig, RunDir], dict[str, Any]]]] = [
     ("images", run_images),
     ("experts", run_experts),
     ("merge", run_merge),
+    ("eval", run_eval),
 ]
 
 

@@ -1,0 +1,163 @@
+"""The eval report: one self-contained HTML file (tables, bar charts, image grids, model ids).
+
+Every image is embedded as a base64 PNG, so the file can be mailed or opened anywhere.
+Charts are drawn with matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from typing import Any
+
+from selma_ray.scorers import LABELS
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def _ci(entry: dict[str, Any]) -> str:
+    lo, hi = entry["ci"]
+    return f"{_fmt(entry['mean'])} <small>[{_fmt(lo)}, {_fmt(hi)}]</small>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _figure_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def bar_chart(label: str, entries: dict[str, dict[str, Any]]) -> bytes:
+    """Mean per variant (and per category when there are categories) with 95% CI bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    variants = list(entries)
+    cats = sorted({c for e in entries.values() for c in e.get("by_category", {})})
+    groups = ["all", *cats]
+    width = 0.8 / max(len(variants), 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups) * max(len(variants), 2) / 2), 3.2))
+    for i, v in enumerate(variants):
+        stats = [entries[v]] + [entries[v].get("by_category", {}).get(c) for c in groups[1:]]
+        means = [s["mean"] if s else np.nan for s in stats]
+        err = np.array(
+            [
+                [s["mean"] - s["ci"][0], s["ci"][1] - s["mean"]] if s else [np.nan, np.nan]
+                for s in stats
+            ]
+        ).T
+        xs = np.arange(len(groups)) + (i - (len(variants) - 1) / 2) * width
+        ax.bar(xs, means, width, yerr=err, capsize=2, label=v)
+    ax.set_xticks(np.arange(len(groups)), groups, rotation=20, ha="right")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label}: mean and 95% bootstrap CI")
+    ax.legend(fontsize=7, ncols=min(len(variants), 4))
+    return _figure_png(fig)
+
+
+def image_grid(rows: list[tuple[str, dict[str, bytes]]], variants: list[str]) -> bytes:
+    """One row per prompt, one column per variant (same seed across the row)."""
+    from PIL import Image, ImageDraw
+
+    cell, head, side = 128, 18, 220
+    grid = Image.new("RGB", (side + cell * len(variants), head + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, v in enumerate(variants):
+        draw.text((side + j * cell + 4, 3), v[:20], fill="black")
+    for i, (prompt, images) in enumerate(rows):
+        y = head + i * cell
+        words, lines = prompt.split(), [""]
+        for w in words:
+            if len(lines[-1]) + len(w) > 34 and len(lines) < 8:
+                lines.append("")
+            lines[-1] = f"{lines[-1]} {w}".strip()
+        draw.multiline_text((4, y + 4), "\n".join(lines), fill="black")
+        for j, v in enumerate(variants):
+            if v in images:
+                img = Image.open(io.BytesIO(images[v])).convert("RGB").resize((cell, cell))
+                grid.paste(img, (side + j * cell, y))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _metric_section(metric: str, entries: dict[str, dict[str, Any]]) -> str:
+    label = LABELS.get(metric, metric)
+    cats = sorted({c for e in entries.values() for c in e.get("by_category", {})})
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cats)
+    rows = []
+    for v, e in entries.items():
+        vs = e.get("vs_base")
+        delta = (
+            f"{_ci(vs)} <small>win {vs['win_rate']:.0%}</small>"
+            if vs and math.isfinite(vs["win_rate"])
+            else "–"
+        )
+        by = e.get("by_category", {})
+        cells = "".join(f"<td>{_ci(by[c]) if c in by else '–'}</td>" for c in cats)
+        rows.append(
+            f"<tr><th>{html.escape(v)}</th><td>{_ci(e)}</td><td>{e['n']}</td>"
+            f"<td>{delta}</td>{cells}</tr>"
+        )
+    return (
+        f"<h2>{html.escape(label)}</h2>"
+        "<table><tr><th>variant</th><th>mean [95% CI]</th><th>prompts</th>"
+        f"<th>Δ vs base [95% CI], paired</th>{head}</tr>{''.join(rows)}</table>"
+        f"<p>{_img(bar_chart(label, entries), label + ' chart')}</p>"
+    )
+
+
+_STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;
+font-size:13px;text-align:left}.note{background:#fff3cd;padding:.8em;border:1px solid #e0c060}
+small{color:#666}"""
+
+
+def render_html(doc: dict[str, Any], grid_rows: list[tuple[str, dict[str, bytes]]]) -> str:
+    """The report for ``doc`` (the metrics.json content) with image grids of ``grid_rows``."""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>selma_ray eval</title>",
+        f"<style>{_STYLE}</style></head><body><h1>selma_ray evaluation</h1>",
+        f"<p>run: <code>{html.escape(doc['run_dir'])}</code> · {doc['prompts']['count']} "
+        f"held-out prompts from <code>{html.escape(doc['prompts']['source'])}</code> · "
+        f"{doc['seeds_per_prompt']} seed(s) per prompt, the same seeds for every variant · "
+        f"{doc['steps']} steps</p>",
+    ]
+    if doc.get("note"):
+        parts.append(f"<p class='note'>{html.escape(doc['note'])}</p>")
+    models = [("base model", doc["models"]["base"]), ("questions", doc["models"]["questions"])]
+    for s in doc["scorers"].values():
+        ids = ", ".join(f"{k}={v}" for k, v in s["model_ids"].items())
+        state = "ok" if s["status"] == "ok" else f"skipped: {s['reason']}"
+        models.append((f"{s['label']}", f"{ids} ({state})"))
+    parts.append("<h2>Models</h2><table>")
+    parts += [
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in models
+    ]
+    parts.append("</table>")
+    for metric, entries in doc["metrics"].items():
+        parts.append(_metric_section(metric, entries))
+    if grid_rows:
+        parts.append("<h2>Same prompt, same seed, every variant</h2>")
+        parts.append(f"<p>{_img(image_grid(grid_rows, doc['variants']), 'image grid')}</p>")
+    dropped = doc["prompts"].get("dropped_overlap", [])
+    if dropped:
+        parts.append(
+            f"<p>{len(dropped)} eval prompt(s) dropped because they are training prompts.</p>"
+        )
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,428 @@
+"""Stage 6, eval: held-out prompts rendered by every variant, scored, aggregated, reported.
+
+1. Prompts come from a held-out benchmark file (``eval.prompts_file``); any that are also
+   training prompts of this run are dropped (or fail the stage, ``eval.on_overlap=error``).
+2. DSG questions are written by the LLM on Ray Data, read from a DSG-1K/TIFA file, or off.
+3. Ray Data renders variant x prompt x seed on actors holding a ``DiffusionService`` (base,
+   each expert, ``merged``, ``merged-<method>``); a prompt's seeds are the same for every
+   variant, so differences against base are paired. Images go to ``eval/images/`` (Parquet).
+4. Each scorer then runs over the images as its own Ray Data actor pass.
+5. Means, bootstrap 95% CIs and paired differences vs base, per variant and per category,
+   go to ``eval/metrics.json``; ``eval/report.html`` shows them with charts and image grids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from selma_ray import dsg
+from selma_ray import merge as merge_stage
+from selma_ray import prompts as prompts_stage
+from selma_ray.config import SelmaConfig
+from selma_ray.rundir import MANIFEST, RunDir, atomic_write_json, atomic_write_text, replace_dir
+from selma_ray.scorers import LABELS, model_ids, unavailable
+from selma_ray.seeds import stable_seed
+
+log = logging.getLogger(__name__)
+STAGE = "eval"
+TINY_NOTE = (
+    "The scorers of this run are tiny, randomly initialised models built locally (and the "
+    "diffusion model is too): these numbers show only that the evaluation plumbing works, "
+    "not whether the method does. Use a paper preset for real scores."
+)
+
+
+def normalize(text: str) -> str:
+    """Lower case, punctuation dropped, spaces collapsed: how prompts are compared."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    return hashlib.sha256(dsg._resolve_path(path).read_bytes()).hexdigest()[:16]
+
+
+def fingerprint(cfg: SelmaConfig) -> str:
+    ec = cfg.eval
+    return cfg.fingerprint(
+        "eval",
+        extra={
+            "merge": merge_stage.fingerprint(cfg),
+            "base": cfg.models.base,
+            "llm": ec.question_llm or cfg.models.llm,
+            "prompts_file": _file_digest(ec.prompts_file),
+            "questions_file": _file_digest(ec.questions_file),
+            "render": [steps(cfg), guidance(cfg), cfg.images.resolution, cfg.run.seed],
+        },
+    )
+
+
+def steps(cfg: SelmaConfig) -> int:
+    return cfg.eval.steps or cfg.images.steps
+
+
+def guidance(cfg: SelmaConfig) -> float:
+    g = cfg.eval.guidance_scale
+    return cfg.images.guidance_scale if g is None else g
+
+
+def load_eval_prompts(cfg: SelmaConfig, run: RunDir) -> tuple[list[dsg.EvalPrompt], list[str]]:
+    """The held-out prompts, minus any that are training prompts of this run (returned too)."""
+    prompts = dsg.read_prompts(cfg.eval.prompts_file)
+    training = {normalize(r["prompt"]) for r in prompts_stage.load_prompts(run, cfg.prompts.skills)}
+    overlap = [p.prompt for p in prompts if normalize(p.prompt) in training]
+    if overlap and cfg.eval.on_overlap == "error":
+        raise ValueError(
+            f"eval: {len(overlap)} eval prompt(s) are also training prompts of this run, e.g. "
+            f"{overlap[:3]}; use held-out prompts, or set eval.on_overlap=drop"
+        )
+    if overlap:
+        log.warning("eval: dropped %d eval prompt(s) that are training prompts", len(overlap))
+    kept = [p for p in prompts if normalize(p.prompt) not in training]
+    if cfg.eval.max_prompts:
+        kept = kept[: cfg.eval.max_prompts]
+    if not kept:
+        raise ValueError(f"eval: no held-out prompts left in {cfg.eval.prompts_file}")
+    return kept, overlap
+
+
+def attach_questions(cfg: SelmaConfig, prompts: list[dsg.EvalPrompt]) -> None:
+    """Fill each prompt's questions from the configured source (in place)."""
+    ec = cfg.eval
+    if ec.questions == "file":
+        source = ec.questions_file or ec.prompts_file
+        by_id = dsg.read_questions(source)
+        missing = [p.id for p in prompts if not (p.questions or by_id.get(p.id))]
+        if missing:
+            raise ValueError(
+                f"eval: {len(missing)} prompt(s) have no questions in {source}, e.g. {missing[:5]}"
+                "; match ids (item_id) with the prompts file, or set eval.questions=llm"
+            )
+        for p in prompts:
+            p.questions = p.questions or by_id[p.id]
+    elif ec.questions == "llm":
+        start = time.perf_counter()
+        by_id = dsg.generate_questions(cfg, prompts)
+        for p in prompts:
+            p.questions = by_id[p.id]
+        n = sum(len(p.questions) for p in prompts)
+        log.info(
+            "eval: %s wrote %d questions for %d prompts in %.1fs",
+            ec.question_llm or cfg.models.llm,
+            n,
+            len(prompts),
+            time.perf_counter() - start,
+        )
+
+
+def render_rows(cfg: SelmaConfig, prompts: list[dsg.EvalPrompt], variants: list[str]):
+    """variant x prompt x seed; a prompt's seeds do not depend on the variant."""
+    rows = []
+    for v in variants:
+        for p in prompts:
+            questions = json.dumps([q.to_dict() for q in p.questions])
+            for k in range(cfg.eval.seeds_per_prompt):
+                rows.append(
+                    {
+                        "variant": v,
+                        "prompt_id": p.id,
+                        "prompt": p.prompt,
+                        "category": p.category,
+                        "seed_index": k,
+                        "seed": stable_seed(cfg.run.seed, "eval", p.id, k),
+                        "questions": questions,
+                    }
+                )
+    return rows
+
+
+class EvalRenderer:
+    """Ray Data UDF: renders each row's prompt with its variant's adapter and its seed."""
+
+    def __init__(self, run_dir: str, num_gpus: float, steps: int, guidance_scale: float):
+        import torch
+
+        from selma_ray.logs import setup_logging
+        from selma_ray.serving import DiffusionService
+
+        setup_logging()
+        self.svc = DiffusionService(run_dir)
+        if num_gpus > 0 and torch.cuda.is_available() and self.svc.device != "cuda":
+            self.svc.pipe.to("cuda")
+            self.svc.device = "cuda"
+        self.steps, self.guidance = steps, guidance_scale
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        from selma_ray.serving import parse_adapter_spec
+
+        missing = [c for c in ("variant", "prompt", "seed") if c not in batch]
+        if missing:
+            raise ValueError(f"EvalRenderer needs columns {missing}; got {sorted(batch)}")
+        variants = [str(v) for v in batch["variant"]]
+        images: list[bytes] = [b""] * len(variants)
+        size = self.svc.native_size
+        for v in dict.fromkeys(variants):
+            idx = [i for i, x in enumerate(variants) if x == v]
+            spec = parse_adapter_spec(v, set(self.svc.adapters))
+            pngs = self.svc.generate_many(
+                spec,
+                [str(batch["prompt"][i]) for i in idx],
+                [int(batch["seed"][i]) for i in idx],
+                self.steps,
+                self.guidance,
+                size,
+                size,
+            )
+            for i, png in zip(idx, pngs, strict=True):
+                images[i] = png
+        batch["image"] = np.array(images, dtype=object)
+        return batch
+
+
+def _pool(cfg: SelmaConfig) -> dict[str, Any]:
+    import ray
+
+    res = cfg.resources.eval
+    return {
+        "compute": ray.data.ActorPoolStrategy(min_size=res.min_size, max_size=res.max_size),
+        "num_gpus": res.num_gpus,
+        "num_cpus": res.num_cpus,
+        "batch_size": cfg.eval.batch_size,
+    }
+
+
+def render(cfg: SelmaConfig, run: RunDir, rows: list[dict[str, Any]], key: str) -> Path:
+    """Render ``rows`` into ``eval/images`` unless images with the same ``key`` are there."""
+    import ray
+
+    final = run.path(STAGE, "images", "data")
+    if run.is_done(key, STAGE, "images") and final.is_dir():
+        log.info("eval: reusing %d rendered images from an earlier attempt", len(rows))
+        return final
+    run.path(STAGE, "images", MANIFEST).unlink(missing_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".images.", dir=final.parent))
+    try:
+        ds = ray.data.from_items(rows).map_batches(
+            EvalRenderer,
+            fn_constructor_kwargs={
+                "run_dir": str(run.root),
+                "num_gpus": cfg.resources.eval.num_gpus,
+                "steps": steps(cfg),
+                "guidance_scale": guidance(cfg),
+            },
+            **_pool(cfg),
+        )
+        ds.write_parquet(str(tmp))
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    run.write_manifest(key, STAGE, "images", count=len(rows))
+    return final
+
+
+def score(cfg: SelmaConfig, images: Path, name: str) -> list[dict[str, Any]]:
+    """One Ray Data pass of scorer ``name`` over the rendered images."""
+    import ray
+
+    from selma_ray.scorers import ScoreBatch
+
+    keep = ["variant", "prompt_id", "seed_index", f"score_{name}"]
+    keep += ["dsg_detail"] if name == "dsg" else []
+    ds = ray.data.read_parquet(str(images)).map_batches(
+        ScoreBatch,
+        fn_constructor_kwargs={
+            "name": name,
+            "ids": model_ids(name, cfg.eval),
+            "num_gpus": cfg.resources.eval.num_gpus,
+        },
+        **_pool(cfg),
+    )
+    return ds.select_columns(keep).take_all()
+
+
+def grid_rows(
+    images: Path, prompts: list[dsg.EvalPrompt], count: int
+) -> list[tuple[str, dict[str, bytes]]]:
+    """Up to ``count`` prompts (categories taken in turn), seed 0, image per variant."""
+    import pyarrow.dataset as pads
+
+    by_cat: dict[str, list[dsg.EvalPrompt]] = {}
+    for p in prompts:
+        by_cat.setdefault(p.category, []).append(p)
+    chosen: list[dsg.EvalPrompt] = []
+    while len(chosen) < min(count, len(prompts)):
+        for group in by_cat.values():
+            if group and len(chosen) < count:
+                chosen.append(group.pop(0))
+    ids = [p.id for p in chosen]
+    table = pads.dataset(str(images), format="parquet").to_table(
+        columns=["variant", "prompt_id", "seed_index", "image"]
+    )
+    found: dict[str, dict[str, bytes]] = {i: {} for i in ids}
+    for r in table.to_pylist():
+        if r["seed_index"] == 0 and r["prompt_id"] in found:
+            found[r["prompt_id"]][r["variant"]] = r["image"]
+    text = {p.id: p.prompt for p in chosen}
+    return [(text[i], found[i]) for i in ids]
+
+
+def select_variants(cfg: SelmaConfig, run: RunDir) -> list[str]:
+    from selma_ray.serving import find_adapters
+
+    found = list(find_adapters(run.root))
+    wanted = cfg.eval.variants
+    if wanted is None:
+        return found
+    unknown = sorted(set(wanted) - set(found))
+    if unknown:
+        raise ValueError(f"eval.variants {unknown} are not adapters of this run; found {found}")
+    return [v for v in found if v in wanted]
+
+
+def headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """variant -> metric -> {mean, delta} for the job summary."""
+    out: dict[str, dict[str, Any]] = {}
+    for metric, entries in metrics.items():
+        for v, e in entries.items():
+            delta = e.get("vs_base", {}).get("mean")
+            out.setdefault(v, {})[metric] = {"mean": e["mean"], "delta": delta}
+    return out
+
+
+def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
+    """Evaluate every variant of this run; returns the stage summary."""
+    from selma_ray import eval_report, eval_stats
+    from selma_ray.models import is_builtin
+
+    ec = cfg.eval
+    if not ec.enabled:
+        return {"skipped": True, "reason": "eval.enabled=false"}
+    fp = fingerprint(cfg)
+    if run.is_done(fp, STAGE):
+        log.info("eval: finished earlier with the same config, skipping")
+        return {**(run.read_manifest(STAGE) or {}), "skipped": True}
+    prompts, dropped = load_eval_prompts(cfg, run)
+    scorers: dict[str, dict[str, Any]] = {}
+    for name in ec.scorers:
+        reason = unavailable(name)
+        if name == "dsg" and ec.questions == "none":
+            reason = "eval.questions=none"
+        status = "skipped" if reason else "ok"
+        scorers[name] = {"label": LABELS[name], "status": status, "reason": reason}
+        scorers[name]["model_ids"] = model_ids(name, ec)
+        if reason:
+            log.warning("eval: scorer %s skipped: %s", LABELS[name], reason)
+    if scorers.get("dsg", {}).get("status") == "ok":
+        attach_questions(cfg, prompts)
+    variants = select_variants(cfg, run)
+    rows = render_rows(cfg, prompts, variants)
+    log.info(
+        "eval: rendering %d images: %d variants %s x %d prompts x %d seed(s), %d steps",
+        len(rows),
+        len(variants),
+        variants,
+        len(prompts),
+        ec.seeds_per_prompt,
+        steps(cfg),
+    )
+    start = time.perf_counter()
+    images = render(cfg, run, rows, cfg.fingerprint(extra=[fp, variants]))
+    log.info("eval: images ready in %.1fs", time.perf_counter() - start)
+    results = {(r["variant"], r["prompt_id"], r["seed_index"]): dict(r) for r in rows}
+    for r in results.values():
+        r.pop("questions")
+    active = [n for n, s in scorers.items() if s["status"] == "ok"]
+    for name in active:
+        start = time.perf_counter()
+        for r in score(cfg, images, name):
+            results[(r["variant"], r["prompt_id"], r["seed_index"])].update(r)
+        log.info(
+            "eval: %s scored %d images in %.1fs",
+            LABELS[name],
+            len(rows),
+            time.perf_counter() - start,
+        )
+    table = list(results.values())
+    categories = {p.id: p.category for p in prompts}
+    metrics = eval_stats.aggregate(
+        table, active, categories, n_boot=ec.bootstrap, seed=cfg.run.seed
+    )
+    for name in active:
+        for v, e in metrics[name].items():
+            vs = e.get("vs_base")
+            log.info(
+                "eval: [%s] %-20s %.4g [%.4g, %.4g]%s",
+                LABELS[name],
+                v,
+                e["mean"],
+                *e["ci"],
+                f"  vs base {vs['mean']:+.4g} [{vs['ci'][0]:+.4g}, {vs['ci'][1]:+.4g}]"
+                if vs
+                else "",
+            )
+    tiny = any(is_builtin(m) for s in scorers.values() for m in s["model_ids"].values())
+    doc = {
+        "run_dir": str(run.root),
+        "note": TINY_NOTE if tiny or is_builtin(cfg.models.base) else "",
+        "models": {
+            "base": cfg.models.base,
+            "questions": {
+                "llm": f"written by {ec.question_llm or cfg.models.llm}",
+                "file": f"read from {ec.questions_file or ec.prompts_file}",
+                "none": "none",
+            }[ec.questions],
+        },
+        "scorers": scorers,
+        "prompts": {
+            "source": ec.prompts_file,
+            "count": len(prompts),
+            "categories": sorted({p.category for p in prompts if p.category}),
+            "dropped_overlap": dropped,
+        },
+        "variants": variants,
+        "seeds_per_prompt": ec.seeds_per_prompt,
+        "steps": steps(cfg),
+        "guidance_scale": guidance(cfg),
+        "metrics": metrics,
+    }
+    out = run.path(STAGE)
+    atomic_write_text(
+        out / "scores.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in table)
+    )
+    atomic_write_text(
+        out / "questions.jsonl",
+        "".join(
+            json.dumps(
+                {"id": p.id, "prompt": p.prompt, "questions": [q.to_dict() for q in p.questions]}
+            )
+            + "\n"
+            for p in prompts
+        ),
+    )
+    atomic_write_json(out / "metrics.json", doc)
+    grids = grid_rows(images, prompts, ec.grid_prompts)
+    atomic_write_text(out / "report.html", eval_report.render_html(doc, grids))
+    log.info("eval: report at %s", out / "report.html")
+    return run.write_manifest(
+        fp,
+        STAGE,
+        report=str(out / "report.html"),
+        metrics=str(out / "metrics.json"),
+        headline=headline(metrics),
+        skipped_scorers={n: s["reason"] for n, s in scorers.items() if s["status"] != "ok"},
+        prompts=len(prompts),
+        variants=variants,
+    )
