@@ -241,7 +241,7 @@ class ExpertsSection(_Section):
     text_encoder_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
     )
-    crop: Literal["center", "random"] = Field("center", description="After the shorter-side resize.")
+    crop: Literal["center", "random"] = Field("center", description="After the shorter-side fit.")
     random_flip: bool = False
     cache_latents: bool = Field(
         False, description="Encode images (VAE) and prompts (text encoder) once, in the run dir."
@@ -269,10 +269,10 @@ class ExpertsSection(_Section):
 
     @model_validator(mode="after")
     def _cache_compatible(self) -> ExpertsSection:
-        if self.cache_latents and (self.random_flip or self.crop == "random"):
+        if self.cache_latents and self.crop == "random":
             raise ValueError(
                 "experts.cache_latents encodes each image once, so it cannot be combined with "
-                "random_flip or crop=random; turn one of them off"
+                "crop=random; use crop=center or cache_latents=false"
             )
         if self.cache_latents and self.train_text_encoder:
             raise ValueError(

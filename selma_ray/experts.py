@@ -2,12 +2,16 @@
 
 Each skill is one Ray Tune trial; the trial is a function that runs its own ``TorchTrainer``
 (the documented Train V2 pattern for parallel trainers). Resources per expert and how many
-run at once come from config. A finished expert is exported to ``experts/<skill>/`` in the
-diffusers LoRA format with its own manifest, so a re-run trains only unfinished skills.
+run at once come from config. Each skill's images are split into train and validation rows;
+every checkpoint reports the validation denoising loss, and the exported checkpoint is the
+best by that loss or the last one. A finished expert is exported to ``experts/<skill>/``
+(diffusers LoRA with metadata, a kohya-format copy, TensorBoard logs) with its own manifest,
+so a re-run trains only unfinished skills, each resuming from its latest checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -20,12 +24,15 @@ from selma_ray.rundir import RunDir, replace_dir, safe_child
 
 log = logging.getLogger(__name__)
 STAGE = "experts"
+KOHYA_SUFFIX = "_kohya.safetensors"
+# Operational settings that do not change what an expert learns.
+_NOT_FINGERPRINTED = {"fail_at_step", "max_failures"}
 
 
 def fingerprint(cfg: SelmaConfig, skill: str) -> str:
     return cfg.fingerprint(
-        "experts",
         extra={
+            "experts": cfg.experts.model_dump(mode="json", exclude=_NOT_FINGERPRINTED),
             "base": cfg.models.base,
             "images": images_stage.fingerprint(cfg),
             "skill": skill,
@@ -34,38 +41,83 @@ def fingerprint(cfg: SelmaConfig, skill: str) -> str:
     )
 
 
-def skill_dataset(images_dir: str, skill: str):
-    """This skill's image-text pairs as a Ray Dataset."""
+def skill_table(images_dir: str, skill: str):
+    """This skill's image-text pairs as an Arrow table."""
     import pyarrow.dataset as pads
-    import ray
 
     table = pads.dataset(images_dir, format="parquet").to_table(
         columns=["prompt", "image", "skill"], filter=pads.field("skill") == skill
     )
     if table.num_rows == 0:
         raise RuntimeError(f"experts: no images for skill {skill!r} in {images_dir}")
-    return ray.data.from_arrow(table)
+    return table
+
+
+def select_checkpoint(
+    candidates: list[tuple[Any, dict]], latest: tuple[Any, dict], select: str
+) -> tuple[Any, dict]:
+    """The exported (checkpoint, metrics) among the kept ``candidates``: the lowest
+    ``val_loss`` (the later step on ties) for ``best``, else ``latest``."""
+    if select == "last":
+        return latest
+    scored = [(c, m) for c, m in candidates if m.get("val_loss") is not None]
+    if not scored:
+        raise RuntimeError("experts.select=best but no checkpoint reported a validation loss")
+    return min(scored, key=lambda cm: (cm[1]["val_loss"], -cm[1].get("step", 0)))
+
+
+def work_dir(run: RunDir, skill: str, fp: str) -> Path:
+    """Per (skill, fingerprint) scratch: TensorBoard logs, samples, latent cache."""
+    return run.path("ray_results", "expert-work", f"{skill}-{fp}")
 
 
 def _train_one(trial_config: dict[str, Any], job: dict[str, Any]) -> None:
     """Tune trial: train one skill's expert with a TorchTrainer, then export it."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from selma_ray import train_data
     from selma_ray.logs import setup_logging
     from selma_ray.training import train_expert
 
     setup_logging()
-    skill = trial_config["skill"]
-    log.info("experts: [%s] training starts", skill)
+    skill, loop = trial_config["skill"], job["loop"]
+    fp, run = job["fingerprints"][skill], RunDir(job["run_dir"])
+    work = work_dir(run, skill, fp)
+    table = skill_table(job["images_dir"], skill)
+    train, val = train_data.split_rows(
+        table, loop["seed"], skill, loop["validation_fraction"], loop["validation_count"]
+    )
+    log.info(
+        "experts: [%s] training starts (%d train, %d validation images)",
+        skill,
+        train.num_rows,
+        val.num_rows,
+    )
     res = job["resources"]
+    datasets = train_data.training_datasets(
+        train,
+        val,
+        loop,
+        work / "latents" if loop["cache_latents"] else None,
+        min(1.0, res["cpus_per_worker"]),
+    )
     resources = {"CPU": res["cpus_per_worker"]}
     if res["use_gpu"]:
         resources["GPU"] = 1
+    best = loop["select"] == "best"
     trainer = TorchTrainer(
         train_expert,
-        train_loop_config={**job["loop"], "skill": skill},
+        train_loop_config={
+            **loop,
+            "skill": skill,
+            "fail_at_step": loop["fail_at_step"].get(skill),
+            "fail_marker": str(work / "fault-drill-done"),
+            "log_dir": str(work / "logs"),
+            "samples_dir": str(work / "samples"),
+            "sample_prompts": val.column("prompt").to_pylist()[: loop["sample_images"]],
+        },
         scaling_config=ScalingConfig(
             num_workers=res["workers_per_expert"],
             use_gpu=res["use_gpu"],
@@ -74,35 +126,105 @@ def _train_one(trial_config: dict[str, Any], job: dict[str, Any]) -> None:
         run_config=RunConfig(
             # One storage folder per (skill, fingerprint): a re-run of the same expert resumes
             # from its latest checkpoint; a changed config or data set starts afresh.
-            name=f"expert-{skill}-{job['fingerprints'][skill]}",
+            name=f"expert-{skill}-{fp}",
             storage_path=job["storage_path"],
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=job["max_failures"]),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=loop["keep_checkpoints"],
+                checkpoint_score_attribute="val_loss" if best else None,
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=loop["max_failures"]),
             callbacks=[TuneReportCallback()],
         ),
-        datasets={"train": skill_dataset(job["images_dir"], skill)},
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"expert {skill}: training finished without a checkpoint")
-    export_expert(Path(job["run_dir"]), skill, result, job["fingerprints"][skill])
+    final = dict(result.metrics or {})
+    chosen, chosen_metrics = select_checkpoint(
+        list(result.best_checkpoints or []), (result.checkpoint, final), loop["select"]
+    )
+    info = {
+        "skill": skill,
+        "base_model": loop["base"],
+        "rank": loop["rank"],
+        "alpha": loop["alpha"],
+        "steps": final.get("step"),
+        "data_hash": train_data.data_hash(table),
+        "select": loop["select"],
+        "selected_step": chosen_metrics.get("step"),
+        "selected_val_loss": chosen_metrics.get("val_loss"),
+    }
+    vals = [m["val_loss"] for _, m in result.best_checkpoints or [] if "val_loss" in m]
+    metrics = {
+        "step": final.get("step"),
+        "final_loss": final.get("loss"),
+        "loss": final.get("loss"),
+        "best_val_loss": min(vals) if vals else None,
+        "selected_step": chosen_metrics.get("step"),
+        "resumed_from": final.get("resumed_from", 0),
+        "steps_per_second": final.get("steps_per_second"),
+    }
+    export_expert(run.root, skill, chosen, fp, info, metrics, work)
 
 
-def export_expert(run_root: Path, skill: str, result, fingerprint: str) -> None:
-    """Copy the final adapter of a training run to ``experts/<skill>/`` with a manifest."""
+def _metadata(info: dict[str, Any]) -> dict[str, str]:
+    return {f"selma.{k}": json.dumps(v) for k, v in info.items()}
+
+
+def write_kohya(weights: dict[str, Any], out: Path, alpha: float, meta: dict[str, str]) -> None:
+    """The adapter in kohya-ss naming (``lora_unet_..._lora_down.weight``/``lora_up``/``alpha``)
+    for AUTOMATIC1111, ComfyUI and other kohya-compatible tools."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    kohya = convert_state_dict_to_kohya(dict(weights))
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        kohya[key] = torch.tensor(float(alpha))
+    rank = next(v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight"))
+    meta = {**meta, "ss_network_module": "networks.lora", "ss_network_dim": str(rank)}
+    meta["ss_network_alpha"] = str(alpha)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(out), metadata=meta)
+
+
+def export_expert(
+    run_root: Path,
+    skill: str,
+    checkpoint,
+    fp: str,
+    info: dict[str, Any],
+    metrics: dict[str, Any],
+    work: Path | None = None,
+) -> None:
+    """Write ``experts/<skill>/``: the selected checkpoint's adapter (diffusers format, with
+    metadata), its kohya-format copy, TensorBoard logs and samples; then the manifest."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     run = RunDir(run_root)
     out = safe_child(run.path(STAGE), skill)
-    with result.checkpoint.as_directory() as ckpt:
-        tmp = out.with_name(f".{skill}.export")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        shutil.copy2(Path(ckpt) / WEIGHT_NAME, tmp / WEIGHT_NAME)
-        replace_dir(tmp, out)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float | str)}
+    tmp = out.with_name(f".{skill}.export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with checkpoint.as_directory() as ckpt:
+        with safe_open(str(Path(ckpt) / WEIGHT_NAME), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(_metadata(info))
+    save_file(weights, str(tmp / WEIGHT_NAME), metadata=meta)
+    write_kohya(weights, tmp / f"{skill}{KOHYA_SUFFIX}", info["alpha"], _metadata(info))
+    for sub in ("logs", "samples"):
+        if work is not None and (work / sub).is_dir():
+            shutil.copytree(work / sub, tmp / sub)
+    replace_dir(tmp, out)
+    clean = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
     run.write_manifest(
-        fingerprint, STAGE, skill, skill=skill, metrics=metrics, adapter=str(out / WEIGHT_NAME)
+        fp, STAGE, skill, skill=skill, metrics=clean, export=info, adapter=str(out / WEIGHT_NAME)
     )
-    log.info("experts: [%s] exported to %s (%s)", skill, out, metrics)
+    log.info("experts: [%s] exported to %s (%s)", skill, out, clean)
 
 
 def run_experts(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
@@ -122,7 +244,6 @@ def run_experts(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
             "images_dir": str(run.path(images_stage.STAGE, "data")),
             "storage_path": str(run.path("ray_results")),
             "fingerprints": fps,
-            "max_failures": 2,
             "resources": res.model_dump(),
             "loop": {**ec.model_dump(), "base": cfg.models.base, "seed": cfg.run.seed},
         }

@@ -1,44 +1,31 @@
-"""The LoRA training loop that runs inside each Ray Train worker (one expert, one skill).
+"""The LoRA training loop of one expert: ``ExpertTrainer`` (model, optimizer, one step,
+validation loss, checkpoints) and ``train_expert``, the Ray Train loop around it.
 
-Plain diffusion fine-tuning as in the paper: a peft LoRA on the UNet attention projections,
-AdamW, the noise-prediction MSE loss following the scheduler's prediction type (epsilon or
-v), gradient clipping, optional fp16/bf16 mixed precision on GPU with the LoRA weights kept
-in fp32. Data comes from ``ray.train.get_dataset_shard("train")``; checkpoints (adapter
-weights plus optimizer state and step) go through ``ray.train.report``.
+Plain diffusion fine-tuning as in the paper: a peft LoRA on the UNet attention projections
+(optionally one on the text encoder too), AdamW with an lr schedule, gradient accumulation,
+gradient clipping that really clips, the noise-prediction MSE loss following the scheduler's
+prediction type (epsilon or v), with the usual options of LoRA trainers: min-SNR gamma
+weighting, offset noise and gradient checkpointing. On GPU, fp16/bf16 autocast with the LoRA
+weights kept in fp32. Inputs come from ``ray.train.get_dataset_shard("train")`` as token ids
+and pixels, or as cached latents and text embeddings (``selma_ray.train_data``).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from selma_ray.lora_io import save_adapter
+from selma_ray.lora_io import WEIGHT_NAME
+from selma_ray.train_data import decode_images  # noqa: F401  (used by selma_ray.merge)
 
 log = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
-
-
-def decode_images(pngs, size: int):
-    """PNG bytes -> float tensor (N, 3, size, size) in [-1, 1], resized and centre-cropped."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    out = []
-    for data in pngs:
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        scale = size / min(img.size)
-        img = img.resize(
-            (max(size, round(img.width * scale)), max(size, round(img.height * scale))),
-            Image.BICUBIC,
-        )
-        left, top = (img.width - size) // 2, (img.height - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        out.append(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+# Validation noise levels, as fractions of the scheduler's training timesteps.
+VAL_TIMESTEPS = (0.1, 0.3, 0.5, 0.7)
 
 
 def _weight_dtype(mixed_precision: str, device):
@@ -47,115 +34,6 @@ def _weight_dtype(mixed_precision: str, device):
     if device.type != "cuda" or mixed_precision == "no":
         return torch.float32
     return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
-
-
-def train_expert(config: dict[str, Any]) -> None:
-    """Ray Train ``train_loop_per_worker`` for one expert; ``config`` is a plain dict."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    from diffusers import DDPMScheduler, DiffusionPipeline
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
-
-    from selma_ray.logs import setup_logging
-    from selma_ray.lora_io import load_adapter
-    from selma_ray.models import resolve
-
-    setup_logging()
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(config["seed"] + ctx.get_world_rank())
-    pipe = DiffusionPipeline.from_pretrained(resolve(config["base"]))
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise NotImplementedError(
-            f"{config['base']}: SDXL expert training (two text encoders, time ids) is not "
-            "supported yet; use an SD 1.x/2.x base"
-        )
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    size = config["resolution"] or unet.config.sample_size * pipe.vae_scale_factor
-    dtype = _weight_dtype(config["mixed_precision"], device)
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-        module.to(device, dtype=dtype)
-
-    lora_config = LoraConfig(
-        r=config["rank"],
-        lora_alpha=config["alpha"],
-        init_lora_weights="gaussian",
-        target_modules=config["target_modules"],
-    )
-    unet.add_adapter(lora_config)
-    cast_training_params(unet, dtype=torch.float32)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config["learning_rate"])
-    lr_scheduler = _lr_scheduler(optimizer, config["lr_scheduler"], config["max_steps"])
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
-
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt:
-            state, _ = load_adapter(Path(ckpt))
-            set_peft_model_state_dict(unet, state)
-            saved = torch.load(Path(ckpt) / STATE_FILE, weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        step = int(saved["step"])
-        log.info("resumed expert %s at step %d", config["skill"], step)
-
-    model = unet
-    if ctx.get_world_size() > 1:
-        model = ray.train.torch.prepare_model(unet, move_to_device=False)
-
-    shard = ray.train.get_dataset_shard("train")
-    losses: list[float] = []
-    while step < config["max_steps"]:
-        for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy"):
-            pixels = decode_images(batch["image"], size).to(device, dtype=dtype)
-            ids = tokenizer(
-                [str(p) for p in batch["prompt"]],
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
-            with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-                hidden = text_encoder(ids)[0]
-            noise = torch.randn_like(latents)
-            t = torch.randint(
-                0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
-            )
-            noisy = scheduler.add_noise(latents, noise, t)
-            if scheduler.config.prediction_type == "v_prediction":
-                target = scheduler.get_velocity(latents, noise, t)
-            else:
-                target = noise
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                pred = model(noisy, t, encoder_hidden_states=hidden).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"])
-            scaler.step(optimizer)
-            scaler.update()
-            lr_scheduler.step()
-            step += 1
-            losses.append(loss.item())
-            if step % config["checkpoint_every"] == 0 or step >= config["max_steps"]:
-                metrics = {
-                    "step": step,
-                    "loss": sum(losses) / len(losses),
-                    "skill": config["skill"],
-                }
-                _report(unet, lora_config, optimizer, lr_scheduler, step, metrics, ctx)
-                losses.clear()
-            if step >= config["max_steps"]:
-                break
 
 
 def _lr_scheduler(optimizer, kind: str, max_steps: int):
@@ -168,23 +46,376 @@ def _lr_scheduler(optimizer, kind: str, max_steps: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
 
 
-def _report(unet, lora_config, optimizer, lr_scheduler, step, metrics, ctx) -> None:
+class ExpertTrainer:
+    """One expert's LoRA model, optimizer and step count; runs in a Ray Train worker, or
+    alone in a plain process (tests, the P3 baseline)."""
+
+    def __init__(self, config: dict[str, Any], device=None):
+        import torch
+        from diffusers import DDPMScheduler, DiffusionPipeline
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        from selma_ray.models import resolve
+
+        self.config = config
+        self.device = device or torch.device("cpu")
+        self.pipe = DiffusionPipeline.from_pretrained(resolve(config["base"]))
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            raise NotImplementedError(
+                f"{config['base']}: SDXL expert training (two text encoders, pooled embeddings, "
+                "time ids) is not supported yet; use an SD 1.x/2.x base"
+            )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.unet, self.vae = self.pipe.unet, self.pipe.vae
+        self.text_encoder = self.pipe.text_encoder
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.dtype = _weight_dtype(config["mixed_precision"], self.device)
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            if self.dtype == torch.float32:
+                module.to(self.device)
+            else:
+                module.to(self.device, dtype=self.dtype)
+        init = True if config["lora_init"] == "default" else "gaussian"
+        self.lora_config = LoraConfig(
+            r=config["rank"],
+            lora_alpha=config["alpha"],
+            init_lora_weights=init,
+            target_modules=config["target_modules"],
+        )
+        self.unet.add_adapter(self.lora_config)
+        trained = [self.unet]
+        self.te_lora_config = None
+        if config["train_text_encoder"]:
+            self.te_lora_config = LoraConfig(
+                r=config["rank"],
+                lora_alpha=config["alpha"],
+                init_lora_weights=init,
+                target_modules=config["text_encoder_target_modules"],
+            )
+            self.text_encoder.add_adapter(self.te_lora_config)
+            trained.append(self.text_encoder)
+        if config["gradient_checkpointing"]:
+            self.unet.enable_gradient_checkpointing()
+            if config["train_text_encoder"]:
+                self.text_encoder.gradient_checkpointing_enable()
+            for module in trained:
+                module.train()
+        cast_training_params(trained, dtype=torch.float32)
+        self.params = [p for m in trained for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config["learning_rate"])
+        self.lr_scheduler = _lr_scheduler(
+            self.optimizer, config["lr_scheduler"], config["max_steps"]
+        )
+        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        self.model = self.unet  # replaced by the DDP wrapper when there are several workers
+        self.step = 0
+        self.val: dict[str, Any] | None = None
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def _tensor(self, value, dtype=None):
+        import torch
+
+        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+        return t.to(self.device, dtype=dtype) if dtype is not None else t.to(self.device)
+
+    def hidden_states(self, batch: dict[str, Any]):
+        if "hidden" in batch:
+            return self._tensor(batch["hidden"], self.dtype)
+        return self.text_encoder(self._tensor(batch["input_ids"]))[0]
+
+    def latents(self, batch: dict[str, Any], sample: bool = True):
+        """Scaled VAE latents of a batch: sampled for training, the mean for validation."""
+        import torch
+
+        if "latent_mean" in batch:
+            mean = self._tensor(batch["latent_mean"], self.dtype)
+            std = self._tensor(batch["latent_std"], self.dtype)
+            if sample and "latent_mean_flip" in batch:  # cached flips: pick one per image
+                pick = (torch.rand(mean.shape[0], device=self.device) < 0.5).view(-1, 1, 1, 1)
+                mean = torch.where(pick, self._tensor(batch["latent_mean_flip"], mean.dtype), mean)
+                std = torch.where(pick, self._tensor(batch["latent_std_flip"], std.dtype), std)
+            latents = mean + std * torch.randn_like(mean) if sample else mean
+        else:
+            with torch.no_grad():
+                dist = self.vae.encode(self._tensor(batch["pixel_values"], self.dtype)).latent_dist
+            latents = dist.sample() if sample else dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    # ---- loss --------------------------------------------------------------------------------
+    def _target(self, latents, noise, t):
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, t)
+        return noise
+
+    def loss(self, batch: dict[str, Any]):
+        """Training loss of one micro-batch (random timesteps and noise)."""
+        import torch
+        from diffusers.training_utils import compute_snr
+
+        latents = self.latents(batch)
+        with torch.set_grad_enabled(self.te_lora_config is not None):
+            hidden = self.hidden_states(batch)
+        noise = torch.randn_like(latents)
+        if self.config["noise_offset"]:
+            noise = noise + self.config["noise_offset"] * torch.randn(
+                latents.shape[0], latents.shape[1], 1, 1, device=self.device, dtype=latents.dtype
+            )
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (latents.shape[0],), device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = self._target(latents, noise, t)
+        use_amp = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_amp):
+            pred = self.model(noisy, t, encoder_hidden_states=hidden).sample
+        gamma = self.config["snr_gamma"]
+        if not gamma:
+            return torch.nn.functional.mse_loss(pred.float(), target.float())
+        snr = compute_snr(self.noise_scheduler, t)
+        weight = torch.clamp(snr, max=gamma) / snr
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=gamma) / (snr + 1)
+        per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+        return (per_sample.mean(dim=(1, 2, 3)) * weight).mean()
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (gradient accumulation); returns the mean
+        loss and the gradient norm before clipping."""
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for batch in micro_batches:
+            loss = self.loss(batch) / len(micro_batches)
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config["max_grad_norm"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        self.step += 1
+        return {"loss": total, "grad_norm": float(grad_norm)}
+
+    # ---- validation --------------------------------------------------------------------------
+    def set_validation(self, batch: dict[str, Any]) -> None:
+        """Fix the validation inputs: VAE means, and seeded noise at fixed timesteps."""
+        import torch
+
+        gen = torch.Generator().manual_seed(self.config["seed"])
+        steps = self.noise_scheduler.config.num_train_timesteps
+        latents = self.latents(batch, sample=False).detach()
+        n = latents.shape[0]
+        self.val = {"batch": batch, "n": n}
+        ts = torch.tensor([int(f * steps) for f in VAL_TIMESTEPS]).repeat_interleave(n)
+        lat = latents.repeat(len(VAL_TIMESTEPS), 1, 1, 1)
+        noise = torch.randn(lat.shape, generator=gen).to(self.device, lat.dtype)
+        t = ts.to(self.device)
+        self.val.update(noisy=self.noise_scheduler.add_noise(lat, noise, t), t=t)
+        self.val["target"] = self._target(lat, noise, t)
+
+    def validation_loss(self) -> float | None:
+        """Denoising loss on the held-out images; comparable across checkpoints."""
+        import torch
+
+        if self.val is None:
+            return None
+        v, n = self.val, self.val["n"]
+        with torch.no_grad():
+            hidden = self.hidden_states(v["batch"])
+            total = 0.0
+            for i in range(0, len(v["t"]), n):  # one image batch per timestep
+                pred = self.unet(
+                    v["noisy"][i : i + n], v["t"][i : i + n], encoder_hidden_states=hidden
+                ).sample
+                total += torch.nn.functional.mse_loss(
+                    pred.float(), v["target"][i : i + n].float()
+                ).item()
+        return total / len(VAL_TIMESTEPS)
+
+    def render_samples(self, prompts: list[str], out: Path) -> None:
+        """Render ``prompts`` with the current adapter (fixed seed) into one PNG strip."""
+        import torch
+        from PIL import Image
+
+        gen = torch.Generator().manual_seed(self.config["seed"])
+        with torch.no_grad():
+            images = self.pipe(
+                prompts, num_inference_steps=10, generator=gen, output_type="pil"
+            ).images
+        strip = Image.new("RGB", (sum(i.width for i in images), images[0].height))
+        x = 0
+        for img in images:
+            strip.paste(img, (x, 0))
+            x += img.width
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp.png")
+        strip.save(tmp)
+        tmp.replace(out)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save(self, out: Path) -> None:
+        """Adapter(s) in the diffusers LoRA format plus optimizer/scheduler state and step."""
+        import torch
+        from diffusers import StableDiffusionPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        def meta(cfg):
+            return {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.to_dict().items()}
+
+        out.mkdir(parents=True, exist_ok=True)
+        te = None
+        if self.te_lora_config is not None:
+            te = get_peft_model_state_dict(self.text_encoder)
+        StableDiffusionPipeline.save_lora_weights(
+            out,
+            unet_lora_layers={
+                k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()
+            },
+            text_encoder_lora_layers=te and {k: v.detach().contiguous() for k, v in te.items()},
+            unet_lora_adapter_metadata=meta(self.lora_config),
+            text_encoder_lora_adapter_metadata=self.te_lora_config and meta(self.te_lora_config),
+            safe_serialization=True,
+        )
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+        }
+        torch.save(state, out / STATE_FILE)
+
+    def load(self, ckpt: Path) -> None:
+        import torch
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(Path(ckpt) / WEIGHT_NAME))
+        for prefix, module in (("unet.", self.unet), ("text_encoder.", self.text_encoder)):
+            part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if part:
+                set_peft_model_state_dict(module, part)
+        saved = torch.load(Path(ckpt) / STATE_FILE, weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.step = int(saved["step"])
+
+
+def endless_batches(shard, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Batches of a Ray Data shard, epoch after epoch."""
+    while True:
+        seen = 0
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            seen += 1
+            yield batch
+        if not seen:
+            raise RuntimeError("this worker's training shard is empty; use fewer workers")
+
+
+def _whole(shard) -> dict[str, Any]:
+    import numpy as np
+
+    parts = list(shard.iter_batches(batch_size=None, batch_format="numpy"))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _fault_drill(config: dict[str, Any], step: int) -> None:
+    """Test hook: raise once at ``fail_at_step`` (a marker file stops the retry failing)."""
+    marker = config.get("fail_marker")
+    if config.get("fail_at_step") != step or not marker or Path(marker).exists():
+        return
+    Path(marker).parent.mkdir(parents=True, exist_ok=True)
+    Path(marker).touch()
+    raise RuntimeError(f"fault drill: expert {config['skill']} fails at step {step}")
+
+
+def train_expert(config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker`` for one expert; ``config`` is a plain dict."""
     import ray.train
+    import ray.train.torch
     import torch
-    from peft.utils import get_peft_model_state_dict
+
+    from selma_ray.logs import setup_logging
+
+    setup_logging()
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    trainer = ExpertTrainer(config, ray.train.torch.get_device())
+    resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt:
+            trainer.load(Path(ckpt))
+        resumed_from = trainer.step
+        log.info("experts: [%s] resumed at step %d", config["skill"], trainer.step)
+    torch.manual_seed(config["seed"] * 1_000_003 + rank * 7919 + trainer.step)
+    if ctx.get_world_size() > 1:
+        trainer.model = ray.train.torch.prepare_model(trainer.unet, move_to_device=False)
+    val_shard = ray.train.get_dataset_shard("validation")
+    if val_shard is not None:
+        trainer.set_validation(_whole(val_shard))
+    writer = None
+    if rank == 0 and config.get("log_dir"):
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(config["log_dir"], purge_step=trainer.step or None)
+
+    batches = endless_batches(ray.train.get_dataset_shard("train"), config["batch_size"])
+    losses: list[float] = []
+    start, start_step = time.perf_counter(), trainer.step
+    while trainer.step < config["max_steps"]:
+        out = trainer.train_step([next(batches) for _ in range(config["gradient_accumulation"])])
+        losses.append(out["loss"])
+        if writer:
+            writer.add_scalar("train/loss", out["loss"], trainer.step)
+            writer.add_scalar("train/grad_norm", out["grad_norm"], trainer.step)
+            writer.add_scalar("train/lr", trainer.lr_scheduler.get_last_lr()[0], trainer.step)
+        if rank == 0:
+            _fault_drill(config, trainer.step)
+        if trainer.step % config["checkpoint_every"] and trainer.step < config["max_steps"]:
+            continue
+        metrics = {
+            "step": trainer.step,
+            "loss": sum(losses) / len(losses),
+            "grad_norm": out["grad_norm"],
+            "lr": trainer.lr_scheduler.get_last_lr()[0],
+            "resumed_from": resumed_from,
+            "steps_per_second": (trainer.step - start_step) / (time.perf_counter() - start),
+            "skill": config["skill"],
+        }
+        val_loss = trainer.validation_loss()
+        if val_loss is not None:
+            metrics["val_loss"] = val_loss
+        if writer:
+            if val_loss is not None:
+                writer.add_scalar("val/loss", val_loss, trainer.step)
+            writer.flush()
+        if rank == 0 and config.get("sample_prompts") and config.get("samples_dir"):
+            out_png = Path(config["samples_dir"]) / f"step-{trainer.step:06d}.png"
+            trainer.render_samples(config["sample_prompts"], out_png)
+        log.info(
+            "experts: [%s] step %d/%d loss %.4f%s",
+            config["skill"],
+            trainer.step,
+            config["max_steps"],
+            metrics["loss"],
+            f" val {val_loss:.4f}" if val_loss is not None else "",
+        )
+        _report(trainer, metrics, rank)
+        losses.clear()
+    if writer:
+        writer.close()
+
+
+def _report(trainer: ExpertTrainer, metrics: dict[str, Any], rank: int) -> None:
+    import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if ctx.get_world_rank() == 0:
+        if rank == 0:
             out = Path(tmp) / "ckpt"
-            save_adapter(out, get_peft_model_state_dict(unet), lora_config.to_dict())
-            torch.save(
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                    "step": step,
-                },
-                out / STATE_FILE,
-            )
+            trainer.save(out)
             checkpoint = ray.train.Checkpoint.from_directory(str(out))
         ray.train.report(metrics, checkpoint=checkpoint)

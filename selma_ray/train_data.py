@@ -1,0 +1,230 @@
+"""Feeding training: a skill's Parquet rows -> model inputs, as Ray Data preprocessing.
+
+Rows (``prompt``, ``image`` PNG bytes) are split into train and validation rows
+deterministically by seed, then ``map_batches`` decodes, resizes the shorter side to the
+trained model's resolution, crops (centre or random), optionally flips, and tokenizes. Images
+of any size and aspect work, so SD2's 768 px images can teach a 1024 px model
+(weak-to-strong). With ``experts.cache_latents`` the inputs are encoded once by the VAE and
+the text encoder (both orientations when flipping) and cached in the run directory, so the
+training loop skips both encoders, as kohya's and ai-toolkit's ``cache_latents`` do.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+COMPLETE = ".complete"
+
+
+def native_resolution(base: str) -> int:
+    """The pixel size a base model trains at, read from its configs (no weights loaded)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from selma_ray.models import resolve
+
+    path = resolve(base)
+    unet = UNet2DConditionModel.load_config(path, subfolder="unet")
+    vae = AutoencoderKL.load_config(path, subfolder="vae")
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def resize_crop(img, size: int, crop: str = "center", rng=None):
+    """Resize a PIL image so its shorter side is ``size``, then crop a ``size`` square."""
+    import numpy as np
+    from PIL import Image
+
+    img = img.convert("RGB")
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    if crop == "random":
+        rng = rng if rng is not None else np.random.default_rng()
+        left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+    else:
+        left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def pixel_array(pngs, size: int, crop: str = "center", flip: bool = False, rng=None):
+    """Encoded images -> float32 array (N, 3, size, size) in [-1, 1]; each image flipped
+    horizontally with probability 0.5 when ``flip``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = rng if rng is not None else np.random.default_rng()
+    out = []
+    for data in pngs:
+        with Image.open(io.BytesIO(data)) as src:
+            img = resize_crop(src, size, crop, rng)
+        arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        if flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        out.append(arr.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(out))
+
+
+def decode_images(pngs, size: int):
+    """Encoded images -> float tensor (N, 3, size, size) in [-1, 1], centre-cropped."""
+    import torch
+
+    return torch.from_numpy(pixel_array(pngs, size))
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    from selma_ray.models import resolve
+
+    return AutoTokenizer.from_pretrained(resolve(base), subfolder="tokenizer")
+
+
+def tokenize(base: str, prompts) -> Any:
+    tok = load_tokenizer(base)
+    return tok(
+        [str(p) for p in prompts],
+        padding="max_length",
+        max_length=tok.model_max_length,
+        truncation=True,
+        return_tensors="np",
+    ).input_ids.astype("int64")
+
+
+def preprocess_batch(
+    batch: dict[str, Any], base: str, size: int, crop: str, flip: bool
+) -> dict[str, Any]:
+    """Ray Data UDF: ``prompt``/``image`` columns -> ``prompt``/``pixel_values``/``input_ids``.
+    Random crops and flips are drawn afresh on every pass over the data."""
+    import numpy as np
+
+    missing = {"prompt", "image"} - set(batch)
+    if missing:
+        raise ValueError(f"training rows lack columns {sorted(missing)}; expected prompt, image")
+    return {
+        "prompt": np.asarray([str(p) for p in batch["prompt"]], dtype=object),
+        "pixel_values": pixel_array(batch["image"], size, crop, flip),
+        "input_ids": tokenize(base, batch["prompt"]),
+    }
+
+
+def split_rows(table, seed: int, skill: str, fraction: float, count: int | None):
+    """Deterministic (seed, skill) split of a skill's rows into (train, validation) tables."""
+    import numpy as np
+
+    n = table.num_rows
+    want = count if count is not None else (max(1, round(fraction * n)) if fraction > 0 else 0)
+    if want and want >= n:
+        raise ValueError(
+            f"skill {skill!r} has {n} image(s); a validation split of {want} leaves none to "
+            "train on. Lower experts.validation_count/validation_fraction or add images"
+        )
+    key = int.from_bytes(hashlib.sha256(f"{seed}:{skill}".encode()).digest()[:8], "little")
+    order = np.random.default_rng(key).permutation(n)
+    return table.take(np.sort(order[want:])), table.take(np.sort(order[:want]))
+
+
+def data_hash(table) -> str:
+    """A short hash of a table's prompts and image bytes (the data an expert learned from)."""
+    h = hashlib.sha256()
+    for prompt, image in zip(
+        table.column("prompt").to_pylist(), table.column("image").to_pylist(), strict=True
+    ):
+        h.update(str(prompt).encode() + b"\0" + bytes(image) + b"\0")
+    return h.hexdigest()[:16]
+
+
+class LatentEncoder:
+    """Ray Data actor UDF: pixels and token ids -> VAE latent mean/std (also of the flipped
+    image when ``flip``) and text embeddings."""
+
+    def __init__(self, base: str, flip: bool = False):
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel
+
+        from selma_ray.models import resolve
+
+        path = resolve(base)
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval()
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()
+        self.flip = flip
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        pixels = torch.from_numpy(batch["pixel_values"])
+        out = {"prompt": batch["prompt"]}
+        with torch.no_grad():
+            for suffix, px in [("", pixels)] + ([("_flip", pixels.flip(-1))] if self.flip else []):
+                dist = self.vae.encode(px).latent_dist
+                out[f"latent_mean{suffix}"] = dist.mean.numpy()
+                out[f"latent_std{suffix}"] = dist.std.numpy()
+            out["hidden"] = self.text_encoder(torch.from_numpy(batch["input_ids"]))[0].numpy()
+        return out
+
+
+def cached_latents(ds, cache_dir: Path, base: str, flip: bool, batch_size: int, num_cpus: float):
+    """Encode a preprocessed dataset once into ``cache_dir`` (Parquet, moved in when complete)
+    and return the cached dataset; a later call with the same folder only reads it."""
+    import ray
+
+    cache_dir = Path(cache_dir)
+    if not (cache_dir / COMPLETE).exists():
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
+        try:
+            ds.map_batches(
+                LatentEncoder,
+                fn_constructor_kwargs={"base": base, "flip": flip},
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=1),
+                num_cpus=num_cpus,
+            ).write_parquet(str(tmp / "data"))
+            (tmp / COMPLETE).touch()
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            os.replace(tmp, cache_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("experts: cached latents in %s", cache_dir)
+    return ray.data.read_parquet(str(cache_dir / "data"))
+
+
+def training_datasets(
+    train_table, val_table, loop: dict[str, Any], cache_dir: Path | None, num_cpus: float
+) -> dict[str, Any]:
+    """Ray Datasets ``train`` (and ``validation`` when rows are held out) of model inputs."""
+    import ray
+
+    base, bs = loop["base"], loop["batch_size"]
+    size = loop["resolution"] or native_resolution(base)
+    # With a cache, flips come from the cached flipped latents, not from the pixels.
+    flip_pixels = loop["random_flip"] and cache_dir is None
+    tables = {
+        "train": (train_table, {"crop": loop["crop"], "flip": flip_pixels}),
+        "validation": (val_table, {"crop": "center", "flip": False}),
+    }
+    datasets = {}
+    for name, (table, aug) in tables.items():
+        if table.num_rows == 0:
+            continue
+        ds = ray.data.from_arrow(table.select(["prompt", "image"])).map_batches(
+            preprocess_batch,
+            fn_kwargs={"base": base, "size": size, **aug},
+            batch_size=bs,
+            num_cpus=num_cpus,
+        )
+        if cache_dir is not None:
+            flip = loop["random_flip"] and name == "train"
+            ds = cached_latents(ds, cache_dir / name, base, flip, bs, num_cpus)
+        elif aug["crop"] == "center" and not aug["flip"]:
+            ds = ds.materialize()  # deterministic: preprocess once, not on every epoch
+        datasets[name] = ds
+    return datasets
