@@ -1,0 +1,150 @@
+"""The eval stage end to end on a synthetic tiny run, and the held-out prompt check."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from selma_ray import evaluate
+from selma_ray.config import load_config
+from selma_ray.dsg import read_prompts
+from selma_ray.rundir import RunDir
+
+SKILLS = ["counting", "everyday_scenes"]
+TRAINING = {  # the prompts stage's output format: prompts/<skill>.jsonl
+    "counting": ["Three blue mugs on a shelf.", "four green frogs on a log"],
+    "everyday_scenes": ["a man reading on a train"],
+}
+
+
+def _write_training_prompts(root: Path) -> None:
+    for skill, prompts in TRAINING.items():
+        rows = [{"id": f"{skill}-{i}", "skill": skill, "prompt": p} for i, p in enumerate(prompts)]
+        (root / "prompts").mkdir(parents=True, exist_ok=True)
+        (root / "prompts" / f"{skill}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+
+
+def _dsg_csv(path: Path, ids: list[str]) -> Path:
+    head = "item_id,proposition_id,dependency,category_broad,category_detailed,tuple,"
+    lines = [head + "question_natural_language"]
+    for i in ids:
+        lines.append(f"{i},1,0,entity,whole,entity - whole (x),Is there a thing?")
+        lines.append(f"{i},2,1,attribute,color,attribute - color (x),Is the thing red?")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cfg(root: Path, *overrides: str):
+    return load_config(
+        "tiny", [f"run.dir={root}", f"prompts.skills=[{', '.join(SKILLS)}]", *overrides]
+    )
+
+
+def test_eval_prompts_never_include_training_prompts(tmp_path):
+    root = tmp_path / "run"
+    _write_training_prompts(root)
+    cfg = _cfg(root)
+    prompts, dropped = evaluate.load_eval_prompts(cfg, RunDir(root))
+    training = {evaluate.normalize(p) for ps in TRAINING.values() for p in ps}
+    assert dropped == ["three blue mugs on a shelf"]  # the shipped file's ct1, same words
+    assert not training & {evaluate.normalize(p.prompt) for p in prompts}
+    assert len(prompts) == len(read_prompts(cfg.eval.prompts_file)) - 1
+    with pytest.raises(ValueError, match="also training prompts"):
+        evaluate.load_eval_prompts(_cfg(root, "eval.on_overlap=error"), RunDir(root))
+
+
+def test_shipped_eval_prompts_are_not_skill_seeds():
+    from selma_ray.skills import get_skills
+
+    seeds = {
+        evaluate.normalize(s)
+        for sk in get_skills(list(load_config("tiny").prompts.skills))
+        for s in sk.seeds
+    }
+    shipped = {evaluate.normalize(p.prompt) for p in read_prompts("builtin:tiny_eval.csv")}
+    assert not seeds & shipped
+
+
+def test_missing_questions_are_named(tmp_path):
+    root = tmp_path / "run"
+    cfg = _cfg(
+        root, "eval.questions=file", f"eval.questions_file={_dsg_csv(tmp_path / 'q.csv', ['dd1'])}"
+    )
+    prompts = read_prompts(cfg.eval.prompts_file)
+    with pytest.raises(ValueError, match="no questions"):
+        evaluate.attach_questions(cfg, prompts)
+
+
+@pytest.mark.slow
+def test_eval_stage_renders_scores_and_reports_every_variant(tmp_path):
+    import ray
+
+    from selma_ray.testing import make_run
+
+    root = make_run(tmp_path / "run", SKILLS)
+    _write_training_prompts(root)
+    ids = [p.id for p in read_prompts("builtin:tiny_eval.csv")]
+    questions = _dsg_csv(tmp_path / "questions.csv", ids)
+    cfg = _cfg(
+        root,
+        "eval.questions=file",
+        f"eval.questions_file={questions}",
+        "eval.max_prompts=4",
+        "eval.seeds_per_prompt=2",
+        "eval.steps=2",
+        "eval.bootstrap=200",
+        "eval.grid_prompts=3",
+    )
+    run = RunDir(root)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = evaluate.run_eval(cfg, run)
+        again = evaluate.run_eval(cfg, run)
+    finally:
+        ray.shutdown()
+    assert again["skipped"] is True
+
+    variants = ["base", "counting", "everyday_scenes", "merged"]
+    doc = json.loads((root / "eval" / "metrics.json").read_text())
+    assert doc["variants"] == variants and doc["prompts"]["count"] == 4
+    assert (
+        doc["prompts"]["dropped_overlap"] == ["Three blue mugs on a shelf"]
+        or doc["prompts"]["dropped_overlap"]
+    )
+    assert set(doc["metrics"]) == {"clip", "pick", "dsg"}
+    for metric, entries in doc["metrics"].items():
+        assert list(entries) == variants, metric
+        assert entries["merged"]["n"] == 4 and "vs_base" in entries["merged"]
+        lo, hi = entries["merged"]["ci"]
+        assert lo <= entries["merged"]["mean"] <= hi
+    assert 0.0 <= doc["metrics"]["dsg"]["base"]["mean"] <= 1.0
+    assert doc["scorers"]["clip"]["model_ids"] == {"model": "tiny-clip"}
+    assert "randomly initialised" in doc["note"]
+
+    rows = [json.loads(line) for line in (root / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 4 * 2
+    # the same prompt and seed index has the same seed in every variant
+    seeds = {(r["prompt_id"], r["seed_index"]): set() for r in rows}
+    for r in rows:
+        seeds[(r["prompt_id"], r["seed_index"])].add(r["seed"])
+    assert all(len(s) == 1 for s in seeds.values())
+    base = {(r["prompt_id"], r["seed_index"]): r for r in rows if r["variant"] == "base"}
+    assert any(
+        r["score_clip"] != base[(r["prompt_id"], r["seed_index"])]["score_clip"]
+        for r in rows
+        if r["variant"] == "counting"
+    ), "the adapters should change the images and so the scores"
+
+    html = (root / "eval" / "report.html").read_text()
+    assert "randomly initialised" in html and "tiny-vqa" in html
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
+    assert len(images) == 3 + 1  # one chart per metric, one grid
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert 'src="http' not in html  # self-contained
+    assert result["headline"]["merged"]["clip"]["delta"] is not None
