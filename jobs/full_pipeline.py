@@ -89,9 +89,11 @@ def print_eval(result: dict) -> None:
     table = result.get("headline") or {}
     if not table:
         return
+    from selma_ray.scorers import LABELS
+
     metrics = list(next(iter(table.values())))
     print("  eval (mean, change vs base):")
-    print("  {:<22}".format("variant") + "".join(f"{m:>20}" for m in metrics))
+    print("  {:<22}".format("variant") + "".join(f"{LABELS.get(m, m):>20}" for m in metrics))
     for variant, row in table.items():
         cells = []
         for m in metrics:

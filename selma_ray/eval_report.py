@@ -121,6 +121,29 @@ def _metric_section(metric: str, entries: dict[str, dict[str, Any]]) -> str:
     )
 
 
+def _question_section(accuracy: dict[str, dict[str, dict[str, float]]]) -> str:
+    """DSG answers per question category (before dependency zeroing)."""
+    cats = sorted({c for v in accuracy.values() for c in v})
+    if not cats:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cats)
+    rows = "".join(
+        f"<tr><th>{html.escape(v)}</th>"
+        + "".join(
+            f"<td>{by[c]['accuracy']:.0%} <small>of {by[c]['n']}</small></td>"
+            if c in by
+            else "<td>–</td>"
+            for c in cats
+        )
+        + "</tr>"
+        for v, by in accuracy.items()
+    )
+    return (
+        "<h3>DSG answers by question category (correct share, before dependency zeroing)</h3>"
+        f"<table><tr><th>variant</th>{head}</tr>{rows}</table>"
+    )
+
+
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 font-size:13px;text-align:left}.note{background:#fff3cd;padding:.8em;border:1px solid #e0c060}
@@ -151,6 +174,7 @@ def render_html(doc: dict[str, Any], grid_rows: list[tuple[str, dict[str, bytes]
     parts.append("</table>")
     for metric, entries in doc["metrics"].items():
         parts.append(_metric_section(metric, entries))
+    parts.append(_question_section(doc.get("dsg_questions") or {}))
     if grid_rows:
         parts.append("<h2>Same prompt, same seed, every variant</h2>")
         parts.append(f"<p>{_img(image_grid(grid_rows, doc['variants']), 'image grid')}</p>")

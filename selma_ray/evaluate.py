@@ -186,6 +186,7 @@ class EvalRenderer:
             )
             for i, png in zip(idx, pngs, strict=True):
                 images[i] = png
+            log.info("eval: [%s] rendered %d images", v, len(idx))
         batch["image"] = np.array(images, dtype=object)
         return batch
 
@@ -290,6 +291,25 @@ def select_variants(cfg: SelmaConfig, run: RunDir) -> list[str]:
     if unknown:
         raise ValueError(f"eval.variants {unknown} are not adapters of this run; found {found}")
     return [v for v in found if v in wanted]
+
+
+def question_accuracy(
+    rows: list[dict[str, Any]], prompts: list[dsg.EvalPrompt]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """variant -> question category (DSG: entity, attribute, relation, ...) -> share of raw
+    VQA answers that were correct, before dependency zeroing, and the number of answers."""
+    category = {(p.id, q.id): q.category or "all" for p in prompts for q in p.questions}
+    counts: dict[str, dict[str, list[int]]] = {}
+    for r in rows:
+        for d in json.loads(r.get("dsg_detail") or "[]"):
+            cat = category.get((r["prompt_id"], d["id"]), "all")
+            c = counts.setdefault(r["variant"], {}).setdefault(cat, [0, 0])
+            c[0] += int(d["correct"])
+            c[1] += 1
+    return {
+        v: {cat: {"accuracy": ok / n, "n": n} for cat, (ok, n) in sorted(cats.items())}
+        for v, cats in counts.items()
+    }
 
 
 def headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -397,6 +417,7 @@ def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         "steps": steps(cfg),
         "guidance_scale": guidance(cfg),
         "metrics": metrics,
+        "dsg_questions": question_accuracy(table, prompts) if "dsg" in active else {},
     }
     out = run.path(STAGE)
     atomic_write_text(
