@@ -21,6 +21,7 @@ from selma_ray import images as images_stage
 from selma_ray.config import SelmaConfig
 from selma_ray.lora_io import WEIGHT_NAME
 from selma_ray.rundir import RunDir, replace_dir, safe_child
+from selma_ray.training import read_attempts
 
 log = logging.getLogger(__name__)
 STAGE = "experts"
@@ -113,7 +114,8 @@ def _train_one(trial_config: dict[str, Any], job: dict[str, Any]) -> None:
             **loop,
             "skill": skill,
             "fail_at_step": loop["fail_at_step"].get(skill),
-            "fail_marker": str(work / "fault-drill-done"),
+            "fail_marker_dir": str(work),
+            "attempts_file": str(work / "attempts.jsonl"),
             "log_dir": str(work / "logs"),
             "samples_dir": str(work / "samples"),
             "sample_prompts": val.column("prompt").to_pylist()[: loop["sample_images"]],
@@ -221,8 +223,16 @@ def export_expert(
             shutil.copytree(work / sub, tmp / sub)
     replace_dir(tmp, out)
     clean = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+    attempts = read_attempts(work / "attempts.jsonl") if work is not None else []
     run.write_manifest(
-        fp, STAGE, skill, skill=skill, metrics=clean, export=info, adapter=str(out / WEIGHT_NAME)
+        fp,
+        STAGE,
+        skill,
+        skill=skill,
+        metrics=clean,
+        export=info,
+        attempts=attempts,  # start step of each attempt: 0, then checkpoints resumed from
+        adapter=str(out / WEIGHT_NAME),
     )
     log.info("experts: [%s] exported to %s (%s)", skill, out, clean)
 

@@ -12,6 +12,7 @@ and pixels, or as cached latents and text embeddings (``selma_ray.train_data``).
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -321,13 +322,30 @@ def _whole(shard) -> dict[str, Any]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def _record_attempt(path: Path, step: int) -> None:
+    """Append the step this worker group starts from (0, or a checkpoint's step)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"start_step": step, "time": time.time()}) + "\n")
+
+
+def read_attempts(path: Path) -> list[int]:
+    """Start steps of every attempt at training an expert (driver re-runs and retries)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line)["start_step"] for line in path.read_text().splitlines() if line]
+
+
 def _fault_drill(config: dict[str, Any], step: int) -> None:
-    """Test hook: raise once at ``fail_at_step`` (a marker file stops the retry failing)."""
-    marker = config.get("fail_marker")
-    if config.get("fail_at_step") != step or not marker or Path(marker).exists():
+    """Test hook: raise once at ``fail_at_step`` (a marker file per step stops the retry
+    failing again)."""
+    if config.get("fail_at_step") != step or not config.get("fail_marker_dir"):
         return
-    Path(marker).parent.mkdir(parents=True, exist_ok=True)
-    Path(marker).touch()
+    marker = Path(config["fail_marker_dir"]) / f"fault-drill-{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     raise RuntimeError(f"fault drill: expert {config['skill']} fails at step {step}")
 
 
@@ -350,6 +368,8 @@ def train_expert(config: dict[str, Any]) -> None:
             trainer.load(Path(ckpt))
         resumed_from = trainer.step
         log.info("experts: [%s] resumed at step %d", config["skill"], trainer.step)
+    if rank == 0 and config.get("attempts_file"):
+        _record_attempt(Path(config["attempts_file"]), trainer.step)
     torch.manual_seed(config["seed"] * 1_000_003 + rank * 7919 + trainer.step)
     if ctx.get_world_size() > 1:
         trainer.model = ray.train.torch.prepare_model(trainer.unet, move_to_device=False)
