@@ -217,25 +217,44 @@ def question_instruction(prompt: str, max_questions: int) -> str:
 
 
 _LINE = re.compile(r"^\s*(\d+)\s*[|.):]\s*(?:([\d,\s]*)\|\s*)?(.+?)\s*$")
+_STOP = set(
+    "the and are there any image does with that this what which from into onto over under "
+    "its their them they than then have has been being about above below near next".split()
+)
 
 
-def parse_questions(text: str, max_questions: int) -> list[Question]:
-    """Questions from an LLM answer in the ``id | parents | question`` format; lenient about
-    missing parents, drops parents that are not earlier questions and non-questions."""
+def content_words(text: str) -> set[str]:
+    """Lower-case words of 3+ letters, stop words dropped, a plural 's' removed."""
+    words = re.findall(r"[a-z]{3,}", text.lower())
+    return {w[:-1] if w.endswith("s") and len(w) > 3 else w for w in words if w not in _STOP}
+
+
+def parse_questions(text: str, max_questions: int, prompt: str | None = None) -> list[Question]:
+    """Questions from an LLM answer in the ``id | parents | question`` format.
+
+    Lenient about missing parents; drops non-questions, repeated questions, parents that are
+    not earlier kept questions and, given ``prompt``, questions sharing no content word with
+    it (small models copy the in-context example).
+    """
     out: list[Question] = []
-    seen: set[str] = set()
+    seen_text: set[str] = set()
+    about = content_words(prompt) if prompt else None
     for line in text.splitlines():
         m = _LINE.match(line)
         if not m or not m.group(3).endswith("?"):
             continue
         qid, question = m.group(1), m.group(3).strip()
-        if qid in seen:
+        key = " ".join(question.lower().split())
+        if any(q.id == qid for q in out) or key in seen_text:
             continue
+        if about is not None and not content_words(question) & about:
+            continue
+        kept = {q.id for q in out}
         parents = tuple(
-            p for p in re.split(r"[,\s]+", m.group(2) or "") if p and p != "0" and p in seen
+            p for p in re.split(r"[,\s]+", m.group(2) or "") if p and p != "0" and p in kept
         )
         out.append(Question(id=qid, question=question, parents=parents))
-        seen.add(qid)
+        seen_text.add(key)
         if len(out) >= max_questions:
             break
     return out
@@ -278,7 +297,8 @@ def generate_questions(cfg: Any, prompts: list[EvalPrompt]) -> dict[str, list[Qu
     out, fallbacks = {}, 0
     for p in prompts:
         row = answers[p.id]
-        qs = [] if row.get("error") else parse_questions(row["generated_text"], ec.max_questions)
+        text = "" if row.get("error") else row["generated_text"]
+        qs = parse_questions(text, ec.max_questions, p.prompt)
         if not qs:
             qs, fallbacks = fallback_questions(p.prompt), fallbacks + 1
         out[p.id] = qs

@@ -178,3 +178,17 @@ def test_parse_llm_questions():
     assert qs[1].question == "Is the dog brown?"
     assert len(parse_questions(text, max_questions=2)) == 2
     assert "two red apples" in question_instruction("two red apples", 5)
+
+
+def test_parse_drops_copied_example_and_repeated_questions_given_the_prompt():
+    text = (
+        "1 | 0 | Are there apples?\n"  # copied from the instruction's example
+        "2 | 0 | Is there a workbench?\n"
+        "3 | 2 | Is the workbench cluttered?\n"
+        "4 | 1 | Are the apples red?\n"
+        "5 | 2 | Is the workbench cluttered?\n"
+        "6 | 1,2 | Is a soldering iron on the workbench?\n"
+    )
+    qs = parse_questions(text, 10, prompt="a cluttered workbench with a soldering iron")
+    assert [(q.id, q.parents) for q in qs] == [("2", ()), ("3", ("2",)), ("6", ("2",))]
+    assert len(parse_questions(text, 10)) == 5  # without the prompt only the repeat goes
