@@ -144,6 +144,7 @@ def build_plan(cfg: SelmaConfig) -> dict[str, Any]:
                 "default": cfg.merge.default,
                 "select": cfg.merge.select,
             },
+            "eval": _eval_plan(cfg),
             "serve": {
                 "deploy": cfg.serve.deploy,
                 "replicas": f"{res.serve.min_replicas}-{res.serve.max_replicas} x "
@@ -157,6 +158,23 @@ def build_plan(cfg: SelmaConfig) -> dict[str, Any]:
             },
         },
         "warnings": warnings,
+    }
+
+
+def _eval_plan(cfg: SelmaConfig) -> dict[str, Any]:
+    ev, res = cfg.eval, cfg.resources.eval
+    models = {"clip": ev.clip_model, "pick": f"{ev.pick_model} ({ev.pick_processor} processor)"}
+    models["dsg"] = f"questions: {ev.questions} ({ev.question_llm or cfg.models.llm}), "
+    models["dsg"] += f"answers: {ev.vqa_model}"
+    models["image_reward"], models["hps"] = ev.image_reward_model, f"HPS {ev.hps_version}"
+    return {
+        "enabled": ev.enabled,
+        "prompts": ev.prompts_file,
+        "variants": ev.variants or ["base", *cfg.prompts.skills, "merged"],
+        "scorers": {name: models[name] for name in ev.scorers},
+        "steps": ev.steps or cfg.images.steps,
+        "seeds_per_prompt": ev.seeds_per_prompt,
+        "actors": f"{res.min_size}-{res.max_size} x {_gpus(res.num_gpus)}",
     }
 
 

@@ -40,6 +40,9 @@ def test_paper_presets_plan_the_paper_settings(preset, pipeline, resolution):
     assert (experts["batch_size"], experts["max_steps"]) == (64, 5000)
     assert experts["mixed_precision"] == "fp16" and experts["peak_gpus"] == 5
     assert plan["stages"]["prompts"]["llm"] == "meta-llama/Llama-3.1-8B-Instruct"
+    scorers = plan["stages"]["eval"]["scorers"]
+    assert scorers["clip"] == "openai/clip-vit-large-patch14"
+    assert scorers["pick"].startswith("yuvalkirstain/PickScore_v1")
     assert plan["warnings"] == []
 
 
