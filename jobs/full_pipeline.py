@@ -68,7 +68,13 @@ def print_summary(summary: dict) -> None:
     if images.get("total"):
         print(f"  images: {images['total']} at {images.get('path')}")
     for skill, metrics in stages.get("experts", {}).get("result", {}).get("experts", {}).items():
-        print(f"  expert[{skill}]: step {metrics.get('step')}, loss {metrics.get('loss', 0):.4f}")
+        val = metrics.get("best_val_loss")
+        print(
+            f"  expert[{skill}]: step {metrics.get('step')}, "
+            f"final train loss {metrics.get('final_loss', metrics.get('loss', 0)):.4f}, "
+            f"best val loss {val if val is not None else float('nan'):.4f}, "
+            f"exported step {metrics.get('selected_step', metrics.get('step'))}"
+        )
     merged = stages.get("merge", {}).get("result", {})
     if merged.get("adapter"):
         print(f"  merged ({merged.get('method')}): {merged['adapter']}")
