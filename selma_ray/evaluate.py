@@ -145,6 +145,14 @@ def render_rows(cfg: SelmaConfig, prompts: list[dsg.EvalPrompt], variants: list[
     return rows
 
 
+def render_key(cfg: SelmaConfig, rows: list[dict[str, Any]]) -> str:
+    """What the rendered images depend on: adapters, sampler settings and the rows themselves
+    (so changing scorers or report settings re-scores without re-rendering)."""
+    plan = [(r["variant"], r["prompt_id"], r["prompt"], r["seed"]) for r in rows]
+    settings = [steps(cfg), guidance(cfg), cfg.images.resolution, cfg.models.base]
+    return cfg.fingerprint(extra=[merge_stage.fingerprint(cfg), settings, plan])
+
+
 class EvalRenderer:
     """Ray Data UDF: renders each row's prompt with its variant's adapter and its seed."""
 
@@ -301,7 +309,7 @@ def question_accuracy(
     category = {(p.id, q.id): q.category or "all" for p in prompts for q in p.questions}
     counts: dict[str, dict[str, list[int]]] = {}
     for r in rows:
-        for d in json.loads(r.get("dsg_detail") or "[]"):
+        for d in r.get("dsg_detail") or []:
             cat = category.get((r["prompt_id"], d["id"]), "all")
             c = counts.setdefault(r["variant"], {}).setdefault(cat, [0, 0])
             c[0] += int(d["correct"])
@@ -359,7 +367,7 @@ def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         steps(cfg),
     )
     start = time.perf_counter()
-    images = render(cfg, run, rows, cfg.fingerprint(extra=[fp, variants]))
+    images = render(cfg, run, rows, render_key(cfg, rows))
     log.info("eval: images ready in %.1fs", time.perf_counter() - start)
     results = {(r["variant"], r["prompt_id"], r["seed_index"]): dict(r) for r in rows}
     for r in results.values():
@@ -368,6 +376,8 @@ def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
     for name in active:
         start = time.perf_counter()
         for r in score(cfg, images, name):
+            if "dsg_detail" in r:
+                r["dsg_detail"] = json.loads(r["dsg_detail"])
             results[(r["variant"], r["prompt_id"], r["seed_index"])].update(r)
         log.info(
             "eval: %s scored %d images in %.1fs",
