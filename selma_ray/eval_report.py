@@ -50,7 +50,7 @@ def bar_chart(label: str, entries: dict[str, dict[str, Any]]) -> bytes:
     cats = sorted({c for e in entries.values() for c in e.get("by_category", {})})
     groups = ["all", *cats]
     width = 0.8 / max(len(variants), 1)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups) * max(len(variants), 2) / 2), 3.2))
+    fig, ax = plt.subplots(figsize=(min(11.0, 2.0 + 0.22 * len(groups) * len(variants)), 3.2))
     for i, v in enumerate(variants):
         stats = [entries[v]] + [entries[v].get("by_category", {}).get(c) for c in groups[1:]]
         means = [s["mean"] if s else np.nan for s in stats]
@@ -65,7 +65,7 @@ def bar_chart(label: str, entries: dict[str, dict[str, Any]]) -> bytes:
     ax.set_xticks(np.arange(len(groups)), groups, rotation=20, ha="right")
     ax.set_ylabel(label)
     ax.set_title(f"{label}: mean and 95% bootstrap CI")
-    ax.legend(fontsize=7, ncols=min(len(variants), 4))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _figure_png(fig)
 
 
@@ -147,7 +147,7 @@ def _question_section(accuracy: dict[str, dict[str, dict[str, float]]]) -> str:
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 font-size:13px;text-align:left}.note{background:#fff3cd;padding:.8em;border:1px solid #e0c060}
-small{color:#666}"""
+small{color:#666}img{max-width:100%}"""
 
 
 def render_html(doc: dict[str, Any], grid_rows: list[tuple[str, dict[str, bytes]]]) -> str:
