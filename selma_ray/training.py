@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -373,9 +374,10 @@ def train_expert(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"] * 1_000_003 + rank * 7919 + trainer.step)
     if ctx.get_world_size() > 1:
         trainer.model = ray.train.torch.prepare_model(trainer.unet, move_to_device=False)
-    val_shard = ray.train.get_dataset_shard("validation")
-    if val_shard is not None:
-        trainer.set_validation(_whole(val_shard))
+    try:
+        trainer.set_validation(_whole(ray.train.get_dataset_shard("validation")))
+    except KeyError:
+        pass  # nothing held out (select=last)
     writer = None
     if rank == 0 and config.get("log_dir"):
         from tensorboardX import SummaryWriter
@@ -385,8 +387,12 @@ def train_expert(config: dict[str, Any]) -> None:
     batches = endless_batches(ray.train.get_dataset_shard("train"), config["batch_size"])
     losses: list[float] = []
     start, start_step = time.perf_counter(), trainer.step
+    last, step_seconds = start, []  # wall time per step, data fetch and reports included
     while trainer.step < config["max_steps"]:
         out = trainer.train_step([next(batches) for _ in range(config["gradient_accumulation"])])
+        now = time.perf_counter()
+        step_seconds.append(now - last)
+        last = now
         losses.append(out["loss"])
         if writer:
             writer.add_scalar("train/loss", out["loss"], trainer.step)
@@ -403,6 +409,7 @@ def train_expert(config: dict[str, Any]) -> None:
             "lr": trainer.lr_scheduler.get_last_lr()[0],
             "resumed_from": resumed_from,
             "steps_per_second": (trainer.step - start_step) / (time.perf_counter() - start),
+            "median_step_seconds": statistics.median(step_seconds),
             "skill": config["skill"],
         }
         val_loss = trainer.validation_loss()
