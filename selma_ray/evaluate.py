@@ -95,8 +95,11 @@ def load_eval_prompts(cfg: SelmaConfig, run: RunDir) -> tuple[list[dsg.EvalPromp
     return kept, overlap
 
 
-def attach_questions(cfg: SelmaConfig, prompts: list[dsg.EvalPrompt]) -> None:
-    """Fill each prompt's questions from the configured source (in place)."""
+def attach_questions(
+    cfg: SelmaConfig, prompts: list[dsg.EvalPrompt], run: RunDir | None = None
+) -> None:
+    """Fill each prompt's questions from the configured source (in place). LLM-written
+    questions are kept in ``eval/questions/`` and reused while the LLM and prompts match."""
     ec = cfg.eval
     if ec.questions == "file":
         source = ec.questions_file or ec.prompts_file
@@ -110,6 +113,17 @@ def attach_questions(cfg: SelmaConfig, prompts: list[dsg.EvalPrompt]) -> None:
         for p in prompts:
             p.questions = p.questions or by_id[p.id]
     elif ec.questions == "llm":
+        llm = ec.question_llm or cfg.models.llm
+        key = cfg.fingerprint(
+            extra=[llm, cfg.prompts.backend, ec.max_questions, [(p.id, p.prompt) for p in prompts]]
+        )
+        cached = run.path(STAGE, "questions", "questions.json") if run else None
+        if run and cached and run.is_done(key, STAGE, "questions") and cached.is_file():
+            saved = json.loads(cached.read_text())
+            for p in prompts:
+                p.questions = [dsg.Question.from_dict(q) for q in saved[p.id]]
+            log.info("eval: reusing the questions %s wrote earlier", llm)
+            return
         start = time.perf_counter()
         by_id = dsg.generate_questions(cfg, prompts)
         for p in prompts:
@@ -117,11 +131,14 @@ def attach_questions(cfg: SelmaConfig, prompts: list[dsg.EvalPrompt]) -> None:
         n = sum(len(p.questions) for p in prompts)
         log.info(
             "eval: %s wrote %d questions for %d prompts in %.1fs",
-            ec.question_llm or cfg.models.llm,
+            llm,
             n,
             len(prompts),
             time.perf_counter() - start,
         )
+        if run and cached:
+            atomic_write_json(cached, {p.id: [q.to_dict() for q in p.questions] for p in prompts})
+            run.write_manifest(key, STAGE, "questions", llm=llm, count=n)
 
 
 def render_rows(cfg: SelmaConfig, prompts: list[dsg.EvalPrompt], variants: list[str]):
@@ -354,7 +371,7 @@ def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         if reason:
             log.warning("eval: scorer %s skipped: %s", LABELS[name], reason)
     if scorers.get("dsg", {}).get("status") == "ok":
-        attach_questions(cfg, prompts)
+        attach_questions(cfg, prompts, run)
     variants = select_variants(cfg, run)
     rows = render_rows(cfg, prompts, variants)
     log.info(

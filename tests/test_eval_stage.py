@@ -81,6 +81,24 @@ def test_missing_questions_are_named(tmp_path):
         evaluate.attach_questions(cfg, prompts)
 
 
+def test_llm_questions_are_kept_and_reused_while_llm_and_prompts_match(tmp_path, monkeypatch):
+    from selma_ray import dsg
+
+    calls = []
+
+    def fake_llm(cfg, prompts):  # stands in for vLLM: this test is about the cache logic
+        calls.append(len(prompts))
+        return {p.id: [dsg.Question("1", f"Is there {p.prompt}?")] for p in prompts}
+
+    monkeypatch.setattr(dsg, "generate_questions", fake_llm)
+    run = RunDir(tmp_path / "run")
+    for overrides in ([], [], ["eval.max_questions=3"]):
+        prompts = read_prompts("builtin:tiny_eval.csv")[:3]
+        evaluate.attach_questions(_cfg(run.root, *overrides), prompts, run)
+        assert prompts[0].questions[0].question == f"Is there {prompts[0].prompt}?"
+    assert calls == [3, 3]  # the second call reused the first one's questions
+
+
 @pytest.mark.slow
 def test_eval_stage_renders_scores_and_reports_every_variant(tmp_path):
     import ray
