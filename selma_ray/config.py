@@ -412,7 +412,10 @@ class EvalSection(_Section):
     clip_model: str = "openai/clip-vit-large-patch14"
     pick_model: str = "yuvalkirstain/PickScore_v1"
     pick_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    vqa_model: str = Field("Salesforce/blip-vqa-base", description="BLIP VQA model id or path.")
+    vqa_model: str = Field(
+        "Salesforce/blip-vqa-base",
+        description="A BLIP VQA model, or any transformers image-text-to-text VLM, by id or path.",
+    )
     question_llm: str | None = Field(None, description="LLM writing questions; null = models.llm.")
     image_reward_model: str = "ImageReward-v1.0"
     hps_version: str = "v2.1"

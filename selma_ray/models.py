@@ -4,8 +4,9 @@
   into a normal Hugging Face checkpoint that vLLM and transformers load offline.
 - ``tiny-sd``: a tiny, randomly initialised Stable Diffusion pipeline built deterministically
   from configs (for CPU runs and tests; its images are noise-like by design).
-- ``tiny-clip`` / ``tiny-vqa``: tiny, randomly initialised CLIP and BLIP-VQA models with
-  tokenizers built from hand-made vocabularies, for the eval scorers on CPU (scores are noise).
+- ``tiny-clip`` / ``tiny-vqa`` / ``tiny-vlm``: tiny, randomly initialised CLIP, BLIP-VQA and
+  LLaVA-style models (hand-made or SmolLM2 tokenizers), for the eval scorers on CPU (their
+  scores are noise).
 - anything else: a hub id or a local path, returned unchanged.
 
 Built assets are cached under ``$SELMA_CACHE`` (default ``~/.cache/selma_ray``), never in git.
@@ -30,8 +31,9 @@ SMOLLM2 = "smollm2-135m-instruct"
 TINY_SD = "tiny-sd"
 TINY_CLIP = "tiny-clip"
 TINY_VQA = "tiny-vqa"
+TINY_VLM = "tiny-vlm"
 # Bump a version when a builder changes, so stale caches are rebuilt rather than reused.
-_VERSIONS = {SMOLLM2: "v1", TINY_SD: "v1", TINY_CLIP: "v1", TINY_VQA: "v1"}
+_VERSIONS = {SMOLLM2: "v1", TINY_SD: "v1", TINY_CLIP: "v1", TINY_VQA: "v1", TINY_VLM: "v1"}
 
 
 def cache_dir() -> Path:
@@ -264,9 +266,68 @@ def _build_tiny_vqa(out: Path) -> None:
     BlipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out)
 
 
+# A chat template that places image placeholders, in SmolLM2's chat format.
+_VLM_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+    "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _build_tiny_vlm(out: Path) -> None:
+    """LlavaForConditionalGeneration (tiny CLIP vision tower + tiny Llama) + LlavaProcessor
+    with the SmolLM2 tokenizer and an ``<image>`` token: an image-text-to-text VLM."""
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = load_smollm2_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    text = {k: v for k, v in _tiny_vision().items() if k not in ("image_size", "patch_size")}
+    text.update(
+        vocab_size=len(tokenizer),
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**_tiny_vision()).to_dict(),
+        text_config=LlamaConfig(**text).to_dict(),
+        image_token_index=image_token,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(out, safe_serialization=True)
+    images = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_VLM_TEMPLATE,
+    ).save_pretrained(out)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     SMOLLM2: _build_smollm2,
     TINY_SD: _build_tiny_sd,
     TINY_CLIP: _build_tiny_clip,
     TINY_VQA: _build_tiny_vqa,
+    TINY_VLM: _build_tiny_vlm,
 }

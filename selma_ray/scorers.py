@@ -163,11 +163,72 @@ class BlipVQA:
         return out
 
 
+class VLMVQA:
+    """Answers multiple-choice questions with any transformers image-text-to-text model (LLaVA,
+    Qwen-VL, PaliGemma, ...) by ranking each choice's log-likelihood after the chat prompt."""
+
+    def __init__(self, model: str, device: str = "cpu"):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from selma_ray.models import resolve
+
+        self.device = device
+        dtype = "auto" if device == "cuda" else None
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(resolve(model), dtype=dtype)
+            .to(device)
+            .eval()
+        )
+        self.processor = AutoProcessor.from_pretrained(resolve(model))
+        self.processor.tokenizer.padding_side = "right"  # prompts line up at the start
+
+    def choice_logprobs(
+        self, images: list[Any], questions: list[str], choices: list[tuple[str, ...]]
+    ) -> list[list[float]]:
+        import torch
+
+        out = []
+        for image, question, options in zip(images, questions, choices, strict=True):
+            ask = f"{question} Answer with one of: {', '.join(options)}."
+            messages = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ask}]}
+            ]
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            n_prompt = self.processor(text=[prompt], images=[image], return_tensors="pt")[
+                "input_ids"
+            ].shape[1]
+            inputs = self.processor(
+                text=[prompt + c for c in options],
+                images=[image] * len(options),
+                return_tensors="pt",
+                padding=True,
+            ).to(self.device)
+            with torch.no_grad():
+                logits = self.model(**inputs).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+            target = inputs["input_ids"][:, 1:].cpu()
+            mask = inputs["attention_mask"][:, 1:].cpu().clone()
+            mask[:, : n_prompt - 1] = 0  # score only the answer's tokens
+            token_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask
+            out.append(token_lp.sum(-1).tolist())
+        return out
+
+
+def make_vqa(model: str, device: str = "cpu"):
+    """BLIP VQA models get the BLIP answer decoder; any other model id is loaded as a VLM."""
+    from transformers import AutoConfig
+
+    from selma_ray.models import resolve
+
+    kind = AutoConfig.from_pretrained(resolve(model)).model_type
+    return BlipVQA(model, device) if kind == "blip" else VLMVQA(model, device)
+
+
 class DSGScore:
     """DSG/TIFA-style faithfulness from the VQA answers to each prompt's questions."""
 
     def __init__(self, model: str, device: str = "cpu"):
-        self.vqa = BlipVQA(model, device)
+        self.vqa = make_vqa(model, device)
         self.last_details: list[list[dict[str, Any]]] = []
 
     def score(

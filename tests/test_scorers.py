@@ -128,3 +128,33 @@ def test_optional_scorers_skip_with_a_reason_when_not_installed():
         else:
             assert reason is None
     assert unavailable("clip") is None
+
+
+def test_vlm_answers_by_choice_likelihood_and_dsg_runs_on_it():
+    from selma_ray.scorers import VLMVQA, make_vqa
+
+    vqa = make_vqa(models.TINY_VLM)
+    assert isinstance(vqa, VLMVQA) and isinstance(make_vqa(models.TINY_VQA), BlipVQA)
+    images = _images(2, seed=4)
+    questions = ["is there a dog?", "what color is the bus?"]
+    choices = [("yes", "no"), ("red", "blue", "green")]
+    lp = vqa.choice_logprobs(images, questions, choices)
+    assert [len(x) for x in lp] == [2, 3] and all(v < 0 for row in lp for v in row)
+    assert vqa.choice_logprobs(images[1:], questions[1:], choices[1:])[0] == pytest.approx(lp[1])
+    # hand-computed: the answer tokens' log-probabilities right after the chat prompt
+    import torch
+
+    ask = "is there a dog? Answer with one of: yes, no."
+    content = [{"type": "image"}, {"type": "text", "text": ask}]
+    prompt = vqa.processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True
+    )
+    inputs = vqa.processor(text=[prompt], images=images[:1], return_tensors="pt")
+    with torch.no_grad():
+        last = vqa.model(**inputs).logits[0, -1].float().log_softmax(-1)
+    ids = [vqa.processor.tokenizer(c, add_special_tokens=False).input_ids for c in ("yes", "no")]
+    assert all(len(i) == 1 for i in ids)
+    assert lp[0] == pytest.approx([last[i[0]].item() for i in ids], abs=1e-4)
+    scorer = DSGScore(models.TINY_VLM)
+    qs = [Question("1", "is there an apple?"), Question("2", "is it red?", ("1",))]
+    assert 0.0 <= scorer.score(images[:1], PROMPTS[:1], [qs])[0] <= 1.0
