@@ -223,7 +223,9 @@ def training_datasets(
         )
         if cache_dir is not None:
             flip = loop["random_flip"] and name == "train"
-            ds = cached_latents(ds, cache_dir / name, base, flip, bs, num_cpus)
+            # Held in the object store (spilled to disk if large): re-reading Parquet every
+            # epoch costs more than the tiny encoders it replaces.
+            ds = cached_latents(ds, cache_dir / name, base, flip, bs, num_cpus).materialize()
         elif aug["crop"] == "center" and not aug["flip"]:
             ds = ds.materialize()  # deterministic: preprocess once, not on every epoch
         datasets[name] = ds
