@@ -265,26 +265,20 @@ def fallback_questions(prompt: str) -> list[Question]:
     return [Question(id="1", question=f"Does the image show {prompt.rstrip('.')}?")]
 
 
-def generate_questions(cfg: Any, prompts: list[EvalPrompt]) -> dict[str, list[Question]]:
-    """Questions for each prompt, written by the configured LLM backend on Ray Data (greedy)."""
+def llm_pass(
+    cfg: Any, items: list[dict[str, Any]], sampling: dict[str, Any], model: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """One Ray Data pass of the configured LLM backend over ``items`` (each with ``key``,
+    ``instruction`` and ``seed``); returns the answer rows by key."""
     import ray
 
     from selma_ray.prompts import backend_udf
-    from selma_ray.seeds import stable_seed
 
-    ec, res = cfg.eval, cfg.resources.prompts
+    res = cfg.resources.prompts
     udf, kwargs = backend_udf(cfg)
-    kwargs["sampling"] = {"temperature": 0.0, "max_tokens": 40 * ec.max_questions}
-    if ec.question_llm:
-        kwargs["model"] = ec.question_llm
-    items = [
-        {
-            "prompt_id": p.id,
-            "instruction": question_instruction(p.prompt, ec.max_questions),
-            "seed": stable_seed(cfg.run.seed, "dsg", p.id),
-        }
-        for p in prompts
-    ]
+    kwargs["sampling"] = sampling
+    if model:
+        kwargs["model"] = model
     ds = ray.data.from_items(items).map_batches(
         udf,
         fn_constructor_kwargs=kwargs,
@@ -293,7 +287,24 @@ def generate_questions(cfg: Any, prompts: list[EvalPrompt]) -> dict[str, list[Qu
         num_gpus=res.num_gpus if cfg.prompts.backend == "vllm" else 0,
         num_cpus=res.num_cpus,
     )
-    answers = {r["prompt_id"]: r for r in ds.take_all()}
+    return {r["key"]: r for r in ds.take_all()}
+
+
+def generate_questions(cfg: Any, prompts: list[EvalPrompt]) -> dict[str, list[Question]]:
+    """Questions for each prompt, written by the configured LLM backend on Ray Data (greedy)."""
+    from selma_ray.seeds import stable_seed
+
+    ec = cfg.eval
+    items = [
+        {
+            "key": p.id,
+            "instruction": question_instruction(p.prompt, ec.max_questions),
+            "seed": stable_seed(cfg.run.seed, "dsg", p.id),
+        }
+        for p in prompts
+    ]
+    sampling = {"temperature": 0.0, "max_tokens": 40 * ec.max_questions}
+    answers = llm_pass(cfg, items, sampling, ec.question_llm)
     out, fallbacks = {}, 0
     for p in prompts:
         row = answers[p.id]
@@ -308,4 +319,58 @@ def generate_questions(cfg: Any, prompts: list[EvalPrompt]) -> dict[str, list[Qu
             fallbacks,
             len(prompts),
         )
+    return out
+
+
+def generate_prompts(cfg: Any, training: dict[str, list[str]], rounds: int = 3) -> list[EvalPrompt]:
+    """``eval.generated_per_skill`` new prompts per skill, written like the training prompts
+    (same skill instructions, other seeds) and held out by the same filters: a candidate that
+    is a near-duplicate of, or too ROUGE-L-similar to, any training prompt or seed is dropped."""
+    import random
+    from types import SimpleNamespace
+
+    from selma_ray.prompt_filters import SkillPool
+    from selma_ray.prompts import parse_candidates
+    from selma_ray.seeds import stable_seed
+    from selma_ray.skills import get_skills
+
+    pc, n = cfg.prompts, cfg.eval.generated_per_skill
+    skills = get_skills(pc.skills, pc.all_custom_skills())
+    # every skill's training prompts and seeds count as seen, whichever skill a prompt is for
+    seen = [t for ts in training.values() for t in ts] + [t for s in skills for t in s.seeds]
+    pools = {}
+    for skill in skills:
+        have = [{"id": "", "prompt": t} for t in seen]
+        settings = SimpleNamespace(
+            per_skill=len(have) + n, rouge_threshold=pc.rouge_threshold, semantic_threshold=None
+        )
+        pools[skill.name] = SkillPool(skill, settings, accepted=have)
+    sampling = {"temperature": pc.temperature, "top_p": pc.top_p, "max_tokens": pc.max_tokens}
+    for round_idx in range(rounds):
+        items = []
+        for name, pool in pools.items():
+            missing = pool.target - len(pool.accepted)
+            for r in range(-(-missing // pc.new_per_request) + 1 if missing > 0 else 0):
+                seed = stable_seed(cfg.run.seed, "eval-prompts", name, round_idx, r)
+                k = min(pc.in_context_examples, len(pool.skill.seeds))
+                examples = random.Random(seed).sample(list(pool.skill.seeds), k)
+                instruction = pool.skill.instruction(examples, pc.new_per_request)
+                items.append({"key": f"{name}/{r}", "instruction": instruction, "seed": seed})
+        if not items:
+            break
+        answers = llm_pass(cfg, items, sampling)
+        for item in items:
+            row = answers[item["key"]]
+            if not row.get("error"):
+                pool = pools[item["key"].split("/")[0]]
+                pool.offer_many(parse_candidates(row["generated_text"]), round_idx)
+    out = []
+    for name, pool in pools.items():
+        new = pool.accepted[len(seen) :]
+        if len(new) < n:
+            log.warning("eval: only %d/%d held-out prompts generated for %s", len(new), n, name)
+        out += [
+            EvalPrompt(id=f"gen-{name}-{i}", prompt=r["prompt"], category=name)
+            for i, r in enumerate(new)
+        ]
     return out

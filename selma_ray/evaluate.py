@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 import time
@@ -25,14 +24,13 @@ from typing import Any
 
 from selma_ray import dsg
 from selma_ray import merge as merge_stage
-from selma_ray import prompts as prompts_stage
 from selma_ray.config import SelmaConfig
+from selma_ray.eval_inputs import GENERATED, STAGE, attach_questions, load_eval_prompts
 from selma_ray.rundir import MANIFEST, RunDir, atomic_write_json, atomic_write_text, replace_dir
 from selma_ray.scorers import LABELS, model_ids, unavailable
 from selma_ray.seeds import stable_seed
 
 log = logging.getLogger(__name__)
-STAGE = "eval"
 TINY_NOTE = (
     "The scorers of this run are tiny, randomly initialised models built locally (and the "
     "diffusion model is too): these numbers show only that the evaluation plumbing works, "
@@ -40,13 +38,8 @@ TINY_NOTE = (
 )
 
 
-def normalize(text: str) -> str:
-    """Lower case, punctuation dropped, spaces collapsed: how prompts are compared."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
 def _file_digest(path: str | None) -> str | None:
-    if not path:
+    if not path or path == GENERATED:
         return None
     return hashlib.sha256(dsg._resolve_path(path).read_bytes()).hexdigest()[:16]
 
@@ -73,72 +66,6 @@ def steps(cfg: SelmaConfig) -> int:
 def guidance(cfg: SelmaConfig) -> float:
     g = cfg.eval.guidance_scale
     return cfg.images.guidance_scale if g is None else g
-
-
-def load_eval_prompts(cfg: SelmaConfig, run: RunDir) -> tuple[list[dsg.EvalPrompt], list[str]]:
-    """The held-out prompts, minus any that are training prompts of this run (returned too)."""
-    prompts = dsg.read_prompts(cfg.eval.prompts_file)
-    training = {normalize(r["prompt"]) for r in prompts_stage.load_prompts(run, cfg.prompts.skills)}
-    overlap = [p.prompt for p in prompts if normalize(p.prompt) in training]
-    if overlap and cfg.eval.on_overlap == "error":
-        raise ValueError(
-            f"eval: {len(overlap)} eval prompt(s) are also training prompts of this run, e.g. "
-            f"{overlap[:3]}; use held-out prompts, or set eval.on_overlap=drop"
-        )
-    if overlap:
-        log.warning("eval: dropped %d eval prompt(s) that are training prompts", len(overlap))
-    kept = [p for p in prompts if normalize(p.prompt) not in training]
-    if cfg.eval.max_prompts:
-        kept = kept[: cfg.eval.max_prompts]
-    if not kept:
-        raise ValueError(f"eval: no held-out prompts left in {cfg.eval.prompts_file}")
-    return kept, overlap
-
-
-def attach_questions(
-    cfg: SelmaConfig, prompts: list[dsg.EvalPrompt], run: RunDir | None = None
-) -> None:
-    """Fill each prompt's questions from the configured source (in place). LLM-written
-    questions are kept in ``eval/questions/`` and reused while the LLM and prompts match."""
-    ec = cfg.eval
-    if ec.questions == "file":
-        source = ec.questions_file or ec.prompts_file
-        by_id = dsg.read_questions(source)
-        missing = [p.id for p in prompts if not (p.questions or by_id.get(p.id))]
-        if missing:
-            raise ValueError(
-                f"eval: {len(missing)} prompt(s) have no questions in {source}, e.g. {missing[:5]}"
-                "; match ids (item_id) with the prompts file, or set eval.questions=llm"
-            )
-        for p in prompts:
-            p.questions = p.questions or by_id[p.id]
-    elif ec.questions == "llm":
-        llm = ec.question_llm or cfg.models.llm
-        key = cfg.fingerprint(
-            extra=[llm, cfg.prompts.backend, ec.max_questions, [(p.id, p.prompt) for p in prompts]]
-        )
-        cached = run.path(STAGE, "questions", "questions.json") if run else None
-        if run and cached and run.is_done(key, STAGE, "questions") and cached.is_file():
-            saved = json.loads(cached.read_text())
-            for p in prompts:
-                p.questions = [dsg.Question.from_dict(q) for q in saved[p.id]]
-            log.info("eval: reusing the questions %s wrote earlier", llm)
-            return
-        start = time.perf_counter()
-        by_id = dsg.generate_questions(cfg, prompts)
-        for p in prompts:
-            p.questions = by_id[p.id]
-        n = sum(len(p.questions) for p in prompts)
-        log.info(
-            "eval: %s wrote %d questions for %d prompts in %.1fs",
-            llm,
-            n,
-            len(prompts),
-            time.perf_counter() - start,
-        )
-        if run and cached:
-            atomic_write_json(cached, {p.id: [q.to_dict() for q in p.questions] for p in prompts})
-            run.write_manifest(key, STAGE, "questions", llm=llm, count=n)
 
 
 def render_rows(cfg: SelmaConfig, prompts: list[dsg.EvalPrompt], variants: list[str]):

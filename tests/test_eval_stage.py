@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from selma_ray import evaluate
+from selma_ray import eval_inputs, evaluate
 from selma_ray.config import load_config
 from selma_ray.dsg import read_prompts
 from selma_ray.rundir import RunDir
@@ -50,24 +50,24 @@ def test_eval_prompts_never_include_training_prompts(tmp_path):
     root = tmp_path / "run"
     _write_training_prompts(root)
     cfg = _cfg(root)
-    prompts, dropped = evaluate.load_eval_prompts(cfg, RunDir(root))
-    training = {evaluate.normalize(p) for ps in TRAINING.values() for p in ps}
+    prompts, dropped = eval_inputs.load_eval_prompts(cfg, RunDir(root))
+    training = {eval_inputs.normalize(p) for ps in TRAINING.values() for p in ps}
     assert dropped == ["three blue mugs on a shelf"]  # the shipped file's ct1, same words
-    assert not training & {evaluate.normalize(p.prompt) for p in prompts}
+    assert not training & {eval_inputs.normalize(p.prompt) for p in prompts}
     assert len(prompts) == len(read_prompts(cfg.eval.prompts_file)) - 1
     with pytest.raises(ValueError, match="also training prompts"):
-        evaluate.load_eval_prompts(_cfg(root, "eval.on_overlap=error"), RunDir(root))
+        eval_inputs.load_eval_prompts(_cfg(root, "eval.on_overlap=error"), RunDir(root))
 
 
 def test_shipped_eval_prompts_are_not_skill_seeds():
     from selma_ray.skills import get_skills
 
     seeds = {
-        evaluate.normalize(s)
+        eval_inputs.normalize(s)
         for sk in get_skills(list(load_config("tiny").prompts.skills))
         for s in sk.seeds
     }
-    shipped = {evaluate.normalize(p.prompt) for p in read_prompts("builtin:tiny_eval.csv")}
+    shipped = {eval_inputs.normalize(p.prompt) for p in read_prompts("builtin:tiny_eval.csv")}
     assert not seeds & shipped
 
 
@@ -78,7 +78,7 @@ def test_missing_questions_are_named(tmp_path):
     )
     prompts = read_prompts(cfg.eval.prompts_file)
     with pytest.raises(ValueError, match="no questions"):
-        evaluate.attach_questions(cfg, prompts)
+        eval_inputs.attach_questions(cfg, prompts)
 
 
 def test_llm_questions_are_kept_and_reused_while_llm_and_prompts_match(tmp_path, monkeypatch):
@@ -94,9 +94,44 @@ def test_llm_questions_are_kept_and_reused_while_llm_and_prompts_match(tmp_path,
     run = RunDir(tmp_path / "run")
     for overrides in ([], [], ["eval.max_questions=3"]):
         prompts = read_prompts("builtin:tiny_eval.csv")[:3]
-        evaluate.attach_questions(_cfg(run.root, *overrides), prompts, run)
+        eval_inputs.attach_questions(_cfg(run.root, *overrides), prompts, run)
         assert prompts[0].questions[0].question == f"Is there {prompts[0].prompt}?"
     assert calls == [3, 3]  # the second call reused the first one's questions
+
+
+def test_generated_eval_prompts_are_held_out_from_training_prompts_and_seeds(tmp_path, monkeypatch):
+    from selma_ray import dsg
+    from selma_ray.skills import get_skills
+
+    seed = get_skills(["counting"])[0].seeds[0]
+    answer = "\n".join(
+        [
+            f"1. {TRAINING['counting'][0]}",  # a training prompt, reworded only in case
+            f"2. {seed}",  # an in-context seed
+            "3. Seven tiny sailboats drifting across a calm lake at dawn.",
+            "4. Two owls perched on a snowy fence post.",
+            "5. Nine striped umbrellas lined up along an empty beach.",
+        ]
+    )
+    calls = []
+
+    def fake_llm(cfg, items, sampling, model=None):  # stands in for vLLM (filter logic only)
+        calls.append(len(items))
+        return {i["key"]: {"generated_text": answer, "error": ""} for i in items}
+
+    monkeypatch.setattr(dsg, "llm_pass", fake_llm)
+    root = tmp_path / "run"
+    _write_training_prompts(root)
+    cfg = _cfg(root, "eval.prompts_file=generated", "eval.generated_per_skill=2")
+    prompts, dropped = eval_inputs.load_eval_prompts(cfg, RunDir(root))
+    texts = {eval_inputs.normalize(p.prompt) for p in prompts}
+    training = {eval_inputs.normalize(t) for ts in TRAINING.values() for t in ts}
+    assert not texts & training and eval_inputs.normalize(seed) not in texts and not dropped
+    by_skill = {s: [p for p in prompts if p.category == s] for s in SKILLS}
+    assert all(len(ps) == 2 for ps in by_skill.values())
+    assert len({p.id for p in prompts}) == len(prompts)
+    again, _ = eval_inputs.load_eval_prompts(cfg, RunDir(root))
+    assert [p.prompt for p in again] == [p.prompt for p in prompts] and len(calls) == 1
 
 
 @pytest.mark.slow
