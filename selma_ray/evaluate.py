@@ -274,9 +274,70 @@ def headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def log_results(metrics: dict[str, dict[str, Any]]) -> None:
+    """One line per metric and variant: mean, CI and the paired change vs base."""
+    for name, entries in metrics.items():
+        for v, e in entries.items():
+            vs = e.get("vs_base")
+            log.info(
+                "eval: [%s] %-20s %.4g [%.4g, %.4g]%s",
+                LABELS[name],
+                v,
+                e["mean"],
+                *e["ci"],
+                f"  vs base {vs['mean']:+.4g} [{vs['ci'][0]:+.4g}, {vs['ci'][1]:+.4g}]"
+                if vs
+                else "",
+            )
+
+
+def write_outputs(
+    run: RunDir,
+    doc: dict[str, Any],
+    table: list[dict[str, Any]],
+    prompts: list[dsg.EvalPrompt],
+    grids: list[tuple[str, dict[str, bytes]]],
+) -> Path:
+    """scores.jsonl, questions.jsonl, metrics.json and report.html under ``eval/``."""
+    from selma_ray import eval_report
+
+    out = run.path(STAGE)
+    atomic_write_text(
+        out / "scores.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in table)
+    )
+    questions = [
+        {"id": p.id, "prompt": p.prompt, "questions": [q.to_dict() for q in p.questions]}
+        for p in prompts
+    ]
+    atomic_write_text(out / "questions.jsonl", "".join(json.dumps(q) + "\n" for q in questions))
+    atomic_write_json(out / "metrics.json", doc)
+    atomic_write_text(out / "report.html", eval_report.render_html(doc, grids))
+    log.info("eval: report at %s", out / "report.html")
+    return out
+
+
+def scorer_status(cfg: SelmaConfig) -> dict[str, dict[str, Any]]:
+    """Each configured scorer: label, model ids, and whether it runs (or why it is skipped)."""
+    ec = cfg.eval
+    scorers: dict[str, dict[str, Any]] = {}
+    for name in ec.scorers:
+        reason = unavailable(name)
+        if name == "dsg" and ec.questions == "none":
+            reason = "eval.questions=none"
+        scorers[name] = {
+            "label": LABELS[name],
+            "status": "skipped" if reason else "ok",
+            "reason": reason,
+            "model_ids": model_ids(name, ec),
+        }
+        if reason:
+            log.warning("eval: scorer %s skipped: %s", LABELS[name], reason)
+    return scorers
+
+
 def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
     """Evaluate every variant of this run; returns the stage summary."""
-    from selma_ray import eval_report, eval_stats
+    from selma_ray import eval_stats
     from selma_ray.models import is_builtin
 
     ec = cfg.eval
@@ -287,16 +348,7 @@ def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         log.info("eval: finished earlier with the same config, skipping")
         return {**(run.read_manifest(STAGE) or {}), "skipped": True}
     prompts, dropped = load_eval_prompts(cfg, run)
-    scorers: dict[str, dict[str, Any]] = {}
-    for name in ec.scorers:
-        reason = unavailable(name)
-        if name == "dsg" and ec.questions == "none":
-            reason = "eval.questions=none"
-        status = "skipped" if reason else "ok"
-        scorers[name] = {"label": LABELS[name], "status": status, "reason": reason}
-        scorers[name]["model_ids"] = model_ids(name, ec)
-        if reason:
-            log.warning("eval: scorer %s skipped: %s", LABELS[name], reason)
+    scorers = scorer_status(cfg)
     if scorers.get("dsg", {}).get("status") == "ok":
         attach_questions(cfg, prompts, run)
     variants = select_variants(cfg, run)
@@ -334,19 +386,7 @@ def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
     metrics = eval_stats.aggregate(
         table, active, categories, n_boot=ec.bootstrap, seed=cfg.run.seed
     )
-    for name in active:
-        for v, e in metrics[name].items():
-            vs = e.get("vs_base")
-            log.info(
-                "eval: [%s] %-20s %.4g [%.4g, %.4g]%s",
-                LABELS[name],
-                v,
-                e["mean"],
-                *e["ci"],
-                f"  vs base {vs['mean']:+.4g} [{vs['ci'][0]:+.4g}, {vs['ci'][1]:+.4g}]"
-                if vs
-                else "",
-            )
+    log_results(metrics)
     tiny = any(is_builtin(m) for s in scorers.values() for m in s["model_ids"].values())
     doc = {
         "run_dir": str(run.root),
@@ -373,24 +413,7 @@ def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         "metrics": metrics,
         "dsg_questions": question_accuracy(table, prompts) if "dsg" in active else {},
     }
-    out = run.path(STAGE)
-    atomic_write_text(
-        out / "scores.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in table)
-    )
-    atomic_write_text(
-        out / "questions.jsonl",
-        "".join(
-            json.dumps(
-                {"id": p.id, "prompt": p.prompt, "questions": [q.to_dict() for q in p.questions]}
-            )
-            + "\n"
-            for p in prompts
-        ),
-    )
-    atomic_write_json(out / "metrics.json", doc)
-    grids = grid_rows(images, prompts, ec.grid_prompts)
-    atomic_write_text(out / "report.html", eval_report.render_html(doc, grids))
-    log.info("eval: report at %s", out / "report.html")
+    out = write_outputs(run, doc, table, prompts, grid_rows(images, prompts, ec.grid_prompts))
     return run.write_manifest(
         fp,
         STAGE,
