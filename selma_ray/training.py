@@ -408,6 +408,7 @@ def train_expert(config: dict[str, Any]) -> None:
             "grad_norm": out["grad_norm"],
             "lr": trainer.lr_scheduler.get_last_lr()[0],
             "resumed_from": resumed_from,
+            "workers": ctx.get_world_size(),
             "steps_per_second": (trainer.step - start_step) / (time.perf_counter() - start),
             "median_step_seconds": statistics.median(step_seconds),
             "skill": config["skill"],

@@ -59,6 +59,14 @@ def stage_config(root: Path, *overrides: str):
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # spinning threads crawl on a busy 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -155,3 +163,30 @@ def test_kohya_export_has_kohya_key_names(trained):
     assert any("_attn1_to_q" in k for k in downs)
     assert alphas and all(a == 4.0 for a in alphas)
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
+
+
+def test_two_workers_per_expert_train_with_ddp(tmp_path, ray_cluster):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from selma_ray import train_data
+    from selma_ray.training import train_expert
+
+    write_images(tmp_path, ["counting"], per_skill=6)
+    rows = experts_stage.skill_table(str(tmp_path / "images" / "data"), "counting")
+    train, val = train_data.split_rows(rows, 0, "counting", 0.0, 2)
+    loop = {
+        **load_config("tiny", []).experts.model_dump(),
+        **{"base": "tiny-sd", "seed": 0, "skill": "counting"},
+        **{"max_steps": 3, "checkpoint_every": 3, "batch_size": 2},
+    }
+    result = TorchTrainer(
+        train_expert,
+        train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "ray_results")),
+        datasets=train_data.training_datasets(train, val, loop, None, 0.25),
+    ).fit()
+    assert result.error is None and result.metrics["step"] == 3
+    assert result.metrics["workers"] == 2  # the UNet was wrapped in DDP (prepare_model)
+    assert result.metrics["val_loss"] > 0 and result.checkpoint is not None

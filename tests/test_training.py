@@ -188,3 +188,10 @@ def test_v_prediction_targets_the_velocity(trainer, batch):
         assert np.isfinite(seeded_loss(trainer, batch))
     finally:
         sched.register_to_config(prediction_type="epsilon")
+
+
+def test_render_samples_writes_one_strip_of_the_prompts(trainer, tmp_path):
+    out = tmp_path / "samples" / "step-000010.png"
+    trainer.render_samples(["a cat", "two dogs"], out)
+    with Image.open(out) as img:
+        assert img.size == (64, 32)
