@@ -261,7 +261,7 @@ class ImageRewardScore:
         self.model = ImageReward.load(model, device=device)
 
     def score(self, images: list[Any], prompts: list[str], questions: Any = None) -> list[float]:
-        return [float(self.model.score(p, [img])) for img, p in zip(images, prompts, strict=True)]
+        return [float(self.model.score(p, img)) for img, p in zip(images, prompts, strict=True)]
 
 
 class HPSScore:
