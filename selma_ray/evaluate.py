@@ -232,13 +232,32 @@ def grid_rows(
     return [(text[i], found[i]) for i in ids]
 
 
+def _distinct(adapters: dict[str, Any]) -> list[str]:
+    """Names of adapters with distinct weights: ``merged`` is a copy of its method's merge
+    (``merged-<method>``), and rendering and scoring it twice would show the same numbers."""
+    from selma_ray.lora_io import adapter_file
+
+    seen: dict[str, str] = {}
+    keep = []
+    for name, info in adapters.items():
+        if info.path is not None:
+            digest = hashlib.sha256(adapter_file(Path(info.path)).read_bytes()).hexdigest()
+            if digest in seen:
+                log.info("eval: %s has the same weights as %s; evaluated once", name, seen[digest])
+                continue
+            seen[digest] = name
+        keep.append(name)
+    return keep
+
+
 def select_variants(cfg: SelmaConfig, run: RunDir) -> list[str]:
     from selma_ray.serving import find_adapters
 
-    found = list(find_adapters(run.root))
+    adapters = find_adapters(run.root)
+    found = list(adapters)
     wanted = cfg.eval.variants
     if wanted is None:
-        return found
+        return _distinct(adapters)
     unknown = sorted(set(wanted) - set(found))
     if unknown:
         raise ValueError(f"eval.variants {unknown} are not adapters of this run; found {found}")

@@ -21,7 +21,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SKILLS = ["dense_detail", "counting", "user_prompts", "commonsense_defying", "everyday_scenes"]
-STAGES = ["prompts", "images", "experts", "merge"]
+STAGES = ["prompts", "images", "experts", "merge", "eval"]
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +120,7 @@ def test_job_runs_every_stage_and_reports_time_per_stage(first_run):
     for stage in [*STAGES, "serve"]:
         assert f"  {stage}" in first_run
     assert "Serve is answering at http://127.0.0.1:" in first_run
+    assert "eval (mean, change vs base):" in first_run
 
 
 def test_run_directory_has_artifacts_of_every_stage(head, first_run):
@@ -131,6 +132,11 @@ def test_run_directory_has_artifacts_of_every_stage(head, first_run):
     assert list((run / "images" / "data").glob("*.parquet"))
     merged = json.loads((run / "merged" / "manifest.json").read_text())
     assert merged["method"] == "paper" and sorted(merged["weights"]) == sorted(SKILLS)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert {"base", "merged", *SKILLS} <= set(metrics["variants"])
+    assert {"clip", "pick", "dsg"} <= set(metrics["metrics"])
+    report = (run / "eval" / "report.html").read_text()
+    assert "data:image/png;base64," in report and "randomly initialised" in report
 
 
 def test_every_adapter_choice_returns_a_decodable_png(head, first_run):

@@ -208,3 +208,21 @@ def test_eval_stage_renders_scores_and_reports_every_variant(tmp_path):
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert 'src="http' not in html  # self-contained
     assert result["headline"]["merged"]["clip"]["delta"] is not None
+
+
+def test_adapters_with_the_same_weights_are_evaluated_once(tmp_path):
+    from selma_ray.serving import AdapterInfo
+
+    def adapter(name: str, data: bytes) -> AdapterInfo:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pytorch_lora_weights.safetensors").write_bytes(data)
+        return AdapterInfo(name, "merged", None, 4, str(tmp_path / name))
+
+    found = {
+        "base": AdapterInfo("base", "base", None, None, None),
+        "counting": adapter("counting", b"counting"),
+        "merged": adapter("merged", b"paper merge"),
+        "merged-paper": adapter("merged-paper", b"paper merge"),  # merged is a copy of it
+        "merged-ties": adapter("merged-ties", b"ties merge"),
+    }
+    assert evaluate._distinct(found) == ["base", "counting", "merged", "merged-ties"]
