@@ -30,8 +30,7 @@ def epoch_seconds(trainer, ds, batch_size: int, epochs: int) -> float:
     for _ in range(epochs):
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
             with torch.no_grad():
-                trainer.latents(batch)
-                trainer.hidden_states(batch)
+                trainer.conditioning(batch, trainer.latents(batch).shape[-1] * 2)
     return (time.perf_counter() - start) / epochs
 
 

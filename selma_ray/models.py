@@ -7,6 +7,8 @@
 - ``tiny-clip`` / ``tiny-vqa`` / ``tiny-vlm``: tiny, randomly initialised CLIP, BLIP-VQA and
   LLaVA-style models (hand-made or SmolLM2 tokenizers), for the eval scorers on CPU (their
   scores are noise).
+- ``tiny-sdxl``: the same idea for SDXL (two text encoders, pooled embeddings, time ids),
+  for expert-training tests of the SDXL conditioning.
 - anything else: a hub id or a local path, returned unchanged.
 
 Built assets are cached under ``$SELMA_CACHE`` (default ``~/.cache/selma_ray``), never in git.
@@ -32,8 +34,16 @@ TINY_SD = "tiny-sd"
 TINY_CLIP = "tiny-clip"
 TINY_VQA = "tiny-vqa"
 TINY_VLM = "tiny-vlm"
+TINY_SDXL = "tiny-sdxl"
 # Bump a version when a builder changes, so stale caches are rebuilt rather than reused.
-_VERSIONS = {SMOLLM2: "v1", TINY_SD: "v1", TINY_CLIP: "v1", TINY_VQA: "v1", TINY_VLM: "v1"}
+_VERSIONS = {
+    SMOLLM2: "v1",
+    TINY_SD: "v1",
+    TINY_CLIP: "v1",
+    TINY_VQA: "v1",
+    TINY_VLM: "v1",
+    TINY_SDXL: "v1",
+}
 
 
 def cache_dir() -> Path:
@@ -324,10 +334,85 @@ def _build_tiny_vlm(out: Path) -> None:
     ).save_pretrained(out)
 
 
+def _build_tiny_sdxl(out: Path) -> None:
+    """Tiny SDXL: two CLIP text encoders (the second with a projection: pooled embeddings),
+    a UNet with text-time added conditioning, the tiny-sd VAE shape."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = load_smollm2_tokenizer()
+    tokenizer.model_max_length = 77
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled 32
+        cross_attention_dim=64,  # 32 + 32: both encoders' hidden states side by side
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id or 0,
+        eos_token_id=tokenizer.eos_token_id or 2,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    ).save_pretrained(out, safe_serialization=True)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     SMOLLM2: _build_smollm2,
     TINY_SD: _build_tiny_sd,
     TINY_CLIP: _build_tiny_clip,
     TINY_VQA: _build_tiny_vqa,
     TINY_VLM: _build_tiny_vlm,
+    TINY_SDXL: _build_tiny_sdxl,
 }

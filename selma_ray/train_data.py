@@ -38,7 +38,8 @@ def native_resolution(base: str) -> int:
 
 
 def resize_crop(img, size: int, crop: str = "center", rng=None):
-    """Resize a PIL image so its shorter side is ``size``, then crop a ``size`` square."""
+    """Resize a PIL image so its shorter side is ``size``, then crop a ``size`` square;
+    returns the crop and its (top, left) in the resized image (SDXL's crop coordinates)."""
     import numpy as np
     from PIL import Image
 
@@ -51,25 +52,37 @@ def resize_crop(img, size: int, crop: str = "center", rng=None):
         left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
     else:
         left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    return img.crop((left, top, left + size, top + size)), (top, left)
 
 
-def pixel_array(pngs, size: int, crop: str = "center", flip: bool = False, rng=None):
-    """Encoded images -> float32 array (N, 3, size, size) in [-1, 1]; each image flipped
-    horizontally with probability 0.5 when ``flip``."""
+def prepare_images(pngs, size: int, crop: str = "center", flip: bool = False, rng=None):
+    """Encoded images -> (float32 pixels (N, 3, size, size) in [-1, 1], original (h, w) and
+    crop (top, left) per image, both int64 (N, 2)); each image flipped horizontally with
+    probability 0.5 when ``flip``."""
     import numpy as np
     from PIL import Image
 
     rng = rng if rng is not None else np.random.default_rng()
-    out = []
+    pixels, sizes, crops = [], [], []
     for data in pngs:
         with Image.open(io.BytesIO(data)) as src:
-            img = resize_crop(src, size, crop, rng)
+            sizes.append((src.height, src.width))
+            img, box = resize_crop(src, size, crop, rng)
         arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         if flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
-        out.append(arr.transpose(2, 0, 1))
-    return np.ascontiguousarray(np.stack(out))
+        pixels.append(arr.transpose(2, 0, 1))
+        crops.append(box)
+    return (
+        np.ascontiguousarray(np.stack(pixels)),
+        np.asarray(sizes, dtype=np.int64),
+        np.asarray(crops, dtype=np.int64),
+    )
+
+
+def pixel_array(pngs, size: int, crop: str = "center", flip: bool = False, rng=None):
+    """Encoded images -> float32 array (N, 3, size, size) in [-1, 1]."""
+    return prepare_images(pngs, size, crop, flip, rng)[0]
 
 
 def decode_images(pngs, size: int):
@@ -80,20 +93,25 @@ def decode_images(pngs, size: int):
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(base: str):
+def load_tokenizers(base: str) -> tuple[Any, ...]:
+    """The base model's tokenizer, and SDXL's second one when it has two."""
+    from diffusers import DiffusionPipeline
     from transformers import AutoTokenizer
 
     from selma_ray.models import resolve
 
-    return AutoTokenizer.from_pretrained(resolve(base), subfolder="tokenizer")
+    path = resolve(base)
+    names = ["tokenizer"]
+    if "tokenizer_2" in DiffusionPipeline.load_config(path):
+        names.append("tokenizer_2")
+    return tuple(AutoTokenizer.from_pretrained(path, subfolder=n) for n in names)
 
 
-def tokenize(base: str, prompts) -> Any:
-    tok = load_tokenizer(base)
-    return tok(
+def tokenize(tokenizer, prompts) -> Any:
+    return tokenizer(
         [str(p) for p in prompts],
         padding="max_length",
-        max_length=tok.model_max_length,
+        max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="np",
     ).input_ids.astype("int64")
@@ -102,18 +120,24 @@ def tokenize(base: str, prompts) -> Any:
 def preprocess_batch(
     batch: dict[str, Any], base: str, size: int, crop: str, flip: bool
 ) -> dict[str, Any]:
-    """Ray Data UDF: ``prompt``/``image`` columns -> ``prompt``/``pixel_values``/``input_ids``.
-    Random crops and flips are drawn afresh on every pass over the data."""
+    """Ray Data UDF: ``prompt``/``image`` columns -> ``pixel_values``, ``input_ids`` (and
+    ``input_ids_2`` for SDXL), ``original_size``, ``crop_top_left``. Random crops and flips are
+    drawn afresh on every pass over the data."""
     import numpy as np
 
     missing = {"prompt", "image"} - set(batch)
     if missing:
         raise ValueError(f"training rows lack columns {sorted(missing)}; expected prompt, image")
-    return {
+    pixels, sizes, crops = prepare_images(batch["image"], size, crop, flip)
+    out = {
         "prompt": np.asarray([str(p) for p in batch["prompt"]], dtype=object),
-        "pixel_values": pixel_array(batch["image"], size, crop, flip),
-        "input_ids": tokenize(base, batch["prompt"]),
+        "pixel_values": pixels,
+        "original_size": sizes,
+        "crop_top_left": crops,
     }
+    for i, tok in enumerate(load_tokenizers(base)):
+        out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = tokenize(tok, batch["prompt"])
+    return out
 
 
 def split_rows(table, seed: int, skill: str, fraction: float, count: int | None):
@@ -144,30 +168,34 @@ def data_hash(table) -> str:
 
 class LatentEncoder:
     """Ray Data actor UDF: pixels and token ids -> VAE latent mean/std (also of the flipped
-    image when ``flip``) and text embeddings."""
+    image when ``flip``) and text embeddings (``hidden``; SDXL: also ``pooled``)."""
 
     def __init__(self, base: str, flip: bool = False):
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel
+        from diffusers import DiffusionPipeline
 
         from selma_ray.models import resolve
+        from selma_ray.training import TextConditioner
 
-        path = resolve(base)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval()
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()
+        pipe = DiffusionPipeline.from_pretrained(resolve(base))
+        self.vae = pipe.vae.eval()
+        self.text = TextConditioner(pipe)
         self.flip = flip
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         pixels = torch.from_numpy(batch["pixel_values"])
-        out = {"prompt": batch["prompt"]}
+        keep = ("prompt", "original_size", "crop_top_left")
+        out = {k: batch[k] for k in keep if k in batch}
         with torch.no_grad():
             for suffix, px in [("", pixels)] + ([("_flip", pixels.flip(-1))] if self.flip else []):
                 dist = self.vae.encode(px).latent_dist
                 out[f"latent_mean{suffix}"] = dist.mean.numpy()
                 out[f"latent_std{suffix}"] = dist.std.numpy()
-            out["hidden"] = self.text_encoder(torch.from_numpy(batch["input_ids"]))[0].numpy()
+            hidden, pooled = self.text.encode(batch, torch.device("cpu"))
+        out["hidden"] = hidden.numpy()
+        if pooled is not None:
+            out["pooled"] = pooled.numpy()
         return out
 
 

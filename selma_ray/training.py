@@ -6,8 +6,10 @@ Plain diffusion fine-tuning as in the paper: a peft LoRA on the UNet attention p
 gradient clipping that really clips, the noise-prediction MSE loss following the scheduler's
 prediction type (epsilon or v), with the usual options of LoRA trainers: min-SNR gamma
 weighting, offset noise and gradient checkpointing. On GPU, fp16/bf16 autocast with the LoRA
-weights kept in fp32. Inputs come from ``ray.train.get_dataset_shard("train")`` as token ids
-and pixels, or as cached latents and text embeddings (``selma_ray.train_data``).
+weights kept in fp32. SD 1.x/2.x and SDXL bases (two text encoders, pooled embeddings and
+time ids from each image's original size and crop). Inputs come from
+``ray.train.get_dataset_shard("train")`` as token ids and pixels, or as cached latents and
+text embeddings (``selma_ray.train_data``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,36 @@ def _lr_scheduler(optimizer, kind: str, max_steps: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
 
 
+class TextConditioner:
+    """Prompt token ids -> the UNet's text conditioning: the CLIP hidden states (SD 1.x/2.x),
+    or for SDXL both encoders' penultimate hidden states side by side plus the second
+    encoder's pooled embedding."""
+
+    def __init__(self, pipe):
+        self.encoders = [pipe.text_encoder]
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            self.encoders.append(pipe.text_encoder_2)
+
+    @property
+    def sdxl(self) -> bool:
+        return len(self.encoders) == 2
+
+    def encode(self, batch: dict[str, Any], device):
+        """(hidden states, pooled embedding or None)."""
+        import torch
+
+        ids = [torch.as_tensor(batch["input_ids"]).to(device)]
+        if not self.sdxl:
+            return self.encoders[0](ids[0])[0], None
+        ids.append(torch.as_tensor(batch["input_ids_2"]).to(device))
+        hidden, pooled = [], None
+        for encoder, tokens in zip(self.encoders, ids, strict=True):
+            out = encoder(tokens, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the second (projection) encoder's text_embeds
+        return torch.cat(hidden, dim=-1), pooled
+
+
 class ExpertTrainer:
     """One expert's LoRA model, optimizer and step count; runs in a Ray Train worker, or
     alone in a plain process (tests, the P3 baseline)."""
@@ -63,17 +95,18 @@ class ExpertTrainer:
         self.config = config
         self.device = device or torch.device("cpu")
         self.pipe = DiffusionPipeline.from_pretrained(resolve(config["base"]))
-        if getattr(self.pipe, "text_encoder_2", None) is not None:
-            raise NotImplementedError(
-                f"{config['base']}: SDXL expert training (two text encoders, pooled embeddings, "
-                "time ids) is not supported yet; use an SD 1.x/2.x base"
-            )
         self.pipe.set_progress_bar_config(disable=True)
         self.unet, self.vae = self.pipe.unet, self.pipe.vae
         self.text_encoder = self.pipe.text_encoder
+        self.text = TextConditioner(self.pipe)
+        if self.text.sdxl and config["train_text_encoder"]:
+            raise ValueError(
+                f"{config['base']}: text-encoder LoRA training is not supported for SDXL bases "
+                "yet; set experts.train_text_encoder=false"
+            )
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.dtype = _weight_dtype(config["mixed_precision"], self.device)
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, *self.text.encoders):
             module.requires_grad_(False)
             if self.dtype == torch.float32:
                 module.to(self.device)
@@ -122,10 +155,25 @@ class ExpertTrainer:
         t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
         return t.to(self.device, dtype=dtype) if dtype is not None else t.to(self.device)
 
-    def hidden_states(self, batch: dict[str, Any]):
+    def conditioning(self, batch: dict[str, Any], size: int):
+        """(text hidden states, SDXL ``added_cond_kwargs`` or None) of a batch whose images
+        are ``size`` pixels square: from cached embeddings or through the text encoder(s)."""
+        import torch
+
         if "hidden" in batch:
-            return self._tensor(batch["hidden"], self.dtype)
-        return self.text_encoder(self._tensor(batch["input_ids"]))[0]
+            hidden = self._tensor(batch["hidden"], self.dtype)
+            pooled = self._tensor(batch["pooled"], self.dtype) if "pooled" in batch else None
+        else:
+            hidden, pooled = self.text.encode(batch, self.device)
+        if not self.text.sdxl:
+            return hidden, None
+        n = hidden.shape[0]
+        orig = batch.get("original_size")
+        orig = torch.full((n, 2), size) if orig is None else torch.as_tensor(orig)
+        crop = batch.get("crop_top_left")
+        crop = torch.zeros((n, 2), dtype=torch.long) if crop is None else torch.as_tensor(crop)
+        time_ids = torch.cat([orig, crop, torch.full((n, 2), size)], dim=1)
+        return hidden, {"text_embeds": pooled, "time_ids": self._tensor(time_ids, hidden.dtype)}
 
     def latents(self, batch: dict[str, Any], sample: bool = True):
         """Scaled VAE latents of a batch: sampled for training, the mean for validation."""
@@ -157,8 +205,9 @@ class ExpertTrainer:
         from diffusers.training_utils import compute_snr
 
         latents = self.latents(batch)
+        size = latents.shape[-1] * self.pipe.vae_scale_factor
         with torch.set_grad_enabled(self.te_lora_config is not None):
-            hidden = self.hidden_states(batch)
+            hidden, added = self.conditioning(batch, size)
         noise = torch.randn_like(latents)
         if self.config["noise_offset"]:
             noise = noise + self.config["noise_offset"] * torch.randn(
@@ -170,7 +219,9 @@ class ExpertTrainer:
         target = self._target(latents, noise, t)
         use_amp = self.dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_amp):
-            pred = self.model(noisy, t, encoder_hidden_states=hidden).sample
+            pred = self.model(
+                noisy, t, encoder_hidden_states=hidden, added_cond_kwargs=added
+            ).sample
         gamma = self.config["snr_gamma"]
         if not gamma:
             return torch.nn.functional.mse_loss(pred.float(), target.float())
@@ -224,12 +275,16 @@ class ExpertTrainer:
         if self.val is None:
             return None
         v, n = self.val, self.val["n"]
+        size = v["noisy"].shape[-1] * self.pipe.vae_scale_factor
         with torch.no_grad():
-            hidden = self.hidden_states(v["batch"])
+            hidden, added = self.conditioning(v["batch"], size)
             total = 0.0
             for i in range(0, len(v["t"]), n):  # one image batch per timestep
                 pred = self.unet(
-                    v["noisy"][i : i + n], v["t"][i : i + n], encoder_hidden_states=hidden
+                    v["noisy"][i : i + n],
+                    v["t"][i : i + n],
+                    encoder_hidden_states=hidden,
+                    added_cond_kwargs=added,
                 ).sample
                 total += torch.nn.functional.mse_loss(
                     pred.float(), v["target"][i : i + n].float()

@@ -195,3 +195,32 @@ def test_render_samples_writes_one_strip_of_the_prompts(trainer, tmp_path):
     trainer.render_samples(["a cat", "two dogs"], out)
     with Image.open(out) as img:
         assert img.size == (64, 32)
+
+
+def test_sdxl_conditioning_trains_from_pixels_and_from_cached_latents(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from selma_ray.models import resolve
+
+    rows = {"prompt": np.array(["a cat", "two dogs"] * 2), "image": random_pngs(4, (40, 56))}
+    batch = train_data.preprocess_batch(rows, "tiny-sdxl", 32, "center", False)
+    assert batch["input_ids_2"].shape == (4, 77)
+    t = seeded_trainer(base="tiny-sdxl", learning_rate=1e-2, max_grad_norm=10.0)
+    hidden, added = t.conditioning(batch, 32)
+    assert hidden.shape == (4, 77, 64) and added["text_embeds"].shape == (4, 32)
+    # time ids: original (h, w), crop (top, left) in the 32x45 resize, target (h, w)
+    assert added["time_ids"][0].tolist() == [40, 56, 0, 6, 32, 32]
+    t.set_validation(batch)
+    before = t.validation_loss()
+    for i in range(8):
+        torch.manual_seed(i)
+        t.train_step([batch])
+    assert t.validation_loss() < before - 1e-3
+    cached = train_data.LatentEncoder("tiny-sdxl", flip=True)(batch)
+    assert cached["pooled"].shape == (4, 32) and cached["hidden"].shape == (4, 77, 64)
+    torch.manual_seed(0)
+    assert np.isfinite(t.train_step([cached])["loss"])
+    t.save(tmp_path / "ckpt")
+    pipe = DiffusionPipeline.from_pretrained(resolve("tiny-sdxl"))
+    pipe.load_lora_weights(str(tmp_path / "ckpt"), adapter_name="x")
+    assert "x" in pipe.get_list_adapters()["unet"]
