@@ -54,6 +54,19 @@ class GenerationRequest(BaseModel):
     negative_prompt: str | None = None
 
 
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+class InvalidRequest(BaseModel):
+    """A limit's message (a string) or the request schema's errors (a list)."""
+
+    detail: str | list[dict[str, Any]]
+
+
+ERROR_401 = {"model": ErrorDetail, "description": "Missing or wrong API key."}
+
+
 # Helpers the ingress uses must be defined above it: serve.ingress pickles the FastAPI
 # app (and what its routes reference) when the class is decorated.
 def authorized(api_key: str, path: str, headers: Any) -> bool:
@@ -110,6 +123,7 @@ class Diffusion:
         limits = effective_limits(self.service.config.serve, overrides)
         self._batched.set_max_batch_size(limits.max_batch_size)
         self._batched.set_batch_wait_timeout_s(limits.batch_wait_timeout_s)
+        self.max_batch_size = limits.max_batch_size
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Hot reload: ``user_config: {run_dir: ..., limits: {...}}`` swaps in another run's
@@ -127,7 +141,12 @@ class Diffusion:
         return self.service.describe()
 
     def status(self) -> dict[str, Any]:
-        return {**replica_info(), "run": self.run_dir, "reloads": self.reloads}
+        return {
+            **replica_info(),
+            "run": self.run_dir,
+            "reloads": self.reloads,
+            "max_batch_size": self.max_batch_size,
+        }
 
     def native_size(self) -> int:
         return self.service.native_size
@@ -223,7 +242,7 @@ class Ingress:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/v1/adapters")
+    @api.get("/v1/adapters", responses={401: ERROR_401})
     async def adapters(self, request: Request) -> dict[str, Any]:
         """Every adapter a request may name; ``replica`` says which diffusion replica
         answered (its pid and id stay the same across a hot reload)."""
@@ -248,7 +267,15 @@ class Ingress:
 
     @api.post(
         "/v1/images/generations",
-        responses={200: {"content": {"application/json": {}, "image/png": {}}}},
+        responses={
+            200: {"content": {"application/json": {}, "image/png": {}}},
+            401: ERROR_401,
+            404: {"model": ErrorDetail, "description": "Unknown adapter; lists the valid ones."},
+            422: {
+                "model": InvalidRequest,
+                "description": "Invalid request; the message says what is allowed.",
+            },
+        },
     )
     async def generate(self, req: GenerationRequest, request: Request) -> Response:
         self._authorize(request)
