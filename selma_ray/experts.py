@@ -72,38 +72,51 @@ def work_dir(run: RunDir, skill: str, fp: str) -> Path:
     return run.path("ray_results", "expert-work", f"{skill}-{fp}")
 
 
-def _train_one(trial_config: dict[str, Any], job: dict[str, Any]) -> None:
-    """Tune trial: train one skill's expert with a TorchTrainer, then export it."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
+def prepare_data(job: dict[str, Any], skill: str) -> dict[str, Any]:
+    """One skill's train/validation split as Ray Datasets of model inputs, prepared by the
+    driver: deterministic preprocessing runs once here on warm Ray workers, not per trial."""
     from selma_ray import train_data
-    from selma_ray.logs import setup_logging
-    from selma_ray.training import train_expert
 
-    setup_logging()
-    skill, loop = trial_config["skill"], job["loop"]
-    fp, run = job["fingerprints"][skill], RunDir(job["run_dir"])
-    work = work_dir(run, skill, fp)
+    loop, run = job["loop"], RunDir(job["run_dir"])
+    work = work_dir(run, skill, job["fingerprints"][skill])
     table = skill_table(job["images_dir"], skill)
     train, val = train_data.split_rows(
         table, loop["seed"], skill, loop["validation_fraction"], loop["validation_count"]
     )
     log.info(
-        "experts: [%s] training starts (%d train, %d validation images)",
-        skill,
-        train.num_rows,
-        val.num_rows,
+        "experts: [%s] %d training and %d validation images", skill, train.num_rows, val.num_rows
     )
-    res = job["resources"]
     datasets = train_data.training_datasets(
         train,
         val,
         loop,
         work / "latents" if loop["cache_latents"] else None,
-        min(1.0, res["cpus_per_worker"]),
+        min(1.0, job["resources"]["cpus_per_worker"]),
     )
+    return {
+        "datasets": datasets,
+        "data_hash": train_data.data_hash(table),
+        "sample_prompts": val.column("prompt").to_pylist()[: loop["sample_images"]],
+    }
+
+
+def _train_one(
+    trial_config: dict[str, Any], job: dict[str, Any], data: dict[str, dict[str, Any]]
+) -> None:
+    """Tune trial: train one skill's expert with a TorchTrainer, then export it."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from selma_ray.logs import setup_logging
+    from selma_ray.training import train_expert
+
+    setup_logging()
+    skill, loop, prep = trial_config["skill"], job["loop"], data[trial_config["skill"]]
+    fp, run = job["fingerprints"][skill], RunDir(job["run_dir"])
+    work = work_dir(run, skill, fp)
+    log.info("experts: [%s] training starts", skill)
+    res = job["resources"]
     resources = {"CPU": res["cpus_per_worker"]}
     if res["use_gpu"]:
         resources["GPU"] = 1
@@ -118,7 +131,7 @@ def _train_one(trial_config: dict[str, Any], job: dict[str, Any]) -> None:
             "attempts_file": str(work / "attempts.jsonl"),
             "log_dir": str(work / "logs"),
             "samples_dir": str(work / "samples"),
-            "sample_prompts": val.column("prompt").to_pylist()[: loop["sample_images"]],
+            "sample_prompts": prep["sample_prompts"],
         },
         scaling_config=ScalingConfig(
             num_workers=res["workers_per_expert"],
@@ -138,7 +151,7 @@ def _train_one(trial_config: dict[str, Any], job: dict[str, Any]) -> None:
             failure_config=FailureConfig(max_failures=loop["max_failures"]),
             callbacks=[TuneReportCallback()],
         ),
-        datasets=datasets,
+        datasets=prep["datasets"],
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
@@ -154,7 +167,7 @@ def _train_one(trial_config: dict[str, Any], job: dict[str, Any]) -> None:
         "rank": loop["rank"],
         "alpha": loop["alpha"],
         "steps": final.get("step"),
-        "data_hash": train_data.data_hash(table),
+        "data_hash": prep["data_hash"],
         "select": loop["select"],
         "selected_step": chosen_metrics.get("step"),
         "selected_val_loss": chosen_metrics.get("val_loss"),
@@ -263,8 +276,10 @@ def run_experts(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
             res.max_concurrent,
             ", ".join(todo),
         )
+        data = {s: prepare_data(job, s) for s in todo}
+        trial = tune.with_parameters(_train_one, job=job, data=data)
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(_train_one, job=job), {"cpu": 0.01}),
+            tune.with_resources(trial, {"cpu": 0.01}),
             param_space={"skill": tune.grid_search(todo)},
             tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent),
             run_config=tune.RunConfig(
