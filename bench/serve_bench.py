@@ -16,7 +16,8 @@ http (the real Serve app from serve/config.yaml on loopback, a private local Ray
   is not something the app can do; the baseline stays engine-side);
 - throughput at concurrency 8 with micro-batching (max_batch_size 8) vs without
   (max_batch_size 1, set through user_config: same replica, no restart), for requests that
-  all use one adapter and for requests that cycle through all of them.
+  all use one adapter and for requests that cycle through all of them. One diffusion replica
+  (config.yaml's autoscaling would add a second one under load and blur the comparison).
 
 Goals: switching/fixed <= 1.05x; switching >= 20x faster than reloading; batched >= 1.5x.
 
@@ -116,7 +117,7 @@ def http(srv: LocalServe, root: Path, requests: int, steps: int) -> dict[str, fl
     import requests as rq
 
     limits = {"max_batch_size": CONCURRENCY, "batch_wait_timeout_s": 0.02, "max_n": 1}
-    srv.deploy(serve_app_config(root, limits=limits))
+    srv.deploy(serve_app_config(root, limits=limits, replicas=1))
     session = rq.Session()
     url = f"{srv.url}/v1/images/generations"
     headers = {"Accept": "image/png"}
@@ -155,7 +156,10 @@ def http(srv: LocalServe, root: Path, requests: int, steps: int) -> dict[str, fl
         # Only the batch size changes: user_config -> reconfigure, the replica stays.
         srv.deploy(
             serve_app_config(
-                root, limits=limits, user_config={"limits": {**limits, "max_batch_size": batch}}
+                root,
+                limits=limits,
+                replicas=1,
+                user_config={"limits": {**limits, "max_batch_size": batch}},
             )
         )
         while session.get(f"{srv.url}/v1/adapters").json()["replica"]["max_batch_size"] != batch:

@@ -76,10 +76,12 @@ def serve_app_config(
     limits: dict[str, Any] | None = None,
     user_config: dict[str, Any] | None = None,
     ingress_env: dict[str, str] | None = None,
+    replicas: int | None = None,
 ) -> dict:
     """``serve/config.yaml``'s application, pointed at ``run_dir`` with ``limits`` replacing
     its limits; ``user_config`` goes on both deployments (a hot reload), ``ingress_env`` into
-    the ingress replicas' environment (e.g. an API key)."""
+    the ingress replicas' environment (e.g. an API key); ``replicas`` pins the number of
+    diffusion replicas instead of autoscaling."""
     spec = yaml.safe_load(SERVE_CONFIG.read_text())
     app = copy.deepcopy(spec["applications"][0])
     app["args"] = {**app.get("args", {}), "run_dir": str(run_dir)}
@@ -89,6 +91,10 @@ def serve_app_config(
     if user_config is not None:
         for name in ("Diffusion", "Ingress"):
             by_name.setdefault(name, {"name": name})["user_config"] = dict(user_config)
+    if replicas is not None:
+        options = by_name.setdefault("Diffusion", {"name": "Diffusion"})
+        options.pop("autoscaling_config", None)
+        options["num_replicas"] = replicas
     if ingress_env:
         options = by_name.setdefault("Ingress", {"name": "Ingress"})
         options.setdefault("ray_actor_options", {})["runtime_env"] = {"env_vars": ingress_env}

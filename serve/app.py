@@ -269,6 +269,7 @@ class Ingress:
         "/v1/images/generations",
         responses={
             200: {"content": {"application/json": {}, "image/png": {}}},
+            400: {"model": ErrorDetail, "description": "The body cannot be read (not UTF-8)."},
             401: ERROR_401,
             404: {"model": ErrorDetail, "description": "Unknown adapter; lists the valid ones."},
             422: {
