@@ -3,8 +3,9 @@
 Both arms run the real experts stage (``selma_ray.experts.run_experts``: one Tune trial per
 skill, each a TorchTrainer with one 0.25-CPU worker, validation and exports included) on the
 same synthetic image set in fresh run directories, on one local Ray cluster of ``--cpus``
-CPUs started once for both. The only difference is ``resources.experts.max_concurrent``:
-N (all at once) vs 1 (queued). Wall time is the whole stage call.
+CPUs started once for both and warmed up by one data preparation. The only difference is
+``resources.experts.max_concurrent``: N (all at once) vs 1 (queued). Wall time is the whole
+stage call.
 
     python bench/experts_parallel_bench.py [--experts 5] [--steps 20] [--cpus 2]
 """
@@ -17,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from training_bench import write_images
+from training_bench import loop_config, synthetic_table, write_images
 
 
 def run_stage(root: Path, skills: list[str], steps: int, concurrent: int) -> float:
@@ -45,6 +46,14 @@ def run_stage(root: Path, skills: list[str], steps: int, concurrent: int) -> flo
     return seconds
 
 
+def warm_up() -> None:
+    """Run the data preparation once, so neither arm pays for cold Ray workers' imports."""
+    from selma_ray import train_data
+
+    table = synthetic_table(["warm"], 2).select(["prompt", "image"])
+    train_data.training_datasets(table, table.slice(0, 0), loop_config(1, 1), None, 0.25)
+
+
 def main() -> None:
     import ray
 
@@ -59,6 +68,7 @@ def main() -> None:
     skills = PAPER_SKILLS[: args.experts]
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
+        warm_up()
         with tempfile.TemporaryDirectory() as tmp:
             sequential = run_stage(Path(tmp) / "sequential", skills, args.steps, 1)
             parallel = run_stage(Path(tmp) / "parallel", skills, args.steps, len(skills))
