@@ -21,7 +21,10 @@ http (the real Serve app from serve/config.yaml on loopback, a private local Ray
 
 Goals: switching/fixed <= 1.05x; switching >= 20x faster than reloading; batched >= 1.5x.
 
-    python bench/serve_bench.py [--mode both|engine|http] [--ranks 4,128] [--requests 40]
+With ``--sd15``, the adapter change alone is also timed at real size (rank-128 adapters of
+the SD v1.5 UNet shape), where loading an adapter costs what it costs in production.
+
+    python bench/serve_bench.py [--mode both|engine|http|sd15] [--ranks 4,128] [--sd15]
 """
 
 from __future__ import annotations
@@ -112,6 +115,61 @@ def engine(root: Path, requests: int, steps: int) -> dict[str, float]:
     }
 
 
+def sd15_adapter_change(rank: int, count: int, repeats: int) -> dict[str, float]:
+    """The adapter change alone at real size: an SD v1.5-shaped UNet (uninitialised memory,
+    no download) with ``count`` random rank-``rank`` LoRAs on its 128 attention projections.
+    Switching (``set_adapters`` among loaded ones) vs reloading (``load_lora_adapter`` from
+    safetensors + ``set_adapters`` + ``delete_adapters``), p50 in ms."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from selma_ray.lora_io import WEIGHT_NAME, save_adapter
+
+    torch.set_num_threads(1)
+    with init_empty_weights():
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention_dim=768,
+            layers_per_block=2,
+            attention_head_dim=8,
+        )
+    unet = unet.to_empty(device="cpu")
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    unet.add_adapter(config, adapter_name="shape")
+    shapes = {k: v.shape for k, v in get_peft_model_state_dict(unet, adapter_name="shape").items()}
+    unet.delete_adapters("shape")
+    tmp = Path(tempfile.mkdtemp())
+    gen = torch.Generator().manual_seed(0)
+    folders = []
+    for i in range(count):
+        state = {k: torch.randn(shape, generator=gen) * 0.01 for k, shape in shapes.items()}
+        save_adapter(tmp / f"a{i}", state, config.to_dict())
+        folders.append(tmp / f"a{i}")
+
+    def load(i: int, name: str) -> None:
+        unet.load_lora_adapter(
+            str(folders[i % count]), weight_name=WEIGHT_NAME, prefix="unet", adapter_name=name
+        )
+
+    for i in range(count):
+        load(i, f"a{i}")
+
+    def reload(i: int) -> None:
+        load(i, "per_req")
+        unet.set_adapters(["per_req"])
+        unet.delete_adapters("per_req")
+
+    switch = [timed(lambda i=i: unet.set_adapters([f"a{i % count}"])) for i in range(repeats)]
+    reloads = [timed(lambda i=i: reload(i)) for i in range(repeats)]
+    params = sum(v.numel() for v in state.values())
+    return {"switch": p50_ms(switch), "reload": p50_ms(reloads), "params": params}
+
+
 def http(srv: LocalServe, root: Path, requests: int, steps: int) -> dict[str, float]:
     """The same measurements against the live Serve app over loopback."""
     import requests as rq
@@ -174,14 +232,22 @@ def http(srv: LocalServe, root: Path, requests: int, steps: int) -> dict[str, fl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--mode", choices=["both", "engine", "http"], default="both")
+    p.add_argument("--mode", choices=["both", "engine", "http", "sd15"], default="both")
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--ranks", default="4,128", help="adapter ranks to measure, comma-separated")
+    p.add_argument(
+        "--sd15",
+        action="store_true",
+        help="also time the adapter change alone with rank-128 SD v1.5-shaped adapters "
+        "(needs about 5 GB of RAM)",
+    )
     args = p.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
 
     tmp = Path(tempfile.mkdtemp())
+    if args.mode == "sd15":  # only the real-size adapter change
+        args.sd15, ranks = True, []
     runs = {r: make_run(tmp / f"rank{r}", SKILLS, rank=r) for r in ranks}
     head = (
         f"{args.requests} requests, {args.steps} steps, {SIZE}px tiny-sd, 6 adapters, "
@@ -197,6 +263,17 @@ def main() -> None:
             for r in ranks:
                 results["http", r] = http(srv, runs[r], args.requests, args.steps)
 
+    if args.sd15:
+        sd = sd15_adapter_change(rank=128, count=len(NAMES), repeats=12)
+        print(
+            f"engine, SD v1.5-shaped UNet, 6 adapters of rank 128 ({sd['params'] / 1e6:.1f}M "
+            "parameters each), adapter change alone:"
+        )
+        print(f"  p50 set_adapters {sd['switch']:.1f} ms; load+set+delete {sd['reload']:.1f} ms")
+        print(
+            f"P5 sd15 r128 adapter change alone, switching vs reloading: "
+            f"{sd['reload'] / sd['switch']:.1f}x faster"
+        )
     for r in ranks:
         eng = results.get(("engine", r))
         if eng:
