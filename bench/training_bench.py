@@ -11,7 +11,7 @@ The plain arm runs before and after the Ray arm. Two ratios are printed: by mean
 (plain: mean of both runs) and by median step time (plain: the faster run), which resists other
 load on a shared machine. Goal >= 0.9x.
 
-    python bench/training_bench.py [--steps 60] [--checkpoint-every 20] [--images 64]
+    python bench/training_bench.py [--steps 200] [--checkpoint-every 100] [--images 64]
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def ray_steps_per_second(loop: dict, table, storage: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--checkpoint-every", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--images", type=int, default=64, help="rows per epoch")
     args = parser.parse_args()
     loop = {**loop_config(args.steps, args.checkpoint_every), "select": "last"}

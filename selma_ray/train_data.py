@@ -230,6 +230,7 @@ def training_datasets(
 ) -> dict[str, Any]:
     """Ray Datasets ``train`` (and ``validation`` when rows are held out) of model inputs."""
     import ray
+    from ray.data.dataset import MaterializedDataset
 
     base, bs = loop["base"], loop["batch_size"]
     size = loop["resolution"] or native_resolution(base)
@@ -256,5 +257,18 @@ def training_datasets(
             ds = cached_latents(ds, cache_dir / name, base, flip, bs, num_cpus).materialize()
         elif aug["crop"] == "center" and not aug["flip"]:
             ds = ds.materialize()  # deterministic: preprocess once, not on every epoch
+        if name == "train" and isinstance(ds, MaterializedDataset):
+            ds = repeated(ds, table.num_rows, loop)
         datasets[name] = ds
     return datasets
+
+
+MAX_REPEATS = 1000
+
+
+def repeated(ds, rows: int, loop: dict[str, Any]):
+    """A materialized data set repeated (block references only) to cover the whole run, so
+    the workers iterate one long epoch instead of paying Ray Data's per-epoch start each pass."""
+    needed = loop["max_steps"] * loop["batch_size"] * loop["gradient_accumulation"]
+    times = min(MAX_REPEATS, -(-needed // rows))
+    return ds.union(*[ds] * (times - 1)) if times > 1 else ds

@@ -115,7 +115,9 @@ def test_ray_data_feed_and_latent_cache(tmp_path):
         assert plain["validation"].count() == 1
         cache = tmp_path / "latents"
         cached = train_data.training_datasets(train, val, {**loop, "random_flip": True}, cache, 0.5)
-        batch = cached["train"].take_batch(8)
+        # materialized rows repeat (block references) to cover max_steps x batch_size rows
+        assert cached["train"].count() == loop["max_steps"] * loop["batch_size"]
+        batch = cached["train"].take_batch(2)
         assert batch["latent_mean"].shape == (2, 4, 16, 16) == batch["latent_mean_flip"].shape
         assert batch["hidden"].shape == (2, 77, 32) and "pixel_values" not in batch
         assert not np.allclose(batch["latent_mean"], batch["latent_mean_flip"])
