@@ -437,7 +437,10 @@ def train_expert(config: dict[str, Any]) -> None:
     if rank == 0 and config.get("log_dir"):
         from tensorboardX import SummaryWriter
 
-        writer = SummaryWriter(config["log_dir"], purge_step=trainer.step or None)
+        # After a resume, TensorBoard hides the failed attempt's steps past the checkpoint.
+        writer = SummaryWriter(
+            config["log_dir"], purge_step=trainer.step + 1 if trainer.step else None
+        )
 
     batches = endless_batches(ray.train.get_dataset_shard("train"), config["batch_size"])
     losses: list[float] = []

@@ -190,3 +190,22 @@ def test_two_workers_per_expert_train_with_ddp(tmp_path, ray_cluster):
     assert result.error is None and result.metrics["step"] == 3
     assert result.metrics["workers"] == 2  # the UNet was wrapped in DDP (prepare_model)
     assert result.metrics["val_loss"] > 0 and result.checkpoint is not None
+
+
+def test_training_curves_are_tensorboard_event_files(trained):
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    steps: dict[str, list[int]] = {}
+    for path in trained["run"].path("experts", "counting", "logs").glob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i < len(data):  # TFRecord: length, crc, event, crc
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 16 + n
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    assert sorted(steps["train/loss"]) == [1, 2, 3, 4, 5, 6]
+    assert sorted(steps["val/loss"]) == [2, 4, 6]
+    assert {"train/lr", "train/grad_norm"} <= set(steps)
