@@ -154,6 +154,9 @@ class DiffusionService:
         from selma_ray.images import png_bytes
 
         with self._lock:  # the pipeline is not re-entrant
+            missing = sorted({name for name, _ in spec} - set(self.adapters))
+            if missing:  # e.g. a request validated just before a hot reload removed them
+                raise KeyError(f"unknown adapters {missing}; valid: {sorted(self.adapters)}")
             self._activate(spec)
             out = self.pipe(
                 prompt=prompts,

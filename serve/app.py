@@ -303,19 +303,23 @@ class Ingress:
         want_png = "image/png" in request.headers.get("accept", "")
         if want_png and req.n != 1:
             raise HTTPException(422, "Accept: image/png returns one image; use n=1 or b64_json")
-        images = await self.diffusion.generate.remote(
-            {
-                "spec": spec,
-                "prompt": req.prompt,
-                "n": req.n,
-                "seed": req.seed,
-                "steps": steps,
-                "guidance_scale": req.guidance_scale,
-                "width": width,
-                "height": height,
-                "negative_prompt": req.negative_prompt,
-            }
-        )
+        job = {
+            "spec": spec,
+            "prompt": req.prompt,
+            "n": req.n,
+            "seed": req.seed,
+            "steps": steps,
+            "guidance_scale": req.guidance_scale,
+            "width": width,
+            "height": height,
+            "negative_prompt": req.negative_prompt,
+        }
+        try:
+            images = await self.diffusion.generate.remote(job)
+        except KeyError as e:  # a hot reload removed the adapter after it was checked here
+            self._served = None
+            cause = getattr(e, "cause", e)  # Ray wraps the replica's exception
+            raise HTTPException(404, str(cause.args[0] if cause.args else cause)) from None
         if want_png:
             return Response(
                 content=images[0], media_type="image/png", headers={"X-Seed": str(req.seed)}

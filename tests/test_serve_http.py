@@ -169,6 +169,27 @@ def test_png_accept_with_several_images_is_refused(live):
     assert resp.status_code == 422 and "n=1" in resp.text
 
 
+def test_diffusion_refuses_adapters_it_does_not_hold_with_a_key_error(live):
+    """What the ingress turns into a 404 when a hot reload removed an adapter in between."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Diffusion", app_name="selma")
+    job = {
+        "spec": (("gone", 1.0),),
+        "prompt": "x",
+        "n": 1,
+        "seed": 0,
+        "steps": 1,
+        "guidance_scale": 1.0,
+        "width": 32,
+        "height": 32,
+        "negative_prompt": None,
+    }
+    with pytest.raises(KeyError) as err:
+        handle.generate.remote(job).result(timeout_s=60)
+    assert "gone" in str(getattr(err.value, "cause", err.value))
+
+
 def test_schemathesis_finds_no_server_error(live):
     """Fuzz every operation of /openapi.json with valid and invalid inputs: no 5xx, invalid
     data is rejected, and responses match the documented status codes, types and schemas."""
