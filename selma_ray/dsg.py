@@ -270,24 +270,9 @@ def llm_pass(
 ) -> dict[str, dict[str, Any]]:
     """One Ray Data pass of the configured LLM backend over ``items`` (each with ``key``,
     ``instruction`` and ``seed``); returns the answer rows by key."""
-    import ray
+    from selma_ray.prompts import generate_with_ray_data
 
-    from selma_ray.prompts import backend_udf
-
-    res = cfg.resources.prompts
-    udf, kwargs = backend_udf(cfg)
-    kwargs["sampling"] = sampling
-    if model:
-        kwargs["model"] = model
-    ds = ray.data.from_items(items).map_batches(
-        udf,
-        fn_constructor_kwargs=kwargs,
-        compute=ray.data.ActorPoolStrategy(min_size=res.min_size, max_size=res.max_size),
-        batch_size=cfg.prompts.batch_size,
-        num_gpus=res.num_gpus if cfg.prompts.backend == "vllm" else 0,
-        num_cpus=res.num_cpus,
-    )
-    return {r["key"]: r for r in ds.take_all()}
+    return {r["key"]: r for r in generate_with_ray_data(cfg, items, sampling, model)}
 
 
 def generate_questions(cfg: Any, prompts: list[EvalPrompt]) -> dict[str, list[Question]]:

@@ -124,10 +124,34 @@ def _build_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _tiny_tokenizer():
+    """SmolLM2's tokenizer cut to CLIP's 77 tokens, for the tiny text encoders."""
+    tokenizer = load_smollm2_tokenizer()
+    tokenizer.model_max_length = 77
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tiny_vae():
+    """The tiny SD/SDXL VAE: 32 px images, 4 latent channels at 16 px (random weights)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
 def _build_tiny_sd(out: Path) -> None:
     import torch
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
@@ -135,10 +159,7 @@ def _build_tiny_sd(out: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    tokenizer = load_smollm2_tokenizer()
-    tokenizer.model_max_length = 77
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tiny_tokenizer()
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
@@ -151,16 +172,7 @@ def _build_tiny_sd(out: Path) -> None:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = _tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -339,7 +351,6 @@ def _build_tiny_sdxl(out: Path) -> None:
     a UNet with text-time added conditioning, the tiny-sd VAE shape."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -347,10 +358,7 @@ def _build_tiny_sdxl(out: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    tokenizer = load_smollm2_tokenizer()
-    tokenizer.model_max_length = 77
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tiny_tokenizer()
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
@@ -368,16 +376,7 @@ def _build_tiny_sdxl(out: Path) -> None:
         cross_attention_dim=64,  # 32 + 32: both encoders' hidden states side by side
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = _tiny_vae()
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,

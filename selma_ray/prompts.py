@@ -127,13 +127,21 @@ def backend_udf(cfg: SelmaConfig) -> tuple[type, dict[str, Any]]:
 
 
 def generate_with_ray_data(
-    cfg: SelmaConfig, requests: list[dict[str, Any]]
+    cfg: SelmaConfig,
+    requests: list[dict[str, Any]],
+    sampling: dict[str, Any] | None = None,
+    model: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One Ray Data pass of LLM actors over this round's requests (engines load per call)."""
+    """One Ray Data pass of LLM actors over ``requests`` (engines load per call); ``sampling``
+    and ``model`` replace the prompts stage's own."""
     import ray
 
     res = cfg.resources.prompts
     udf, kwargs = backend_udf(cfg)
+    if sampling is not None:
+        kwargs["sampling"] = sampling
+    if model:
+        kwargs["model"] = model
     ds = ray.data.from_items(requests).map_batches(
         udf,
         fn_constructor_kwargs=kwargs,

@@ -259,6 +259,9 @@ def training_datasets(
             ds = ds.materialize()  # deterministic: preprocess once, not on every epoch
         if name == "train" and isinstance(ds, MaterializedDataset):
             ds = repeated(ds, table.num_rows, loop)
+        # Workers iterate these inside the trials; their progress bars would only linger on
+        # the driver's console (a stopped worker never closes them).
+        ds.context.enable_progress_bars = False
         datasets[name] = ds
     return datasets
 
