@@ -33,16 +33,9 @@ NAIVE = "naive-paper"
 
 def sd15_shapes() -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of every attention projection of the SD v1.5 UNet."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
+    from selma_ray.testing import sd15_shaped_unet
 
-    with init_empty_weights():
-        unet = UNet2DConditionModel(
-            block_out_channels=(320, 640, 1280, 1280),
-            cross_attention_dim=768,
-            layers_per_block=2,
-            attention_head_dim=8,
-        )
+    unet = sd15_shaped_unet()
     return {
         name: (module.in_features, module.out_features)
         for name, module in unet.named_modules()

@@ -121,22 +121,14 @@ def sd15_adapter_change(rank: int, count: int, repeats: int) -> dict[str, float]
     Switching (``set_adapters`` among loaded ones) vs reloading (``load_lora_adapter`` from
     safetensors + ``set_adapters`` + ``delete_adapters``), p50 in ms."""
     import torch
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     from selma_ray.lora_io import WEIGHT_NAME, save_adapter
+    from selma_ray.testing import sd15_shaped_unet
 
     torch.set_num_threads(1)
-    with init_empty_weights():
-        unet = UNet2DConditionModel(
-            block_out_channels=(320, 640, 1280, 1280),
-            cross_attention_dim=768,
-            layers_per_block=2,
-            attention_head_dim=8,
-        )
-    unet = unet.to_empty(device="cpu")
+    unet = sd15_shaped_unet().to_empty(device="cpu")
     config = LoraConfig(
         r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
     )

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,24 @@ def _tiny_tokenizer():
     return tokenizer
 
 
+def _tiny_text_config(tokenizer: Any, **extra: Any) -> Any:
+    """The tiny 2-layer CLIP text encoder's config over ``tokenizer``'s vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id or 0,
+        eos_token_id=tokenizer.eos_token_id or 2,
+        pad_token_id=tokenizer.pad_token_id or 0,
+        **extra,
+    )
+
+
 def _tiny_vae():
     """The tiny SD/SDXL VAE: 32 px images, 4 latent channels at 16 px (random weights)."""
     from diffusers import AutoencoderKL
@@ -156,7 +175,7 @@ def _build_tiny_sd(out: Path) -> None:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     tokenizer = _tiny_tokenizer()
@@ -173,19 +192,7 @@ def _build_tiny_sd(out: Path) -> None:
         norm_num_groups=8,
     )
     vae = _tiny_vae()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id or 0,
-            eos_token_id=tokenizer.eos_token_id or 2,
-            pad_token_id=tokenizer.pad_token_id or 0,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -355,7 +362,7 @@ def _build_tiny_sdxl(out: Path) -> None:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
     tokenizer = _tiny_tokenizer()
@@ -377,18 +384,7 @@ def _build_tiny_sdxl(out: Path) -> None:
         norm_num_groups=8,
     )
     vae = _tiny_vae()
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id or 0,
-        eos_token_id=tokenizer.eos_token_id or 2,
-        pad_token_id=tokenizer.pad_token_id or 0,
-    )
+    text_config = _tiny_text_config(tokenizer, projection_dim=32)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

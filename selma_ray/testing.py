@@ -65,6 +65,20 @@ def make_run(
     return root
 
 
+def sd15_shaped_unet() -> Any:
+    """An SD v1.5-shaped UNet with no weights allocated (for benchmarks at real size)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        return UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention_dim=768,
+            layers_per_block=2,
+            attention_head_dim=8,
+        )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
