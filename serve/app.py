@@ -16,7 +16,7 @@ import hmac
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,6 +116,10 @@ class Diffusion:
         self.run_dir = run_dir
         self.service = DiffusionService(run_dir)
         self.reloads = 0
+        # What batching really did, for clients and tests: how many requests each
+        # @serve.batch call received, and how many images each forward pass rendered.
+        self.requests_per_batch: Counter[int] = Counter()
+        self.images_per_pass: Counter[int] = Counter()
         self._overrides = limits
         self._apply_limits(limits)
 
@@ -146,6 +150,14 @@ class Diffusion:
             "run": self.run_dir,
             "reloads": self.reloads,
             "max_batch_size": self.max_batch_size,
+            "batching": {
+                "requests_per_batch": {
+                    str(k): v for k, v in sorted(self.requests_per_batch.items())
+                },
+                "images_per_forward_pass": {
+                    str(k): v for k, v in sorted(self.images_per_pass.items())
+                },
+            },
         }
 
     def native_size(self) -> int:
@@ -157,6 +169,7 @@ class Diffusion:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, jobs: list[dict[str, Any]]) -> list[list[bytes]]:
         """Run concurrent requests as few forward passes as their adapter specs allow."""
+        self.requests_per_batch[len(jobs)] += 1
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
             key = (
@@ -174,6 +187,7 @@ class Diffusion:
             for i in members:
                 prompts += [jobs[i]["prompt"]] * jobs[i]["n"]
                 seeds += [jobs[i]["seed"] + k for k in range(jobs[i]["n"])]
+            self.images_per_pass[len(prompts)] += 1
             # Off the event loop, so health checks and new requests are still accepted.
             images = await asyncio.to_thread(
                 self.service.generate_many,

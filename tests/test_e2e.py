@@ -9,9 +9,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,40 +35,99 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    # With the virtualenv first on PATH, the head (and so each job's `python`) uses it,
-    # as it would after `source .venv/bin/activate`.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run(
-        [str(BIN / "ray"), *args], capture_output=True, text=True, env=env, **kwargs
-    )
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A Ray head on free ports, stopped afterwards."""
-    if ray_cli("status").returncode == 0:
-        pytest.skip("a Ray cluster is already running on this machine; `ray stop` it first")
-    gcs, dashboard = free_port(), free_port()
-    started = ray_cli(
-        "start",
-        "--head",
-        "--num-cpus=2",
-        f"--port={gcs}",
-        f"--dashboard-port={dashboard}",
-        "--include-dashboard=true",
-        "--disable-usage-stats",
-        timeout=180,
+def head():
+    """A Ray head of this test's own: its own temp dir and free ports, so it runs beside any
+    cluster already up (``make run`` leaves one), and is stopped by process group, never by
+    ``ray stop`` (which would stop every Ray cluster on the machine)."""
+    # A short temp dir: Ray's unix sockets live under it (108-byte path limit).
+    temp_dir = Path(tempfile.mkdtemp(prefix="selma-e2e-", dir="/tmp"))
+    ports = {
+        "port": free_port(),
+        "dashboard-port": free_port(),
+        "node-manager-port": free_port(),
+        "object-manager-port": free_port(),
+        "ray-client-server-port": free_port(),
+        "dashboard-agent-listen-port": free_port(),
+        "dashboard-agent-grpc-port": free_port(),
+        "runtime-env-agent-port": free_port(),
+        "metrics-export-port": free_port(),
+    }
+    # --block keeps `ray start` in the foreground as the parent of the head's processes;
+    # SIGTERM to it shuts the node down, and its process group holds what is left.
+    proc = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--min-worker-port=0",  # random worker ports: no clash with another cluster's
+            "--max-worker-port=0",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            *(f"--{name}={port}" for name, port in ports.items()),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ray_env(),
+        start_new_session=True,
     )
-    assert started.returncode == 0, started.stdout + started.stderr
+    gcs = f"127.0.0.1:{ports['port']}"
     try:
+        wait_for_head(proc, gcs)
         yield {
-            "dashboard": f"http://127.0.0.1:{dashboard}",
+            "gcs": gcs,
+            "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}",
             "serve_port": free_port(),
-            "run_dir": tmp_path_factory.mktemp("e2e") / "run",
+            "run_dir": temp_dir / "run",
         }
     finally:
-        ray_cli("stop", "--force", timeout=120)
+        stop_process_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_env() -> dict[str, str]:
+    # With the virtualenv first on PATH, the head (and so each job's `python`) uses it,
+    # as it would after `source .venv/bin/activate`. RAY_ADDRESS from the caller's shell
+    # must not point our commands at another cluster.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+
+
+def wait_for_head(proc: subprocess.Popen, gcs: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"`ray start --head` exited with {proc.returncode}:\n{proc.stdout.read()}")
+        status = subprocess.run(
+            [str(BIN / "ray"), "status", f"--address={gcs}"],
+            capture_output=True,
+            text=True,
+            env={**ray_env(), "RAY_AUTH_MODE": "token"},
+            timeout=60,
+        )
+        if status.returncode == 0:
+            return
+        time.sleep(2)
+    pytest.fail(f"the test's Ray head at {gcs} did not come up within {timeout:.0f} s")
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM lets the head shut its processes down; SIGKILL to the group ends stragglers."""
+    pgid = os.getpgid(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
 
 
 def submit(head: dict) -> str:
@@ -87,7 +149,7 @@ def submit(head: dict) -> str:
     ]
     # `ray start --head` enables token auth by default (Ray 2.60) and stores the token in
     # ~/.ray/auth_token; the jobs client reads it only when told to.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "token"}
+    env = {**ray_env(), "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "token"}
     for _ in range(30):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env)
         out = done.stdout + done.stderr
@@ -232,14 +294,24 @@ def test_bad_requests_get_a_4xx_that_says_what_is_allowed(head, first_run, body,
 
 
 def test_concurrent_requests_are_batched_and_match_requests_alone(head, first_run):
+    from collections import Counter
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
     from PIL import Image
 
+    def passes() -> Counter:
+        url = f"http://127.0.0.1:{head['serve_port']}/v1/adapters"
+        sizes = requests.get(url, timeout=30).json()["replica"]["batching"]
+        return Counter({int(k): v for k, v in sizes["images_per_forward_pass"].items()})
+
     jobs = [("merged", 11), ("counting", 12), ("merged", 13), ("base", 14)] * 2
+    before = passes()
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda j: generate(head, j[0], seed=j[1]).content, jobs))
+    ran = passes() - before
+    assert sum(size * n for size, n in ran.items()) == len(jobs)
+    assert max(ran) > 1, f"no two requests shared a forward pass: {dict(ran)}"
     for (adapter, seed), png in zip(jobs, together, strict=True):
         alone = generate(head, adapter, seed=seed).content
         a, b = (np.asarray(Image.open(io.BytesIO(x)), dtype=np.int16) for x in (png, alone))

@@ -6,18 +6,14 @@ import json
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-
-from diffusers import UNet2DConditionModel  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from selma_ray.lora_io import WEIGHT_NAME, adapter_file, load_adapter, save_adapter  # noqa: E402
-from selma_ray.merge import file_sha256, merge_adapters  # noqa: E402
+from selma_ray.lora_io import WEIGHT_NAME, adapter_file, load_adapter, save_adapter
+from selma_ray.merge import file_sha256, merge_adapters
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

@@ -11,19 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
-pytest.importorskip("diffusers")
-
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from selma_ray.lora_io import WEIGHT_NAME, load_adapter, save_adapter  # noqa: E402
-from selma_ray.merge import file_sha256, main, merge_adapters, read_lora  # noqa: E402
-from selma_ray.merge_math import METHODS, delta_weight, merge  # noqa: E402
-from selma_ray.models import TINY_SD, resolve  # noqa: E402
+from selma_ray.lora_io import WEIGHT_NAME, load_adapter, save_adapter
+from selma_ray.merge import file_sha256, main, merge_adapters, read_lora
+from selma_ray.merge_math import METHODS, delta_weight, merge
+from selma_ray.models import TINY_SD, resolve
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 ROOT = Path(__file__).resolve().parents[1]

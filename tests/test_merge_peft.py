@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from selma_ray.merge_math import LoraModule, delta_weight, merge
-
-peft = pytest.importorskip("peft")
-
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
 
 # module name -> (in, out)
 LAYERS = {"to_q": (8, 8), "to_k": (6, 8), "to_out.0": (8, 5)}

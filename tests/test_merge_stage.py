@@ -8,24 +8,21 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
 
-pytest.importorskip("diffusers")
-
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from selma_ray import merge as merge_stage  # noqa: E402
-from selma_ray.config import load_config  # noqa: E402
-from selma_ray.lora_io import WEIGHT_NAME, save_adapter  # noqa: E402
-from selma_ray.models import TINY_SD, resolve  # noqa: E402
-from selma_ray.rundir import RunDir  # noqa: E402
-from selma_ray.serving import find_adapters  # noqa: E402
+from selma_ray import merge as merge_stage
+from selma_ray.config import load_config
+from selma_ray.lora_io import WEIGHT_NAME, save_adapter
+from selma_ray.models import TINY_SD, resolve
+from selma_ray.rundir import RunDir
+from selma_ray.serving import find_adapters
 
 SKILLS = ["counting", "everyday_scenes"]
 
@@ -134,7 +131,8 @@ def test_cuda_without_gpu_resources_is_refused_before_starting_an_actor(tmp_path
 
 
 def test_run_merge_in_a_ray_actor_then_skips_and_drops_stale_methods(tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray
+
     cfg, run = make_run(tmp_path / "run", "merge.methods=[paper, svd]", "merge.svd_rank=2")
     stale = run.path("merges", "dare_ties")
     stale.mkdir(parents=True)
