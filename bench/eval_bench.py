@@ -27,9 +27,9 @@ def bench_render(prompts: list[str], steps: int) -> tuple[float, float, int]:
     import torch
     from diffusers import AutoPipelineForText2Image
 
-    from selma_ray.lora_io import WEIGHT_NAME
+    from selma_ray.core.lora_io import WEIGHT_NAME
+    from selma_ray.diffusion.engine import DiffusionService, find_adapters
     from selma_ray.models import TINY_SD, resolve
-    from selma_ray.serving import DiffusionService, find_adapters
     from selma_ray.testing import make_run
 
     root = make_run(
@@ -66,8 +66,8 @@ def bench_vqa(n_images: int, n_questions: int) -> tuple[float, float]:
     import numpy as np
     from PIL import Image
 
+    from selma_ray.eval.scorers import BlipVQA
     from selma_ray.models import TINY_VQA
-    from selma_ray.scorers import BlipVQA
 
     vqa = BlipVQA(TINY_VQA)
     rng = np.random.default_rng(0)

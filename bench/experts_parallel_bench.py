@@ -23,8 +23,8 @@ from training_bench import loop_config, synthetic_table, write_images
 
 def run_stage(root: Path, skills: list[str], steps: int, concurrent: int) -> float:
     from selma_ray.config import PAPER_SKILLS, load_config
-    from selma_ray.experts import run_experts
-    from selma_ray.rundir import RunDir
+    from selma_ray.core.rundir import RunDir
+    from selma_ray.experts.stage import run_experts
 
     assert set(skills) <= set(PAPER_SKILLS)
     write_images(root, skills, per_skill=8)
@@ -48,7 +48,7 @@ def run_stage(root: Path, skills: list[str], steps: int, concurrent: int) -> flo
 
 def warm_up() -> None:
     """Run the data preparation once, so neither arm pays for cold Ray workers' imports."""
-    from selma_ray import train_data
+    from selma_ray.experts import data as train_data
 
     table = synthetic_table(["warm"], 2).select(["prompt", "image"])
     train_data.training_datasets(table, table.slice(0, 0), loop_config(1, 1), None, 0.25)

@@ -44,7 +44,7 @@ def plain_loop(cfg, rows: list[dict], threads: int) -> float:
     import torch
     from diffusers import AutoPipelineForText2Image
 
-    from selma_ray.images import png_bytes, torch_device_and_dtype
+    from selma_ray.diffusion.common import png_bytes, torch_device_and_dtype
     from selma_ray.models import resolve
 
     ic = cfg.images
@@ -84,11 +84,11 @@ def main() -> None:
 
     import ray
 
-    from selma_ray import prompts as prompts_stage
     from selma_ray.config import load_config
-    from selma_ray.images import image_rows, run_images
-    from selma_ray.logs import setup_logging
-    from selma_ray.rundir import RunDir
+    from selma_ray.core.logs import setup_logging
+    from selma_ray.core.rundir import RunDir
+    from selma_ray.images.stage import image_rows, run_images
+    from selma_ray.prompts import stage as prompts_stage
 
     setup_logging()
     with tempfile.TemporaryDirectory() as tmp:

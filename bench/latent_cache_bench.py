@@ -38,8 +38,8 @@ def main() -> None:
     import ray
     import torch
 
-    from selma_ray import train_data
-    from selma_ray.training import ExpertTrainer
+    from selma_ray.experts import data as train_data
+    from selma_ray.experts.recipe import ExpertTrainer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=128)

@@ -54,7 +54,7 @@ def child(method: str, shapes_file: str, n: int, rank: int, repeat: int) -> dict
     """Build the inputs, merge ``repeat`` times, report time and memory (runs in a child)."""
     import torch
 
-    from selma_ray.merge_math import LoraModule, default_weights, merge, to_state
+    from selma_ray.merge.methods import LoraModule, default_weights, merge, to_state
 
     shapes = json.loads(Path(shapes_file).read_text())
     base = rss_mib()

@@ -19,11 +19,12 @@ import gc
 import time
 
 from selma_ray.config import load_config
-from selma_ray.llm import VLLMGenerator
+from selma_ray.core.skills import get_skills
 from selma_ray.models import resolve
-from selma_ray.prompt_filters import SkillPool
-from selma_ray.prompts import backend_udf, build_requests, generate_with_ray_data
-from selma_ray.skills import get_skills
+from selma_ray.models.llm import VLLMGenerator
+from selma_ray.models.llm_data import backend_udf, generate_with_ray_data
+from selma_ray.prompts.stage import build_requests
+from selma_ray.text.filters import SkillPool
 
 
 def make_requests(cfg, n: int) -> list[dict]:
@@ -67,7 +68,7 @@ def bench_raw_vllm(cfg, requests) -> tuple[float, float, list[str]]:
 
 def bench_ray_data(cfg, requests) -> tuple[float, float, list[str]]:
     """The stage's own Ray Data pass, with the timed UDF swapped in."""
-    from selma_ray import prompts
+    from selma_ray.prompts import stage as prompts
 
     real = prompts.backend_udf
     prompts.backend_udf = lambda c: (TimedVLLMGenerator, real(c)[1])

@@ -13,7 +13,7 @@ import argparse
 import random
 import time
 
-from selma_ray.rouge import RougeFilter, tokenize
+from selma_ray.text.rouge import RougeFilter, tokenize
 
 WORDS = (
     "a an the two three red blue green small large wooden metal cat dog bird cup plate "

@@ -63,8 +63,8 @@ def engine(root: Path, requests: int, steps: int) -> dict[str, float]:
     """p50 latencies (ms) fixed/switching/reload and 8-request batch times (s), in process."""
     import torch
 
-    from selma_ray.lora_io import WEIGHT_NAME
-    from selma_ray.serving import DiffusionService
+    from selma_ray.core.lora_io import WEIGHT_NAME
+    from selma_ray.diffusion.engine import DiffusionService
 
     # One intra-op thread, as Ray gives a Serve replica with num_cpus: 1 (OMP_NUM_THREADS=1);
     # on a busy 2-core machine, spinning OpenMP threads otherwise make timings erratic.
@@ -124,7 +124,7 @@ def sd15_adapter_change(rank: int, count: int, repeats: int) -> dict[str, float]
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from selma_ray.lora_io import WEIGHT_NAME, save_adapter
+    from selma_ray.core.lora_io import WEIGHT_NAME, save_adapter
     from selma_ray.testing import sd15_shaped_unet
 
     torch.set_num_threads(1)

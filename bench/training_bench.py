@@ -65,8 +65,8 @@ def loop_config(steps: int, checkpoint_every: int) -> dict:
 def plain_steps_per_second(loop: dict, table) -> float:
     import torch
 
-    from selma_ray import train_data
-    from selma_ray.training import ExpertTrainer
+    from selma_ray.experts import data as train_data
+    from selma_ray.experts.recipe import ExpertTrainer
 
     torch.set_num_threads(1)
     bs = loop["batch_size"]
@@ -96,8 +96,8 @@ def ray_steps_per_second(loop: dict, table, storage: Path) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from selma_ray import train_data
-    from selma_ray.training import train_expert
+    from selma_ray.experts import data as train_data
+    from selma_ray.experts.recipe import train_expert
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--plan",
         action="store_true",
-        help="print the stage plan (models, resolutions, resources) and exit; runs nothing",
+        help="print the stage plan (models, resolutions, resources) and which stages of the run "
+        "directory would run and why; runs nothing",
     )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -95,7 +96,7 @@ def print_eval(result: dict) -> None:
     table = result.get("headline") or {}
     if not table:
         return
-    from selma_ray.scorers import LABELS
+    from selma_ray.eval.scorers import LABELS
 
     metrics = list(next(iter(table.values())))
     print("  eval (mean, change vs base):")
@@ -118,7 +119,7 @@ def print_eval(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from selma_ray.config import ConfigError, load_config
-    from selma_ray.logs import setup_logging
+    from selma_ray.core.logs import setup_logging
 
     setup_logging(args.log_level)
 
@@ -128,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.plan:
+        from selma_ray.pipeline import format_status, plan_status
         from selma_ray.plan import build_plan, format_plan
 
         print(format_plan(build_plan(cfg)))
+        print(format_status(plan_status(cfg)))
         return 0
 
     import os

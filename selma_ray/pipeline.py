@@ -1,38 +1,245 @@
-"""Runs the SELMA stages in order on a Ray cluster and (optionally) deploys Serve."""
+"""The stage graph: which stage feeds which, what each depends on, and running it in order.
+
+Each stage declares its upstream stages, the slice of the config it depends on, the files
+that slice names (their content counts, not their path), and its units (one expert per
+skill). The pipeline computes every fingerprint from those and from the output digests the
+upstream manifests recorded (``selma_ray.core.lineage``), so a stage never reaches into
+another: changing a config key redoes the stages that read it, and changing or deleting an
+output redoes exactly what was made from it.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from selma_ray.config import SelmaConfig
-from selma_ray.evaluate import run_eval
-from selma_ray.experts import run_experts
-from selma_ray.images import run_images
-from selma_ray.merge import run_merge
-from selma_ray.prompts import run_prompts
-from selma_ray.rundir import RunDir, atomic_write_json, atomic_write_text
+from selma_ray.core import layout
+from selma_ray.core.lineage import Lineage, content_digest, digest, output_digest
+from selma_ray.core.rundir import RunDir, atomic_write_json, atomic_write_text
+from selma_ray.core.skills import get_skills
 
 log = logging.getLogger(__name__)
 
-STAGES: list[tuple[str, Callable[[SelmaConfig, RunDir], dict[str, Any]]]] = [
-    ("prompts", run_prompts),
-    ("images", run_images),
-    ("experts", run_experts),
-    ("merge", run_merge),
-    ("eval", run_eval),
-]
+# Settings that change how a stage runs but not what it makes.
+NOT_LINEAGE = {"experts": {"max_failures"}}
+
+
+def _section(cfg: SelmaConfig, name: str, drop: set[str] = frozenset()) -> dict[str, Any]:
+    data = getattr(cfg, name).model_dump(mode="json")
+    return {k: v for k, v in data.items() if k not in drop | NOT_LINEAGE.get(name, set())}
+
+
+def _skill_defs(cfg: SelmaConfig) -> dict[str, dict[str, Any]]:
+    skills = get_skills(cfg.prompts.skills, cfg.prompts.all_custom_skills())
+    return {s.name: asdict(s) for s in skills}
+
+
+def _prompts_config(cfg: SelmaConfig, skill: str) -> dict[str, Any]:
+    # A skill's definition by content (a skill file's path does not count, its text does).
+    common = _section(cfg, "prompts", {"skills", "custom_skills", "skill_files"})
+    return {**common, "llm": cfg.models.llm, "seed": cfg.run.seed, "skill": _skill_defs(cfg)[skill]}
+
+
+def _images_config(cfg: SelmaConfig) -> dict[str, Any]:
+    real = {k: [content_digest(s) for s in v] for k, v in sorted(cfg.images.real_data.items())}
+    return {
+        **_section(cfg, "images", {"real_data"}),
+        "real_data": real,
+        "generator": cfg.models.generator,
+        "seed": cfg.run.seed,
+    }
+
+
+def _experts_config(cfg: SelmaConfig, skill: str) -> dict[str, Any]:
+    return {**_section(cfg, "experts"), "base": cfg.models.base, "seed": cfg.run.seed}
+
+
+def _merge_config(cfg: SelmaConfig) -> dict[str, Any]:
+    return {**_section(cfg, "merge"), "skills": cfg.prompts.skills, "base": cfg.models.base}
+
+
+def _eval_config(cfg: SelmaConfig) -> dict[str, Any]:
+    ec = cfg.eval
+    files = {
+        f: content_digest(p)
+        for f, p in (("prompts_file", ec.prompts_file), ("questions_file", ec.questions_file))
+        if p and ":" not in p and p != "generated"  # builtin:NAME ships with the package
+    }
+    render = cfg.images.model_dump(include={"steps", "guidance_scale", "resolution"})
+    return {
+        **_section(cfg, "eval"),
+        "files": files,
+        "models": cfg.models.model_dump(mode="json"),
+        "render": render,
+        "seed": cfg.run.seed,
+        "skills": cfg.prompts.skills,
+    }
+
+
+def _run(module: str, func: str) -> Callable[..., dict[str, Any]]:
+    """Stages are imported when they run, so planning imports none of them."""
+
+    def call(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(*args, **kwargs)
+
+    call.__qualname__ = f"{module}.{func}"
+    return call
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    upstream: tuple[str, ...]
+    config: Callable[..., dict[str, Any]]  # (cfg) or, for per-unit stages, (cfg, unit)
+    run: Callable[..., dict[str, Any]]  # (cfg, run, lineage, **kwargs) -> summary
+    per_skill: bool = False  # one unit (and manifest) per skill
+
+    def manifest_parts(self, unit: str | None = None) -> tuple[str, ...]:
+        folder = layout.MERGED if self.name == "merge" else self.name
+        return (folder, unit) if unit else (folder,)
+
+
+GRAPH: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("prompts", (), _prompts_config, _run("selma_ray.prompts.stage", "run_prompts"), True),
+        Stage("images", ("prompts",), _images_config, _run("selma_ray.images.stage", "run_images")),
+        Stage(
+            "experts",
+            ("images",),
+            _experts_config,
+            _run("selma_ray.experts.stage", "run_experts"),
+            True,
+        ),
+        Stage(
+            "merge",
+            ("experts", "images"),
+            _merge_config,
+            _run("selma_ray.merge.stage", "run_merge"),
+        ),
+        Stage(
+            "eval",
+            ("merge", "experts", "prompts"),
+            _eval_config,
+            _run("selma_ray.eval.stage", "run_eval"),
+        ),
+    ]
+}
+ORDER = list(GRAPH)
+
+
+def upstream_digest(run: RunDir, stage: Stage, cfg: SelmaConfig, unit: str | None) -> str | None:
+    """The digest ``stage``'s outputs recorded: for one unit where both sides split by skill,
+    else for all of it. Per-skill stages that keep one manifest per skill (experts) are
+    combined over the run's skills."""
+    if stage.name == "experts":
+        units = [unit] if unit else cfg.prompts.skills
+        digests = {u: output_digest(run.read_manifest(*stage.manifest_parts(u))) for u in units}
+        return digests[unit] if unit else digest(digests)
+    return output_digest(run.read_manifest(*stage.manifest_parts()), unit)
+
+
+def lineage(name: str, cfg: SelmaConfig, run: RunDir) -> Lineage:
+    """Fingerprints for stage ``name`` from its config slice and its upstream outputs as they
+    stand now in ``run``."""
+    stage = GRAPH[name]
+    units = cfg.prompts.skills if stage.per_skill else [None]
+    inputs: dict[str | None, dict[str, Any]] = {}
+    for unit in units:
+        config = stage.config(cfg, unit) if stage.per_skill else stage.config(cfg)
+        upstream = {
+            u: upstream_digest(run, GRAPH[u], cfg, unit if stage.per_skill else None)
+            for u in stage.upstream
+        }
+        inputs[unit] = {"unit": unit, "config": digest(config), "upstream": upstream}
+    fps = {unit: digest(record) for unit, record in inputs.items()}
+    if stage.per_skill:
+        return Lineage(
+            fingerprint=digest(fps),
+            units={u: fps[u] for u in units},
+            upstream={u: inputs[u]["upstream"] for u in units},
+            inputs={u: inputs[u] for u in units},
+        )
+    return Lineage(fps[None], upstream=inputs[None]["upstream"], inputs=inputs[None])
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between the lineage a manifest recorded and the one computed now."""
+    if "config" not in new:  # one record per unit (prompts): name the units that changed
+        return [
+            f"{unit} ({', '.join(_changed(old.get(unit) or {}, record))})"
+            for unit, record in new.items()
+            if old.get(unit) != record
+        ] or ["inputs"]
+    out = ["config"] if old.get("config") != new["config"] else []
+    out += [u for u, d in new["upstream"].items() if (old.get("upstream") or {}).get(u) != d]
+    return out or ["inputs"]
+
+
+def _why(stage: Stage, cfg: SelmaConfig, run: RunDir, lin: Lineage) -> list[str]:
+    """Why a stage (or which of its units) would run now; empty when it is done."""
+    units = cfg.prompts.skills if stage.name == "experts" else [None]  # a manifest per expert
+    reasons = []
+    for unit in units:
+        manifest = run.read_manifest(*stage.manifest_parts(unit))
+        fp, inputs = (lin.units[unit], lin.inputs[unit]) if unit else (lin.fingerprint, lin.inputs)
+        where = f"{unit}: " if unit else ""
+        if manifest is None:
+            reasons.append(f"{where}not run yet")
+        elif manifest.get("fingerprint") != fp:
+            changed = _changed(manifest.get("lineage") or {}, inputs)
+            reasons.append(f"{where}{', '.join(changed)} changed")
+        elif not run.is_done(fp, *stage.manifest_parts(unit)):
+            reasons.append(f"{where}its outputs were changed or deleted")
+    return reasons
+
+
+def plan_status(cfg: SelmaConfig) -> list[tuple[str, str]]:
+    """For the run directory ``cfg`` names: each stage with ``done`` or why it would run.
+    A stage downstream of one that runs is marked as following it, since what it sees then
+    depends on what the upstream stage writes."""
+    if not Path(cfg.run.dir).expanduser().is_dir():
+        return [(name, "not run yet") for name in ORDER]
+    run = RunDir(cfg.run.dir)
+    status: list[tuple[str, str]] = []
+    running: set[str] = set()
+    for name in ORDER:
+        stage = GRAPH[name]
+        after = [u for u in stage.upstream if u in running]
+        if after:
+            running.add(name)
+            status.append((name, f"after {', '.join(after)}: redoes what changed there"))
+            continue
+        reasons = _why(stage, cfg, run, lineage(name, cfg, run))
+        if reasons:
+            running.add(name)
+        status.append((name, "; ".join(reasons) if reasons else "done"))
+    return status
+
+
+def format_status(status: list[tuple[str, str]]) -> str:
+    return "\n".join(["stages in this run directory:"] + [f"  {n}: {w}" for n, w in status])
+
+
+def run_stage(name: str, cfg: SelmaConfig, run: RunDir, **kwargs: Any) -> dict[str, Any]:
+    """Run one stage with the lineage the graph gives it (skipping it when it is done)."""
+    return GRAPH[name].run(cfg, run, lineage(name, cfg, run), **kwargs)
 
 
 def deploy_serve(cfg: SelmaConfig, run: RunDir) -> str:
     """Deploy the images API for this run; returns its base URL."""
     from ray import serve
 
-    from serve.app import build_app
+    from selma_ray.serving.app import build_app
 
     serve_config = {
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
@@ -40,7 +247,7 @@ def deploy_serve(cfg: SelmaConfig, run: RunDir) -> str:
             {
                 "name": cfg.serve.app_name,
                 "route_prefix": "/",
-                "import_path": "serve.app:build_app",
+                "import_path": "selma_ray.serving.app:build_app",
                 "args": {"run_dir": str(run.root)},
             }
         ],
@@ -61,10 +268,10 @@ def run_pipeline(cfg: SelmaConfig, deploy: bool | None = None) -> dict[str, Any]
     run = RunDir(cfg.run.dir)
     atomic_write_text(run.path("config.yaml"), cfg.to_yaml())
     summary: dict[str, Any] = {"run_dir": str(run.root), "stages": {}}
-    for name, stage in STAGES:
+    for name in ORDER:
         log.info("=== stage %s ===", name)
         start = time.perf_counter()
-        result = stage(cfg, run)
+        result = run_stage(name, cfg, run)
         seconds = time.perf_counter() - start
         summary["stages"][name] = {
             "seconds": round(seconds, 1),

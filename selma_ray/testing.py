@@ -38,10 +38,10 @@ def make_run(
     from peft.utils import get_peft_model_state_dict
 
     from selma_ray.config import load_config
-    from selma_ray.lora_io import save_adapter
-    from selma_ray.merge import merge_adapters
+    from selma_ray.core.lora_io import save_adapter
+    from selma_ray.core.rundir import RunDir
+    from selma_ray.merge.files import merge_adapters
     from selma_ray.models import TINY_SD, resolve
-    from selma_ray.rundir import RunDir
 
     root = Path(root)
     cfg = load_config(

@@ -14,7 +14,7 @@ from selma_ray.config import (
     load_config,
     validate,
 )
-from selma_ray.skills import get_skills
+from selma_ray.core.skills import get_skills
 
 PAPER_PRESETS = ["sd14", "sd2", "sdxl", "weak_to_strong"]
 

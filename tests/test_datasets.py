@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from selma_ray.config import ConfigError, load_config
-from selma_ray.datasets import ImportReport, import_sources, main, read_pairs, schema
+from selma_ray.images.real_data import ImportReport, import_sources, main, read_pairs, schema
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from selma_ray.dsg import (
+from selma_ray.eval.dsg import (
     Question,
     dsg_score,
     parse_questions,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from selma_ray.config import load_config
-from selma_ray.dsg import EvalPrompt, generate_questions
+from selma_ray.eval.dsg import EvalPrompt, generate_questions
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import base64
 import io
 import re
 
-from selma_ray.eval_report import image_grid, render_html
+from selma_ray.eval.report import image_grid, render_html
 
 
 def _png(color: str) -> bytes:

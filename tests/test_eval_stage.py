@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from selma_ray import eval_inputs, evaluate
 from selma_ray.config import load_config
-from selma_ray.dsg import read_prompts
-from selma_ray.rundir import RunDir
+from selma_ray.core.rundir import RunDir
+from selma_ray.eval import inputs as eval_inputs
+from selma_ray.eval import stage as evaluate
+from selma_ray.eval.dsg import read_prompts
+from selma_ray.pipeline import run_stage
 
 SKILLS = ["counting", "everyday_scenes"]
 TRAINING = {  # the prompts stage's output format: prompts/<skill>.jsonl
@@ -60,7 +62,7 @@ def test_eval_prompts_never_include_training_prompts(tmp_path):
 
 
 def test_shipped_eval_prompts_are_not_skill_seeds():
-    from selma_ray.skills import get_skills
+    from selma_ray.core.skills import get_skills
 
     seeds = {
         eval_inputs.normalize(s)
@@ -82,7 +84,7 @@ def test_missing_questions_are_named(tmp_path):
 
 
 def test_llm_questions_are_kept_and_reused_while_llm_and_prompts_match(tmp_path, monkeypatch):
-    from selma_ray import dsg
+    from selma_ray.eval import dsg as dsg
 
     calls = []
 
@@ -100,8 +102,8 @@ def test_llm_questions_are_kept_and_reused_while_llm_and_prompts_match(tmp_path,
 
 
 def test_generated_eval_prompts_are_held_out_from_training_prompts_and_seeds(tmp_path, monkeypatch):
-    from selma_ray import dsg
-    from selma_ray.skills import get_skills
+    from selma_ray.core.skills import get_skills
+    from selma_ray.eval import dsg as dsg
 
     seed = get_skills(["counting"])[0].seeds[0]
     answer = "\n".join(
@@ -157,15 +159,15 @@ def test_eval_stage_renders_scores_and_reports_every_variant(tmp_path):
     run = RunDir(root)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        result = evaluate.run_eval(cfg, run)
-        again = evaluate.run_eval(cfg, run)
+        result = run_stage("eval", cfg, run)
+        again = run_stage("eval", cfg, run)
         doc = json.loads((root / "eval" / "metrics.json").read_text())
         html = (root / "eval" / "report.html").read_text()
         rows = [json.loads(x) for x in (root / "eval" / "scores.jsonl").read_text().splitlines()]
         # only the scorers changed: the images are reused and scored again
         shards = {f: f.stat().st_mtime_ns for f in (root / "eval/images/data").iterdir()}
         cfg.eval.scorers = ["clip"]
-        rescored = evaluate.run_eval(cfg, run)
+        rescored = run_stage("eval", cfg, run)
     finally:
         ray.shutdown()
     assert again["skipped"] is True and not rescored.get("skipped")
@@ -211,7 +213,7 @@ def test_eval_stage_renders_scores_and_reports_every_variant(tmp_path):
 
 
 def test_adapters_with_the_same_weights_are_evaluated_once(tmp_path):
-    from selma_ray.serving import AdapterInfo
+    from selma_ray.diffusion.engine import AdapterInfo
 
     def adapter(name: str, data: bytes) -> AdapterInfo:
         (tmp_path / name).mkdir()

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from selma_ray.eval_stats import aggregate, bootstrap_ci, paired, summarize
+from selma_ray.eval.stats import aggregate, bootstrap_ci, paired, summarize
 
 
 @pytest.mark.parametrize("sigma,n", [(1.0, 400), (3.0, 200)])

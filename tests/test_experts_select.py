@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from selma_ray.config import ConfigError, load_config
-from selma_ray.experts import fingerprint, select_checkpoint
+from selma_ray.core.rundir import RunDir
+from selma_ray.experts.stage import select_checkpoint
+from selma_ray.pipeline import lineage
 
 
 def results(*val_losses):
@@ -33,13 +35,31 @@ def test_best_without_any_validation_loss_fails_clearly():
         select_checkpoint([("c", {"step": 2})], ("c", {"step": 2}), "best")
 
 
-def test_fingerprint_ignores_operational_hooks_but_not_training_settings():
+def test_fingerprint_ignores_operational_settings_but_not_training_settings(tmp_path):
+    run = RunDir(tmp_path)
+
+    def fingerprint(cfg, skill):
+        return lineage("experts", cfg, run).units[skill]
+
     cfg = load_config("tiny", [])
-    same = load_config("tiny", ["experts.fail_at_step={counting: 3}", "experts.max_failures=0"])
+    same = load_config("tiny", ["experts.max_failures=0"])
     other = load_config("tiny", ["experts.snr_gamma=5"])
     assert fingerprint(cfg, "counting") == fingerprint(same, "counting")
     assert fingerprint(cfg, "counting") != fingerprint(other, "counting")
     assert fingerprint(cfg, "counting") != fingerprint(cfg, "everyday_scenes")
+
+
+def test_fault_drill_is_an_environment_hook_not_a_config_key(monkeypatch):
+    from selma_ray.config import ConfigError
+    from selma_ray.experts.stage import FAULT_DRILL_ENV, fault_drill
+
+    with pytest.raises(ConfigError, match="fail_at_step"):
+        load_config("tiny", ["experts.fail_at_step={counting: 3}"])
+    monkeypatch.setenv(FAULT_DRILL_ENV, "counting:3, everyday_scenes:5")
+    assert fault_drill() == {"counting": 3, "everyday_scenes": 5}
+    monkeypatch.setenv(FAULT_DRILL_ENV, "counting")
+    with pytest.raises(ValueError, match="skill:step"):
+        fault_drill()
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,11 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from selma_ray import experts as experts_stage  # noqa: E402
 from selma_ray.config import load_config  # noqa: E402
-from selma_ray.rundir import RunDir  # noqa: E402
+from selma_ray.core.rundir import RunDir  # noqa: E402
+from selma_ray.experts import stage as experts_stage  # noqa: E402
+from selma_ray.experts.stage import FAULT_DRILL_ENV  # noqa: E402
+from selma_ray.pipeline import lineage, run_stage  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SKILLS = ["counting", "everyday_scenes"]
@@ -82,19 +85,18 @@ def trained(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("experts") / "run"
     write_images(root, SKILLS)
     run = RunDir(root)
-    first = stage_config(
-        root, "experts.fail_at_step={everyday_scenes: 3}", "experts.max_failures=0"
-    )
-    with pytest.raises(RuntimeError, match="1 expert"):
-        experts_stage.run_experts(first, run)
-    after_first = {s: run.read_manifest("experts", s) for s in SKILLS}
-    second = stage_config(
-        root, "experts.fail_at_step={everyday_scenes: 5}", "experts.max_failures=1"
-    )
-    assert all(
-        experts_stage.fingerprint(first, s) == experts_stage.fingerprint(second, s) for s in SKILLS
-    )
-    result = experts_stage.run_experts(second, run)
+    first = stage_config(root, "experts.max_failures=0")
+    os.environ[FAULT_DRILL_ENV] = "everyday_scenes:3"
+    try:
+        with pytest.raises(RuntimeError, match="1 expert"):
+            run_stage("experts", first, run)
+        after_first = {s: run.read_manifest("experts", s) for s in SKILLS}
+        second = stage_config(root, "experts.max_failures=1")
+        assert lineage("experts", first, run).units == lineage("experts", second, run).units
+        os.environ[FAULT_DRILL_ENV] = "everyday_scenes:5"
+        result = run_stage("experts", second, run)
+    finally:
+        os.environ.pop(FAULT_DRILL_ENV, None)
     return {"run": run, "cfg": second, "after_first": after_first, "result": result}
 
 
@@ -169,8 +171,8 @@ def test_two_workers_per_expert_train_with_ddp(tmp_path, ray_cluster):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from selma_ray import train_data
-    from selma_ray.training import train_expert
+    from selma_ray.experts import data as train_data
+    from selma_ray.experts.recipe import train_expert
 
     write_images(tmp_path, ["counting"], per_skill=6)
     rows = experts_stage.skill_table(str(tmp_path / "images" / "data"), "counting")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from selma_ray.images import DiffusionRenderer, is_broken
-from selma_ray.seeds import stable_seed
+from selma_ray.core.seeds import stable_seed
+from selma_ray.images.stage import DiffusionRenderer, is_broken
 
 
 def test_is_broken_flags_nan_black_and_constant_images() -> None:

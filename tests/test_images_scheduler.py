@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from selma_ray.config import ConfigError, load_config
-from selma_ray.images import SCHEDULERS, DiffusionRenderer, set_scheduler
+from selma_ray.images import SCHEDULERS, set_scheduler
+from selma_ray.images.stage import DiffusionRenderer
 
 
 @pytest.fixture(scope="module")

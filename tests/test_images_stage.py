@@ -13,8 +13,10 @@ import pytest
 from PIL import Image
 
 from selma_ray.config import SelmaConfig, load_config
-from selma_ray.images import STAGE, fingerprint, run_images
-from selma_ray.rundir import RunDir
+from selma_ray.core.lineage import file_sha256, outputs
+from selma_ray.core.rundir import RunDir
+from selma_ray.images.stage import STAGE
+from selma_ray.pipeline import lineage, run_stage
 
 SKILLS = ["counting", "dense_detail"]
 PROMPTS = [
@@ -56,10 +58,14 @@ def setup_run(root: Path, n_prompts: int, *overrides: str) -> tuple[SelmaConfig,
         skill = SKILLS[i % 2]
         row = {"id": f"{skill}-{i:05d}", "skill": skill, "prompt": prompt}
         by_skill[skill].append(json.dumps(row) + "\n")
+    files = {}
     for skill, lines in by_skill.items():
-        path = run.path("prompts", f"{skill}.jsonl")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(lines))
+        files[skill] = run.path("prompts", f"{skill}.jsonl")
+        files[skill].parent.mkdir(parents=True, exist_ok=True)
+        files[skill].write_text("".join(lines))
+    # As the prompts stage does: a manifest listing what it wrote (lineage reads only that).
+    units = {s: file_sha256(f) for s, f in files.items()}
+    run.write_manifest("test", "prompts", outputs=outputs(run.root, files.values(), units))
     return cfg, run
 
 
@@ -75,7 +81,7 @@ def test_images_do_not_depend_on_batch_size(tmp_path: Path) -> None:
     results = []
     for bs in (1, 3):
         cfg, run = setup_run(tmp_path / f"bs{bs}", 6, f"images.batch_size={bs}")
-        summary = run_images(cfg, run)
+        summary = run_stage("images", cfg, run)
         assert summary["rendered"] == 6 and summary["reused"] == 0
         assert summary["broken_retried"] == 0 and summary["broken_dropped"] == 0
         results.append(images_by_key(run))
@@ -85,17 +91,17 @@ def test_images_do_not_depend_on_batch_size(tmp_path: Path) -> None:
 
 def test_resume_renders_only_missing_prompts(tmp_path: Path) -> None:
     cfg, run = setup_run(tmp_path / "run", 5)
-    first = run_images(cfg, run)
+    first = run_stage("images", cfg, run)
     before = images_by_key(run)
     cfg, run = setup_run(tmp_path / "run", 6)
-    second = run_images(cfg, run)
+    second = run_stage("images", cfg, run)
     after = images_by_key(run)
     assert (first["rendered"], second["rendered"], second["reused"]) == (5, 1, 5)
     assert len(after) == 6 and all(after[k] == v for k, v in before.items())
-    again = run_images(cfg, run)
+    again = run_stage("images", cfg, run)
     assert again["skipped"] is True
     cfg, run = setup_run(tmp_path / "run", 6, "images.steps=3")
-    assert run_images(cfg, run)["rendered"] == 6  # new render settings: nothing reused
+    assert run_stage("images", cfg, run)["rendered"] == 6  # new render settings: nothing reused
 
 
 def test_real_data_replaces_rendering_for_its_skill(tmp_path: Path) -> None:
@@ -106,7 +112,7 @@ def test_real_data_replaces_rendering_for_its_skill(tmp_path: Path) -> None:
         (src / f"{i}.txt").write_text(f"real picture {i}")
     (src / "nocaption.png").write_bytes((src / "0.png").read_bytes())
     cfg, run = setup_run(tmp_path / "run", 2, f"images.real_data={{counting: [{src}]}}")
-    summary = run_images(cfg, run)
+    summary = run_stage("images", cfg, run)
     rows = pads.dataset(str(run.path(STAGE, "data")), format="parquet").to_table().to_pylist()
     real = sorted((r for r in rows if r["skill"] == "counting"), key=lambda r: r["prompt"])
     assert [r["prompt"] for r in real] == ["real picture 0", "real picture 1"]
@@ -117,15 +123,15 @@ def test_real_data_replaces_rendering_for_its_skill(tmp_path: Path) -> None:
     assert summary["real_skipped"] == [
         f"{src / 'nocaption.png'}: " + summary["real_skipped"][0].split(": ", 1)[1]
     ]
-    old = fingerprint(cfg)
+    old = lineage("images", cfg, run).fingerprint
     (src / "1.txt").write_text("a changed caption")
     os.utime(src / "1.txt", ns=(1, 1))
-    assert fingerprint(cfg) != old
+    assert lineage("images", cfg, run).fingerprint != old
 
 
 def test_missing_real_data_source_fails_before_rendering(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     cfg, run = setup_run(tmp_path / "run", 2, f"images.real_data={{counting: [{missing}]}}")
     with pytest.raises(ValueError, match="no such file or folder"):
-        run_images(cfg, run)
+        run_stage("images", cfg, run)
     assert not run.path(STAGE, "data").exists()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from selma_ray.merge_math import (
+from selma_ray.merge.methods import (
     METHODS,
     LoraModule,
     check_weights,

@@ -17,12 +17,14 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from selma_ray import merge as merge_stage
 from selma_ray.config import load_config
-from selma_ray.lora_io import WEIGHT_NAME, save_adapter
+from selma_ray.core.lora_io import WEIGHT_NAME, save_adapter
+from selma_ray.core.rundir import RunDir
+from selma_ray.diffusion.engine import find_adapters
+from selma_ray.merge import stage as merge_stage
+from selma_ray.merge.validate import validation_scores
 from selma_ray.models import TINY_SD, resolve
-from selma_ray.rundir import RunDir
-from selma_ray.serving import find_adapters
+from selma_ray.pipeline import lineage, run_stage
 
 SKILLS = ["counting", "everyday_scenes"]
 
@@ -59,7 +61,7 @@ def make_run(root: Path, *overrides: str):
 
 def test_default_selection_writes_every_method_and_copies_the_default(tmp_path):
     cfg, run = make_run(tmp_path / "run", "merge.methods=[paper, cat, ties]", "merge.default=cat")
-    info = merge_stage.merge_run(merge_stage.merge_job(cfg, run))
+    info = merge_stage.merge_run(merge_stage.merge_job(cfg, run, "fp-test"))
     assert info["method"] == "cat" and info["selected_by"] == "default" and info["scores"] == {}
     assert info["adapter"] == str(run.path("merged", WEIGHT_NAME))
     assert sorted(info["merges"]) == ["cat", "paper", "ties"]
@@ -68,7 +70,7 @@ def test_default_selection_writes_every_method_and_copies_the_default(tmp_path):
     for method in ("paper", "cat", "ties"):
         manifest = run.read_manifest("merges", method)
         assert manifest["method"] == method
-        assert manifest["fingerprint"] == merge_stage.fingerprint(cfg)
+        assert manifest["fingerprint"] == "fp-test"
         assert set(manifest["inputs"]) == set(SKILLS) and len(manifest["inputs"]["counting"]) == 64
         assert "score" not in manifest
     assert run.read_manifest("merges", "ties")["options"] == {"density": 0.5}
@@ -88,7 +90,7 @@ def test_validation_selection_picks_the_lowest_score_and_records_scores(tmp_path
         return dict(fake)
 
     monkeypatch.setattr(merge_stage, "validation_scores", scorer)
-    info = merge_stage.merge_run(merge_stage.merge_job(cfg, run))
+    info = merge_stage.merge_run(merge_stage.merge_job(cfg, run, "fp-test"))
     assert info["method"] == "cat" and info["selected_by"] == "validation"
     assert info["scores"] == fake
     assert seen["base"] == "tiny-sd" and seen["samples"] == cfg.merge.val_samples
@@ -111,14 +113,14 @@ def test_real_validation_scores_on_tiny_sd_pick_the_lowest_and_are_deterministic
         "merge.select=validation",
         "merge.val_samples=3",
     )
-    info = merge_stage.merge_run(merge_stage.merge_job(cfg, run))
+    info = merge_stage.merge_run(merge_stage.merge_job(cfg, run, "fp-test"))
     scores = info["scores"]
     assert set(scores) == {"base", "paper", "cat"}
     assert all(math.isfinite(v) and v > 0 for v in scores.values())
     assert scores["paper"] != scores["base"] and scores["cat"] != scores["paper"]
     assert info["method"] == min(["paper", "cat"], key=scores.get)
     adapters = {m: str(run.path("merges", m)) for m in ("paper", "cat")}
-    again = merge_stage.validation_scores(
+    again = validation_scores(
         TINY_SD, run.path("images", "data"), adapters, 3, cfg.merge.seed, "cpu"
     )
     assert again == scores
@@ -127,7 +129,7 @@ def test_real_validation_scores_on_tiny_sd_pick_the_lowest_and_are_deterministic
 def test_cuda_without_gpu_resources_is_refused_before_starting_an_actor(tmp_path):
     cfg, run = make_run(tmp_path / "run", "merge.device=cuda")
     with pytest.raises(ValueError, match="resources.merge.num_gpus"):
-        merge_stage.run_merge(cfg, run)
+        run_stage("merge", cfg, run)
 
 
 def test_run_merge_in_a_ray_actor_then_skips_and_drops_stale_methods(tmp_path):
@@ -139,12 +141,12 @@ def test_run_merge_in_a_ray_actor_then_skips_and_drops_stale_methods(tmp_path):
     (stale / "manifest.json").write_text(json.dumps({"fingerprint": "old"}))
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        first = merge_stage.run_merge(cfg, run)
-        again = merge_stage.run_merge(cfg, run)
+        first = run_stage("merge", cfg, run)
+        again = run_stage("merge", cfg, run)
     finally:
         ray.shutdown()
     assert first["method"] == "paper" and first["adapter"] == str(run.path("merged", WEIGHT_NAME))
-    assert run.read_manifest("merged")["fingerprint"] == merge_stage.fingerprint(cfg)
+    assert run.read_manifest("merged")["fingerprint"] == lineage("merge", cfg, run).fingerprint
     assert run.read_manifest("merges", "svd")["r"] == 2
     assert not stale.exists()
     assert again["skipped"] is True and again["method"] == "paper"

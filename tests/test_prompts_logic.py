@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from selma_ray.config import load_config
-from selma_ray.prompt_filters import SkillPool, normalize
-from selma_ray.prompts import build_requests, parse_candidates, requests_needed
-from selma_ray.skills import SKILLS, SUB_SKILLS, Skill, get_skills
+from selma_ray.core.skills import SKILLS, SUB_SKILLS, Skill, get_skills
+from selma_ray.prompts.stage import build_requests, requests_needed
+from selma_ray.text.filters import SkillPool, normalize
+from selma_ray.text.parse import parse_candidates
 
 # ---------------------------------------------------------------- parse_candidates
 

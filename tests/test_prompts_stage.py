@@ -9,9 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from selma_ray.config import load_config
-from selma_ray.llm import OpenAIGenerator
-from selma_ray.prompts import STAGE, run_prompts
-from selma_ray.rundir import RunDir
+from selma_ray.core.rundir import RunDir
+from selma_ray.models.llm import OpenAIGenerator
+from selma_ray.pipeline import run_stage
+from selma_ray.prompts.stage import STAGE
 
 OBJECTS = [
     "apple",
@@ -79,7 +80,7 @@ def tiny(tmp_path, *overrides):
 
 def test_stage_grows_every_skill_to_its_target_and_records_verdicts(tmp_path):
     cfg = tiny(tmp_path, "prompts.per_skill=12")
-    summary = run_prompts(cfg, RunDir(tmp_path), generate=FakeLLM())
+    summary = run_stage("prompts", cfg, RunDir(tmp_path), generate=FakeLLM())
     for skill in ("counting", "everyday_scenes"):
         rows = _rows(tmp_path, f"{skill}.jsonl")
         assert len(rows) == 12 and len({r["prompt"] for r in rows}) == 12
@@ -109,18 +110,19 @@ def test_resume_after_a_kill_between_rounds_keeps_earlier_rounds(tmp_path):
     run = RunDir(tmp_path)
     killed = FakeLLM(fail_at_round=1)
     with pytest.raises(KeyboardInterrupt):
-        run_prompts(cfg, run, generate=killed)
+        run_stage("prompts", cfg, run, generate=killed)
     after_kill = _rows(tmp_path, "counting.jsonl")
     assert killed.rounds == [0, 1] and 0 < len(after_kill) < 30
     assert run.read_manifest(STAGE) is None  # not finished
     resumed = FakeLLM()
-    run_prompts(cfg, run, generate=resumed)
+    run_stage("prompts", cfg, run, generate=resumed)
     assert resumed.rounds[0] == 1  # round 0 is not asked again
     final = _rows(tmp_path, "counting.jsonl")
     assert final[: len(after_kill)] == after_kill and len(final) == 30
     # Same config, uninterrupted: the same prompts (sampling is seeded).
     fresh = tmp_path / "fresh"
-    run_prompts(
+    run_stage(
+        "prompts",
         tiny(
             fresh, "prompts.per_skill=30", "prompts.requests_per_round=2", "prompts.max_rounds=30"
         ),
@@ -132,9 +134,9 @@ def test_resume_after_a_kill_between_rounds_keeps_earlier_rounds(tmp_path):
 
 def test_finished_stage_is_skipped(tmp_path):
     cfg = tiny(tmp_path)
-    run_prompts(cfg, RunDir(tmp_path), generate=FakeLLM())
+    run_stage("prompts", cfg, RunDir(tmp_path), generate=FakeLLM())
     llm = FakeLLM()
-    assert run_prompts(cfg, RunDir(tmp_path), generate=llm)["skipped"] and llm.rounds == []
+    assert run_stage("prompts", cfg, RunDir(tmp_path), generate=llm)["skipped"] and llm.rounds == []
 
 
 def test_custom_skill_from_yaml_is_generated(tmp_path):
@@ -155,7 +157,7 @@ def test_custom_skill_from_yaml_is_generated(tmp_path):
             f"prompts.skill_files=[{skill_file}]",
         ],
     )
-    run_prompts(cfg, RunDir(tmp_path / "run"), generate=FakeLLM())
+    run_stage("prompts", cfg, RunDir(tmp_path / "run"), generate=FakeLLM())
     assert len(_rows(tmp_path / "run", "texture.jsonl")) == cfg.prompts.per_skill
 
 
@@ -247,8 +249,8 @@ def test_unreachable_endpoint_is_an_error_row_not_a_crash():
 
 @pytest.fixture(scope="module")
 def vllm_engine():
-    from selma_ray.llm import VLLMGenerator
-    from selma_ray.prompts import backend_udf
+    from selma_ray.models.llm import VLLMGenerator
+    from selma_ray.models.llm_data import backend_udf
 
     cls, kwargs = backend_udf(load_config("tiny"))
     assert cls is VLLMGenerator
@@ -268,7 +270,8 @@ def test_vllm_generator_answers_each_request(vllm_engine):
 @pytest.mark.slow
 def test_stage_on_smollm2_accepts_real_prompts(tmp_path, vllm_engine):
     cfg = tiny(tmp_path, "prompts.per_skill=3")
-    summary = run_prompts(
+    summary = run_stage(
+        "prompts",
         cfg,
         RunDir(tmp_path),
         generate=lambda c, reqs: _as_rows(vllm_engine({k: [r[k] for r in reqs] for k in reqs[0]})),
@@ -287,7 +290,7 @@ def _as_rows(batch):
 def test_ray_data_rounds_reuse_one_persistent_vllm_engine(tmp_path):
     import ray
 
-    from selma_ray.prompts import PersistentEngines
+    from selma_ray.models.llm_data import PersistentEngines
 
     cfg = tiny(tmp_path, "prompts.batch_size=2")
     requests = [

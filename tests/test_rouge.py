@@ -7,7 +7,7 @@ from functools import cache
 
 import pytest
 
-from selma_ray.rouge import RougeFilter, lcs_length, rouge_l, tokenize
+from selma_ray.text.rouge import RougeFilter, lcs_length, rouge_l, tokenize
 
 
 def reference_lcs(a: list[str], b: list[str]) -> int:

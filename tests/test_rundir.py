@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from selma_ray import rundir
-from selma_ray.rundir import (
+from selma_ray.core import rundir as rundir
+from selma_ray.core.rundir import (
     MANIFEST,
     RunDir,
     atomic_write_bytes,

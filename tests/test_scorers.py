@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from selma_ray import models
-from selma_ray.dsg import Question, dsg_score
-from selma_ray.scorers import BlipVQA, ClipScore, DSGScore, PickScore, ScoreBatch, unavailable
+from selma_ray.eval.dsg import Question, dsg_score
+from selma_ray.eval.scorers import BlipVQA, ClipScore, DSGScore, PickScore, ScoreBatch, unavailable
 
 
 def _images(n: int, seed: int = 0):
@@ -131,7 +131,7 @@ def test_optional_scorers_skip_with_a_reason_when_not_installed():
 
 
 def test_vlm_answers_by_choice_likelihood_and_dsg_runs_on_it():
-    from selma_ray.scorers import VLMVQA, make_vqa
+    from selma_ray.eval.scorers import VLMVQA, make_vqa
 
     vqa = make_vqa(models.TINY_VLM)
     assert isinstance(vqa, VLMVQA) and isinstance(make_vqa(models.TINY_VQA), BlipVQA)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.app import PROJECT_ROOT, GenerationRequest, authorized, resolve_run_dir
+from selma_ray.serving.app import GenerationRequest, authorized, resolve_run_dir
 
 
 @pytest.mark.parametrize(
@@ -25,8 +25,9 @@ def test_api_key_is_enforced_when_set(key, path, headers, ok):
     assert authorized(key, path, headers) is ok
 
 
-def test_relative_run_dirs_resolve_against_the_project_root():
-    assert resolve_run_dir("runs/tiny") == str((PROJECT_ROOT / "runs" / "tiny").resolve())
+def test_relative_run_dirs_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run_dir("runs/tiny") == str((tmp_path / "runs" / "tiny").resolve())
     assert resolve_run_dir("/data/run") == str(Path("/data/run"))
 
 
@@ -45,7 +46,7 @@ def test_request_schema_rejects_unknown_fields_and_bad_sizes():
 
 
 def test_playground_page_is_self_contained_and_uses_the_api():
-    from serve.app import PLAYGROUND
+    from selma_ray.serving.app import PLAYGROUND
 
     assert PLAYGROUND.startswith("<!doctype html>")
     assert "/v1/adapters" in PLAYGROUND and "/v1/images/generations" in PLAYGROUND

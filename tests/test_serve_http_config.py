@@ -26,7 +26,7 @@ def test_config_validates_against_serves_own_schema(spec):
 
     schema = ServeDeploySchema.model_validate(spec)
     (app,) = schema.applications
-    assert app.import_path == "serve.app:build_app"
+    assert app.import_path == "selma_ray.serving.app:build_app"
     deployments = {d.name: d for d in app.deployments}
     diffusion = deployments["Diffusion"]
     auto = diffusion.autoscaling_config
@@ -37,7 +37,7 @@ def test_config_validates_against_serves_own_schema(spec):
 
 
 def test_deployment_names_match_the_app(spec):
-    from serve.app import Diffusion, Ingress
+    from selma_ray.serving.app import Diffusion, Ingress
 
     names = {d["name"] for d in spec["applications"][0]["deployments"]}
     assert names == {Diffusion.name, Ingress.name}  # Serve rejects unknown names
@@ -64,7 +64,7 @@ def test_import_path_and_args_build_the_app(spec, run_dir):
     ],
 )
 def test_bad_args_are_refused_with_a_message(run_dir, args, says):
-    from serve.app import build_app
+    from selma_ray.serving.app import build_app
 
     args = {k: (str(run_dir) if v == "R" else v) for k, v in args.items()}
     with pytest.raises(ValueError, match=None) as err:

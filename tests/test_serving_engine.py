@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from selma_ray.config import load_config
-from selma_ray.lora_io import save_adapter
-from selma_ray.merge import merge_adapters
-from selma_ray.rundir import RunDir
-from selma_ray.serving import DiffusionService, find_adapters, parse_adapter_spec
+from selma_ray.core.lora_io import save_adapter
+from selma_ray.core.rundir import RunDir
+from selma_ray.diffusion.engine import DiffusionService, find_adapters, parse_adapter_spec
+from selma_ray.merge.files import merge_adapters
 
 
 def _random_adapter(out: Path, seed: int) -> None:

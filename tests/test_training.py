@@ -13,9 +13,9 @@ pytest.importorskip("diffusers")
 
 from PIL import Image  # noqa: E402
 
-from selma_ray import train_data  # noqa: E402
 from selma_ray.config import load_config  # noqa: E402
-from selma_ray.training import ExpertTrainer  # noqa: E402
+from selma_ray.experts import data as train_data  # noqa: E402
+from selma_ray.experts.recipe import ExpertTrainer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

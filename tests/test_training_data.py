@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from selma_ray import train_data
+from selma_ray.experts import data as train_data
 
 
 def png(width: int, height: int, seed: int = 0) -> bytes:

@@ -22,13 +22,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from selma_ray import dsg
-from selma_ray import merge as merge_stage
 from selma_ray.config import SelmaConfig
-from selma_ray.eval_inputs import GENERATED, STAGE, attach_questions, load_eval_prompts
-from selma_ray.rundir import MANIFEST, RunDir, atomic_write_json, atomic_write_text, replace_dir
-from selma_ray.scorers import LABELS, model_ids, unavailable
-from selma_ray.seeds import stable_seed
+from selma_ray.core.lineage import Lineage, digest, outputs
+from selma_ray.core.rundir import (
+    MANIFEST,
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    replace_dir,
+)
+from selma_ray.core.seeds import stable_seed
+from selma_ray.eval import dsg
+from selma_ray.eval.inputs import STAGE, attach_questions, load_eval_prompts
+from selma_ray.eval.scorers import LABELS, model_ids, unavailable
 
 log = logging.getLogger(__name__)
 TINY_NOTE = (
@@ -36,27 +42,6 @@ TINY_NOTE = (
     "diffusion model is too): these numbers show only that the evaluation plumbing works, "
     "not whether the method does. Use a paper preset for real scores."
 )
-
-
-def _file_digest(path: str | None) -> str | None:
-    if not path or path == GENERATED:
-        return None
-    return hashlib.sha256(dsg._resolve_path(path).read_bytes()).hexdigest()[:16]
-
-
-def fingerprint(cfg: SelmaConfig) -> str:
-    ec = cfg.eval
-    return cfg.fingerprint(
-        "eval",
-        extra={
-            "merge": merge_stage.fingerprint(cfg),
-            "base": cfg.models.base,
-            "llm": ec.question_llm or cfg.models.llm,
-            "prompts_file": _file_digest(ec.prompts_file),
-            "questions_file": _file_digest(ec.questions_file),
-            "render": [steps(cfg), guidance(cfg), cfg.images.resolution, cfg.run.seed],
-        },
-    )
 
 
 def steps(cfg: SelmaConfig) -> int:
@@ -89,12 +74,13 @@ def render_rows(cfg: SelmaConfig, prompts: list[dsg.EvalPrompt], variants: list[
     return rows
 
 
-def render_key(cfg: SelmaConfig, rows: list[dict[str, Any]]) -> str:
-    """What the rendered images depend on: adapters, sampler settings and the rows themselves
-    (so changing scorers or report settings re-scores without re-rendering)."""
+def render_key(cfg: SelmaConfig, rows: list[dict[str, Any]], adapters: Any) -> str:
+    """What the rendered images depend on: the adapters (their output digests), sampler
+    settings and the rows themselves (so changing scorers or report settings re-scores
+    without re-rendering)."""
     plan = [(r["variant"], r["prompt_id"], r["prompt"], r["seed"]) for r in rows]
     settings = [steps(cfg), guidance(cfg), cfg.images.resolution, cfg.models.base]
-    return cfg.fingerprint(extra=[merge_stage.fingerprint(cfg), settings, plan])
+    return digest([adapters, settings, plan])
 
 
 class EvalRenderer:
@@ -103,8 +89,8 @@ class EvalRenderer:
     def __init__(self, run_dir: str, num_gpus: float, steps: int, guidance_scale: float):
         import torch
 
-        from selma_ray.logs import setup_logging
-        from selma_ray.serving import DiffusionService
+        from selma_ray.core.logs import setup_logging
+        from selma_ray.diffusion.engine import DiffusionService
 
         setup_logging()
         self.svc = DiffusionService(run_dir)
@@ -116,7 +102,7 @@ class EvalRenderer:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from selma_ray.serving import parse_adapter_spec
+        from selma_ray.diffusion.engine import parse_adapter_spec
 
         missing = [c for c in ("variant", "prompt", "seed") if c not in batch]
         if missing:
@@ -190,7 +176,7 @@ def score(cfg: SelmaConfig, images: Path, name: str) -> list[dict[str, Any]]:
     """One Ray Data pass of scorer ``name`` over the rendered images."""
     import ray
 
-    from selma_ray.scorers import ScoreBatch
+    from selma_ray.eval.scorers import ScoreBatch
 
     keep = ["variant", "prompt_id", "seed_index", f"score_{name}"]
     keep += ["dsg_detail"] if name == "dsg" else []
@@ -235,7 +221,7 @@ def grid_rows(
 def _distinct(adapters: dict[str, Any]) -> list[str]:
     """Names of adapters with distinct weights: ``merged`` is a copy of its method's merge
     (``merged-<method>``), and rendering and scoring it twice would show the same numbers."""
-    from selma_ray.lora_io import adapter_file
+    from selma_ray.core.lora_io import adapter_file
 
     seen: dict[str, str] = {}
     keep = []
@@ -251,7 +237,7 @@ def _distinct(adapters: dict[str, Any]) -> list[str]:
 
 
 def select_variants(cfg: SelmaConfig, run: RunDir) -> list[str]:
-    from selma_ray.serving import find_adapters
+    from selma_ray.diffusion.engine import find_adapters
 
     adapters = find_adapters(run.root)
     found = list(adapters)
@@ -318,7 +304,7 @@ def write_outputs(
     grids: list[tuple[str, dict[str, bytes]]],
 ) -> Path:
     """scores.jsonl, questions.jsonl, metrics.json and report.html under ``eval/``."""
-    from selma_ray import eval_report
+    from selma_ray.eval import report as eval_report
 
     out = run.path(STAGE)
     atomic_write_text(
@@ -354,17 +340,17 @@ def scorer_status(cfg: SelmaConfig) -> dict[str, dict[str, Any]]:
     return scorers
 
 
-def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
+def run_eval(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
     """Evaluate every variant of this run; returns the stage summary."""
-    from selma_ray import eval_stats
+    from selma_ray.eval import stats as eval_stats
     from selma_ray.models import is_builtin
 
     ec = cfg.eval
     if not ec.enabled:
         return {"skipped": True, "reason": "eval.enabled=false"}
-    fp = fingerprint(cfg)
+    fp = lineage.fingerprint
     if run.is_done(fp, STAGE):
-        log.info("eval: finished earlier with the same config, skipping")
+        log.info("eval: finished earlier with the same inputs, skipping")
         return {**(run.read_manifest(STAGE) or {}), "skipped": True}
     prompts, dropped = load_eval_prompts(cfg, run)
     scorers = scorer_status(cfg)
@@ -382,7 +368,8 @@ def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         steps(cfg),
     )
     start = time.perf_counter()
-    images = render(cfg, run, rows, render_key(cfg, rows))
+    adapters = {k: lineage.upstream.get(k) for k in ("merge", "experts")}
+    images = render(cfg, run, rows, render_key(cfg, rows, adapters))
     log.info("eval: images ready in %.1fs", time.perf_counter() - start)
     results = {(r["variant"], r["prompt_id"], r["seed_index"]): dict(r) for r in rows}
     for r in results.values():
@@ -433,9 +420,12 @@ def run_eval(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
         "dsg_questions": question_accuracy(table, prompts) if "dsg" in active else {},
     }
     out = write_outputs(run, doc, table, prompts, grid_rows(images, prompts, ec.grid_prompts))
+    written = [out / "metrics.json", out / "scores.jsonl"]
     return run.write_manifest(
         fp,
         STAGE,
+        lineage=lineage.inputs,
+        outputs=outputs(run.root, written),
         report=str(out / "report.html"),
         metrics=str(out / "metrics.json"),
         headline=headline(metrics),

@@ -13,33 +13,35 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from selma_ray import images as images_stage
 from selma_ray.config import SelmaConfig
-from selma_ray.lora_io import WEIGHT_NAME
-from selma_ray.rundir import RunDir, replace_dir, safe_child
-from selma_ray.training import read_attempts
+from selma_ray.core import layout
+from selma_ray.core.lineage import Lineage, outputs
+from selma_ray.core.lora_io import WEIGHT_NAME
+from selma_ray.core.rundir import RunDir, replace_dir, safe_child
+from selma_ray.experts.recipe import read_attempts
 
 log = logging.getLogger(__name__)
-STAGE = "experts"
+STAGE = layout.EXPERTS
 KOHYA_SUFFIX = "_kohya.safetensors"
-# Operational settings that do not change what an expert learns.
-_NOT_FINGERPRINTED = {"fail_at_step", "max_failures"}
+FAULT_DRILL_ENV = "SELMA_FAULT_DRILL"
 
 
-def fingerprint(cfg: SelmaConfig, skill: str) -> str:
-    return cfg.fingerprint(
-        extra={
-            "experts": cfg.experts.model_dump(mode="json", exclude=_NOT_FINGERPRINTED),
-            "base": cfg.models.base,
-            "images": images_stage.fingerprint(cfg),
-            "skill": skill,
-            "seed": cfg.run.seed,
-        },
-    )
+def fault_drill() -> dict[str, int]:
+    """Fault injection for tests, never a config key: ``SELMA_FAULT_DRILL=skill:step,...``
+    makes one Train worker of that skill's expert raise once at that step."""
+    spec = os.environ.get(FAULT_DRILL_ENV, "").strip()
+    drill = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        skill, _, step = item.partition(":")
+        if not step.isdigit():
+            raise ValueError(f"{FAULT_DRILL_ENV}={spec!r}: use skill:step[,skill:step]")
+        drill[skill] = int(step)
+    return drill
 
 
 def skill_table(images_dir: str, skill: str):
@@ -75,7 +77,7 @@ def work_dir(run: RunDir, skill: str, fp: str) -> Path:
 def prepare_data(job: dict[str, Any], skill: str) -> dict[str, Any]:
     """One skill's train/validation split as Ray Datasets of model inputs, prepared by the
     driver: deterministic preprocessing runs once here on warm Ray workers, not per trial."""
-    from selma_ray import train_data
+    from selma_ray.experts import data as train_data
 
     loop, run = job["loop"], RunDir(job["run_dir"])
     work = work_dir(run, skill, job["fingerprints"][skill])
@@ -108,8 +110,8 @@ def _train_one(
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from selma_ray.logs import setup_logging
-    from selma_ray.training import train_expert
+    from selma_ray.core.logs import setup_logging
+    from selma_ray.experts.recipe import train_expert
 
     setup_logging()
     skill, loop, prep = trial_config["skill"], job["loop"], data[trial_config["skill"]]
@@ -126,7 +128,7 @@ def _train_one(
         train_loop_config={
             **loop,
             "skill": skill,
-            "fail_at_step": loop["fail_at_step"].get(skill),
+            "fail_at_step": job["fault_drill"].get(skill),
             "fail_marker_dir": str(work),
             "attempts_file": str(work / "attempts.jsonl"),
             "log_dir": str(work / "logs"),
@@ -182,7 +184,9 @@ def _train_one(
         "resumed_from": final.get("resumed_from", 0),
         "steps_per_second": final.get("steps_per_second"),
     }
-    export_expert(run.root, skill, chosen, fp, info, metrics, work)
+    export_expert(
+        run.root, skill, chosen, fp, info, metrics, work, job.get("lineage", {}).get(skill)
+    )
 
 
 def _metadata(info: dict[str, Any]) -> dict[str, str]:
@@ -213,6 +217,7 @@ def export_expert(
     info: dict[str, Any],
     metrics: dict[str, Any],
     work: Path | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> None:
     """Write ``experts/<skill>/``: the selected checkpoint's adapter (diffusers format, with
     metadata), its kohya-format copy, TensorBoard logs and samples; then the manifest."""
@@ -246,27 +251,31 @@ def export_expert(
         export=info,
         attempts=attempts,  # start step of each attempt: 0, then checkpoints resumed from
         adapter=str(out / WEIGHT_NAME),
+        lineage=lineage or {},
+        outputs=outputs(run.root, [out / WEIGHT_NAME, out / f"{skill}{KOHYA_SUFFIX}"]),
     )
     log.info("experts: [%s] exported to %s (%s)", skill, out, clean)
 
 
-def run_experts(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
+def run_experts(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
     """Train every unfinished skill expert in parallel; returns the stage summary."""
     from ray import tune
 
     skills = cfg.prompts.skills
-    fps = {s: fingerprint(cfg, s) for s in skills}
+    fps = lineage.units
     todo = [s for s in skills if not run.is_done(fps[s], STAGE, s)]
     for s in skills:
         if s not in todo:
-            log.info("experts: [%s] finished earlier with the same config, skipping", s)
+            log.info("experts: [%s] finished earlier with the same inputs, skipping", s)
     if todo:
         ec, res = cfg.experts, cfg.resources.experts
         job = {
             "run_dir": str(run.root),
-            "images_dir": str(run.path(images_stage.STAGE, "data")),
+            "images_dir": str(layout.images_data(run)),
             "storage_path": str(run.path("ray_results")),
             "fingerprints": fps,
+            "lineage": lineage.inputs,
+            "fault_drill": fault_drill(),
             "resources": res.model_dump(),
             "loop": {**ec.model_dump(), "base": cfg.models.base, "seed": cfg.run.seed},
         }

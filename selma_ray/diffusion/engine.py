@@ -15,11 +15,10 @@ from typing import Any
 
 import yaml
 
-from selma_ray import experts as experts_stage
-from selma_ray import merge as merge_stage
 from selma_ray.config import SelmaConfig, validate
-from selma_ray.lora_io import WEIGHT_NAME, adapter_file
-from selma_ray.rundir import RunDir
+from selma_ray.core import layout
+from selma_ray.core.lora_io import WEIGHT_NAME, adapter_file
+from selma_ray.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 BASE = "base"
@@ -44,16 +43,16 @@ def load_run_config(run_dir: str | Path) -> SelmaConfig:
 def find_adapters(run_dir: str | Path) -> dict[str, AdapterInfo]:
     """Every finished adapter of a run, plus ``base``: the experts, ``merged`` and each
     method's merge as ``merged-<method>``."""
-    from selma_ray.lora_io import load_adapter
+    from selma_ray.core.lora_io import load_adapter
 
     run = RunDir(run_dir)
     found = {BASE: AdapterInfo(BASE, "base", None, None, None)}
     candidates = []
-    experts_dir = run.path(experts_stage.STAGE)
+    experts_dir = run.path(layout.EXPERTS)
     if experts_dir.is_dir():
         candidates += [(p.name, "expert", p.name, p) for p in sorted(experts_dir.iterdir())]
-    candidates.append(("merged", "merged", None, run.path(merge_stage.STAGE)))
-    merges_dir = run.path(merge_stage.MERGES)
+    candidates.append(("merged", "merged", None, run.path(layout.MERGED)))
+    merges_dir = run.path(layout.MERGES)
     if merges_dir.is_dir():
         merges = [p for p in sorted(merges_dir.iterdir()) if not p.name.startswith(".")]
         candidates += [(f"merged-{p.name}", "merged", None, p) for p in merges]
@@ -79,7 +78,7 @@ class DiffusionService:
         import torch
         from diffusers import AutoPipelineForText2Image
 
-        from selma_ray.images import torch_device_and_dtype
+        from selma_ray.diffusion.common import torch_device_and_dtype
         from selma_ray.models import resolve
 
         self.config = load_run_config(run_dir)
@@ -151,7 +150,7 @@ class DiffusionService:
 
         Each image has its own generator, so it does not depend on what it is batched with.
         """
-        from selma_ray.images import png_bytes
+        from selma_ray.diffusion.common import png_bytes
 
         with self._lock:  # the pipeline is not re-entrant
             missing = sorted({name for name, _ in spec} - set(self.adapters))

@@ -12,7 +12,7 @@ import io
 import math
 from typing import Any
 
-from selma_ray.scorers import LABELS
+from selma_ray.eval.scorers import LABELS
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+# Pixel preparation lives with the other shared diffusion pieces; tests and benches use it here.
+from selma_ray.diffusion.common import pixel_array, prepare_images  # noqa: F401
 
 log = logging.getLogger(__name__)
 COMPLETE = ".complete"
@@ -35,61 +37,6 @@ def native_resolution(base: str) -> int:
     unet = UNet2DConditionModel.load_config(path, subfolder="unet")
     vae = AutoencoderKL.load_config(path, subfolder="vae")
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
-def resize_crop(img, size: int, crop: str = "center", rng=None):
-    """Resize a PIL image so its shorter side is ``size``, then crop a ``size`` square;
-    returns the crop and its (top, left) in the resized image (SDXL's crop coordinates)."""
-    import numpy as np
-    from PIL import Image
-
-    img = img.convert("RGB")
-    scale = size / min(img.size)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.BICUBIC)
-    if crop == "random":
-        rng = rng if rng is not None else np.random.default_rng()
-        left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-    else:
-        left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size)), (top, left)
-
-
-def prepare_images(pngs, size: int, crop: str = "center", flip: bool = False, rng=None):
-    """Encoded images -> (float32 pixels (N, 3, size, size) in [-1, 1], original (h, w) and
-    crop (top, left) per image, both int64 (N, 2)); each image flipped horizontally with
-    probability 0.5 when ``flip``."""
-    import numpy as np
-    from PIL import Image
-
-    rng = rng if rng is not None else np.random.default_rng()
-    pixels, sizes, crops = [], [], []
-    for data in pngs:
-        with Image.open(io.BytesIO(data)) as src:
-            sizes.append((src.height, src.width))
-            img, box = resize_crop(src, size, crop, rng)
-        arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-        if flip and rng.random() < 0.5:
-            arr = arr[:, ::-1]
-        pixels.append(arr.transpose(2, 0, 1))
-        crops.append(box)
-    return (
-        np.ascontiguousarray(np.stack(pixels)),
-        np.asarray(sizes, dtype=np.int64),
-        np.asarray(crops, dtype=np.int64),
-    )
-
-
-def pixel_array(pngs, size: int, crop: str = "center", flip: bool = False, rng=None):
-    """Encoded images -> float32 array (N, 3, size, size) in [-1, 1]."""
-    return prepare_images(pngs, size, crop, flip, rng)[0]
-
-
-def decode_images(pngs, size: int):
-    """Encoded images -> float tensor (N, 3, size, size) in [-1, 1], centre-cropped."""
-    import torch
-
-    return torch.from_numpy(pixel_array(pngs, size))
 
 
 @functools.lru_cache(maxsize=4)
@@ -173,8 +120,8 @@ class LatentEncoder:
     def __init__(self, base: str, flip: bool = False):
         from diffusers import DiffusionPipeline
 
+        from selma_ray.experts.recipe import TextConditioner
         from selma_ray.models import resolve
-        from selma_ray.training import TextConditioner
 
         pipe = DiffusionPipeline.from_pretrained(resolve(base))
         self.vae = pipe.vae.eval()

@@ -45,7 +45,7 @@ class VLLMGenerator:
     def __init__(self, model: str, engine_kwargs: dict[str, Any], sampling: dict[str, Any]):
         from vllm import LLM
 
-        from selma_ray.logs import setup_logging
+        from selma_ray.core.logs import setup_logging
         from selma_ray.models import resolve
 
         setup_logging()
@@ -115,7 +115,7 @@ class OpenAIGenerator:
     ):
         import requests
 
-        from selma_ray.logs import setup_logging
+        from selma_ray.core.logs import setup_logging
 
         setup_logging()
         self.url = base_url.rstrip("/") + "/chat/completions"

@@ -270,14 +270,14 @@ def llm_pass(
 ) -> dict[str, dict[str, Any]]:
     """One Ray Data pass of the configured LLM backend over ``items`` (each with ``key``,
     ``instruction`` and ``seed``); returns the answer rows by key."""
-    from selma_ray.prompts import generate_with_ray_data
+    from selma_ray.models.llm_data import generate_with_ray_data
 
     return {r["key"]: r for r in generate_with_ray_data(cfg, items, sampling, model)}
 
 
 def generate_questions(cfg: Any, prompts: list[EvalPrompt]) -> dict[str, list[Question]]:
     """Questions for each prompt, written by the configured LLM backend on Ray Data (greedy)."""
-    from selma_ray.seeds import stable_seed
+    from selma_ray.core.seeds import stable_seed
 
     ec = cfg.eval
     items = [
@@ -314,10 +314,10 @@ def generate_prompts(cfg: Any, training: dict[str, list[str]], rounds: int = 3) 
     import random
     from types import SimpleNamespace
 
-    from selma_ray.prompt_filters import SkillPool
-    from selma_ray.prompts import parse_candidates
-    from selma_ray.seeds import stable_seed
-    from selma_ray.skills import get_skills
+    from selma_ray.core.seeds import stable_seed
+    from selma_ray.core.skills import get_skills
+    from selma_ray.text.filters import SkillPool
+    from selma_ray.text.parse import parse_candidates
 
     pc, n = cfg.prompts, cfg.eval.generated_per_skill
     skills = get_skills(pc.skills, pc.all_custom_skills())

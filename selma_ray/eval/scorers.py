@@ -9,7 +9,7 @@ names such as ``tiny-clip`` resolve to tiny local models (``selma_ray.models``).
   and the processor of the CLIP-H model it was fine-tuned from.
 - ``dsg``: DSG-style faithfulness: a VQA model answers each question of the prompt (the choice
   with the highest likelihood), children of a question answered wrongly score 0, and the
-  score is the share of questions answered correctly (``selma_ray.dsg``).
+  score is the share of questions answered correctly (``selma_ray.eval.dsg``).
 - ``image_reward``, ``hps``: optional extras, used only where their packages import.
 """
 
@@ -21,18 +21,11 @@ import json
 import logging
 from typing import Any
 
-from selma_ray.dsg import Question, dsg_score
+from selma_ray.eval import LABELS  # the scorer registry
+from selma_ray.eval.dsg import Question, dsg_score
 
 log = logging.getLogger(__name__)
 
-# scorer key -> what its column is called in tables and plots
-LABELS = {
-    "clip": "CLIPScore",
-    "pick": "PickScore",
-    "dsg": "DSG",
-    "image_reward": "ImageReward",
-    "hps": "HPS v2",
-}
 _EXTRAS = {
     "image_reward": ("ImageReward", "image-reward"),
     "hps": ("hpsv2", "hpsv2"),
@@ -313,7 +306,7 @@ class ScoreBatch:
     with columns ``image`` (PNG bytes), ``prompt`` and, for dsg, ``questions`` (JSON)."""
 
     def __init__(self, name: str, ids: dict[str, str], num_gpus: float = 0.0):
-        from selma_ray.logs import setup_logging
+        from selma_ray.core.logs import setup_logging
 
         setup_logging()
         self.name = name

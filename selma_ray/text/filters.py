@@ -13,8 +13,8 @@ import re
 from collections import Counter
 from typing import Any
 
-from selma_ray.rouge import RougeFilter, tokenize
-from selma_ray.skills import Skill
+from selma_ray.core.skills import Skill
+from selma_ray.text.rouge import RougeFilter, tokenize
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ temporary folder and moved into place when complete.
 
 A broken image (NaN, all black, one colour) is rendered once more with a seed derived from
 its own and dropped if still broken. Skills in ``images.real_data`` get imported real pairs
-(``selma_ray.datasets``) instead of renders. A re-run reuses the images of the earlier run
+(``selma_ray.images.real_data``) instead of renders. A re-run reuses the images of the earlier run
 whose render settings, prompt and seed still match, so new prompts are all it renders.
 """
 
@@ -21,59 +21,17 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from selma_ray import datasets
-from selma_ray import prompts as prompts_stage
 from selma_ray.config import SelmaConfig
-from selma_ray.rundir import MANIFEST, RunDir, atomic_write_bytes, replace_dir
-from selma_ray.seeds import stable_seed
+from selma_ray.core import layout
+from selma_ray.core.lineage import Lineage, digest, outputs
+from selma_ray.core.rundir import MANIFEST, RunDir, atomic_write_bytes, replace_dir
+from selma_ray.core.seeds import stable_seed
+from selma_ray.diffusion.common import png_bytes, torch_device_and_dtype
+from selma_ray.images import real_data as datasets
+from selma_ray.images import set_scheduler
 
 log = logging.getLogger(__name__)
-STAGE = "images"
-# images.scheduler -> diffusers scheduler class, built from the model's own scheduler config
-# (so its training betas and prediction type carry over).
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_ancestral": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "dpmsolver_multistep": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-
-
-def set_scheduler(pipe: Any, name: str) -> None:
-    """Swap ``pipe.scheduler`` for the named sampler (``default`` keeps the model's own)."""
-    if name == "default":
-        return
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose default or one of {list(SCHEDULERS)}")
-    import diffusers
-
-    cls = getattr(diffusers, SCHEDULERS[name])
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
-
-
-def torch_device_and_dtype(num_gpus: float, dtype: str):
-    """Pick the device from the resources and the dtype from config (auto: fp16 on GPU)."""
-    import torch
-
-    on_gpu = num_gpus > 0 and torch.cuda.is_available()
-    if dtype == "auto":
-        return ("cuda" if on_gpu else "cpu"), (torch.float16 if on_gpu else torch.float32)
-    return ("cuda" if on_gpu else "cpu"), getattr(torch, dtype)
-
-
-def png_bytes(array) -> bytes:
-    """PNG-encode an HxWx3 float image in [0, 1]."""
-    import numpy as np
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(array, 0, 1) * 255).round().astype("uint8")).save(buf, format="PNG")
-    return buf.getvalue()
+STAGE = layout.IMAGES
 
 
 def is_broken(image: Any, tol: float = 1 / 255) -> bool:
@@ -101,7 +59,7 @@ class DiffusionRenderer:
     ):
         from diffusers import AutoPipelineForText2Image
 
-        from selma_ray.logs import setup_logging
+        from selma_ray.core.logs import setup_logging
         from selma_ray.models import resolve
 
         setup_logging()
@@ -179,18 +137,6 @@ def image_rows(cfg: SelmaConfig, prompt_rows: list[dict[str, Any]]) -> list[dict
                 }
             )
     return rows
-
-
-def fingerprint(cfg: SelmaConfig) -> str:
-    real = {k: datasets.source_signature(v) for k, v in sorted(cfg.images.real_data.items())}
-    return cfg.fingerprint(
-        "images",
-        extra={
-            "generator": cfg.models.generator,
-            "prompts": prompts_stage.fingerprint(cfg),
-            "real_data": real,
-        },
-    )
 
 
 def render_key(cfg: SelmaConfig) -> str:
@@ -277,19 +223,34 @@ def _rendered_seeds(out_dir: Path) -> dict[tuple[str, int], int]:
     return {(p, i): s for p, i, s in zip(*(c.to_pylist() for c in table.columns), strict=True)}
 
 
-def run_images(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
+def skill_digests(data_dir: Path) -> dict[str, str]:
+    """One digest per skill over its rows (prompt, seed, image content), whatever the
+    sharding: what each skill's expert is trained from."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    rows: dict[str, list[tuple[str, int, str]]] = {}
+    for file in sorted(data_dir.glob("*.parquet")):
+        table = pq.read_table(file, columns=["skill", "prompt", "seed", "image"])
+        for skill, prompt, seed, image in zip(*(c.to_pylist() for c in table.columns), strict=True):
+            rows.setdefault(skill, []).append((prompt, seed, hashlib.sha256(image).hexdigest()))
+    return {skill: digest(sorted(r)) for skill, r in sorted(rows.items())}
+
+
+def run_images(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
     """Render all accepted prompts into ``images/*.parquet``; returns the stage summary.
 
     Skills listed in ``images.real_data`` take imported real pairs instead of rendering.
     Images of an earlier run with the same render settings are reused, so adding prompts
     renders only the new ones.
     """
-    fp = fingerprint(cfg)
+    fp = lineage.fingerprint
     if run.is_done(fp, STAGE):
-        log.info("images: finished earlier with the same config, skipping")
+        log.info("images: finished earlier with the same inputs, skipping")
         return {**(run.read_manifest(STAGE) or {}), "skipped": True}
     real = cfg.images.real_data
-    prompt_rows = prompts_stage.load_prompts(run, cfg.prompts.skills)
+    prompt_rows = layout.load_prompts(run, cfg.prompts.skills)
     planned = image_rows(cfg, [p for p in prompt_rows if p["skill"] not in real])
     if not planned and not real:
         raise RuntimeError("images: the prompts stage produced no prompts to render")
@@ -344,9 +305,12 @@ def run_images(cfg: SelmaConfig, run: RunDir) -> dict[str, Any]:
     counts = write_contact_sheets(final, run.path(STAGE, "contact_sheets"))
     for skill, n in counts.items():
         log.info("images: [%s] %d images, contact sheet in %s", skill, n, STAGE)
+    shards = sorted(final.glob("*.parquet"))
     return run.write_manifest(
         fp,
         STAGE,
+        lineage=lineage.inputs,
+        outputs=outputs(run.root, shards, skill_digests(final)),
         counts=counts,
         total=sum(counts.values()),
         path=str(final),

@@ -6,7 +6,7 @@ or a caption ``.txt`` next to each image), Parquet (an image column of PNG/JPEG 
 ``key.txt|caption|json``). Every image is re-encoded to PNG; unreadable images, missing
 captions and corrupt tar members are skipped and reported with their paths.
 
-    python -m selma_ray.datasets --skill counting --out DIR SOURCE [SOURCE...]
+    python -m selma_ray.images.real_data --skill counting --out DIR SOURCE [SOURCE...]
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from selma_ray.config import SKILL_NAME
-from selma_ray.rundir import replace_dir
-from selma_ray.seeds import stable_seed
+from selma_ray.core.rundir import replace_dir
+from selma_ray.core.seeds import stable_seed
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -333,7 +333,7 @@ def source_signature(sources: list[str]) -> list[list[Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m selma_ray.datasets",
+        prog="python -m selma_ray.images.real_data",
         description="Import real image-text pairs for one skill into the image stage format.",
     )
     parser.add_argument("--skill", required=True, help="Skill label for every imported pair.")

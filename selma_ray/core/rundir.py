@@ -1,8 +1,9 @@
 """The run directory: where every stage reads its inputs and writes its outputs.
 
 Each finished stage (or finished unit inside a stage, such as one skill's expert) writes a
-``manifest.json`` last. The manifest records a fingerprint of the config and the inputs the
-output was made from; a re-run skips work whose manifest fingerprint still matches.
+``manifest.json`` last. The manifest records a fingerprint of what the output was made from
+and what was written (``selma_ray.core.lineage``); a re-run skips work whose fingerprint still
+matches and whose listed outputs are still intact.
 Every file is written to a temporary name and renamed into place, so a killed job never
 leaves a half-written file that looks finished.
 """
@@ -87,8 +88,13 @@ class RunDir:
             return None
 
     def is_done(self, fingerprint: str, *parts: str) -> bool:
+        """The manifest matches ``fingerprint`` and every output it lists is intact."""
+        from selma_ray.core.lineage import verify
+
         manifest = self.read_manifest(*parts)
-        return manifest is not None and manifest.get("fingerprint") == fingerprint
+        if manifest is None or manifest.get("fingerprint") != fingerprint:
+            return False
+        return verify(self.root, manifest)
 
     def write_manifest(self, fingerprint: str, *parts: str, **info: Any) -> dict[str, Any]:
         manifest = {"fingerprint": fingerprint, "completed_at": time.time(), **info}

@@ -23,15 +23,14 @@ from pydantic import (
     model_validator,
 )
 
+from selma_ray.core.skills import SKILLS
+from selma_ray.eval import LABELS as SCORER_LABELS
+from selma_ray.images import SCHEDULER_NAMES
+from selma_ray.merge import Method
+
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny"
-PAPER_SKILLS = [
-    "dense_detail",
-    "counting",
-    "user_prompts",
-    "commonsense_defying",
-    "everyday_scenes",
-]
+PAPER_SKILLS = list(SKILLS)  # the paper's five, in its order
 
 
 class ConfigError(ValueError):
@@ -130,7 +129,7 @@ class PromptsSection(_Section):
 
     @model_validator(mode="after")
     def _skills_exist(self) -> PromptsSection:
-        from selma_ray.skills import SKILLS
+        from selma_ray.core.skills import SKILLS
 
         custom = {s.name for s in self.all_custom_skills()}
         unknown = [n for n in self.skills if n not in SKILLS and n not in custom]
@@ -165,18 +164,9 @@ def read_skill_file(path: str) -> list[SkillSpec]:
         raise ValueError(f"skill file {path!r}: {_format_errors(e, SkillSpec)}") from None
 
 
-SchedulerName = Literal[
-    "default",
-    "ddim",
-    "ddpm",
-    "pndm",
-    "euler",
-    "euler_ancestral",
-    "heun",
-    "lms",
-    "dpmsolver_multistep",
-    "unipc",
-]
+# One registry each, in the code that implements them.
+SchedulerName = Literal[SCHEDULER_NAMES]
+ScorerName = Literal[tuple(SCORER_LABELS)]
 
 
 class ImagesSection(_Section):
@@ -189,12 +179,12 @@ class ImagesSection(_Section):
     scheduler: SchedulerName = Field(
         "default",
         description="Sampler for rendering: default = the model's own, or one of the diffusers "
-        "schedulers named in selma_ray.images.SCHEDULERS (built from the model's config).",
+        "schedulers named in selma_ray.images (built from the model's config).",
     )
     real_data: dict[str, list[str]] = Field(
         default_factory=dict,
         description="skill -> image folders, Parquet or WebDataset tars used instead of "
-        "rendering that skill (see selma_ray.datasets).",
+        "rendering that skill (see selma_ray.images.real_data).",
     )
 
     @field_validator("resolution")
@@ -262,10 +252,6 @@ class ExpertsSection(_Section):
         0, ge=0, description="Validation prompts rendered at every checkpoint (0 = none)."
     )
     max_failures: int = Field(2, ge=0, description="Worker failures retried from a checkpoint.")
-    fail_at_step: dict[str, int] = Field(
-        default_factory=dict,
-        description="Test hook: skill -> step at which one worker raises once (fault drill).",
-    )
 
     @model_validator(mode="after")
     def _cache_compatible(self) -> ExpertsSection:
@@ -290,14 +276,14 @@ class ExpertsSection(_Section):
 
 
 class MergeSection(_Section):
-    """How the experts are merged (rules in ``selma_ray.merge_math``)."""
+    """How the experts are merged (rules in ``selma_ray.merge.methods``)."""
 
-    methods: list[Literal["paper", "cat", "svd", "ties", "dare_linear", "dare_ties"]] = Field(
+    methods: list[Method] = Field(
         default_factory=lambda: ["paper"],
         min_length=1,
         description="Merges to write to merges/<method>/; paper = mean of A's and of B's.",
     )
-    default: Literal["paper", "cat", "svd", "ties", "dare_linear", "dare_ties"] = Field(
+    default: Method = Field(
         "paper", description="The method served as 'merged' when select=default."
     )
     select: Literal["default", "validation"] = Field(
@@ -376,9 +362,6 @@ class ServeSection(_Section):
         return self
 
 
-SCORERS = ("clip", "pick", "dsg", "image_reward", "hps")
-
-
 class EvalSection(_Section):
     """The eval stage: held-out prompts rendered by every variant, then scored."""
 
@@ -408,9 +391,7 @@ class EvalSection(_Section):
     steps: int | None = Field(None, ge=1, description="Sampling steps; null = images.steps.")
     guidance_scale: float | None = Field(None, ge=0.0, description="null = images.guidance_scale.")
     batch_size: int = Field(8, ge=1)
-    scorers: list[Literal["clip", "pick", "dsg", "image_reward", "hps"]] = Field(
-        default_factory=lambda: ["clip", "pick", "dsg"]
-    )
+    scorers: list[ScorerName] = Field(default_factory=lambda: ["clip", "pick", "dsg"])
     clip_model: str = "openai/clip-vit-large-patch14"
     pick_model: str = "yuvalkirstain/PickScore_v1"
     pick_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

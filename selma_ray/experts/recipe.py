@@ -9,7 +9,7 @@ weighting, offset noise and gradient checkpointing. On GPU, fp16/bf16 autocast w
 weights kept in fp32. SD 1.x/2.x and SDXL bases (two text encoders, pooled embeddings and
 time ids from each image's original size and crop). Inputs come from
 ``ray.train.get_dataset_shard("train")`` as token ids and pixels, or as cached latents and
-text embeddings (``selma_ray.train_data``).
+text embeddings (``selma_ray.experts.data``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from selma_ray.lora_io import WEIGHT_NAME
-from selma_ray.train_data import decode_images  # noqa: F401  (used by selma_ray.merge)
+from selma_ray.core.lora_io import WEIGHT_NAME
 
 log = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
@@ -411,7 +410,7 @@ def train_expert(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from selma_ray.logs import setup_logging
+    from selma_ray.core.logs import setup_logging
 
     setup_logging()
     ctx = ray.train.get_context()

@@ -33,16 +33,15 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
-from selma_ray.seeds import stable_seed
+from selma_ray.core.seeds import stable_seed
+from selma_ray.merge import METHODS, Method  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger(__name__)
 
-Method = Literal["paper", "cat", "svd", "ties", "dare_linear", "dare_ties"]
-METHODS: tuple[str, ...] = get_args(Method)
 FACTOR_SPACE = ("paper", "ties", "dare_linear", "dare_ties")  # need equal ranks
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from selma_ray.rundir import replace_dir
+from selma_ray.core.rundir import replace_dir
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _META_KEY = "lora_adapter_metadata"

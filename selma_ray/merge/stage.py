@@ -1,0 +1,131 @@
+"""Stage 4, merge: a Ray actor merges the skill experts.
+
+The rules are pure functions in ``selma_ray.merge.methods`` and adapter files are read and
+written by ``selma_ray.merge.files``; this module runs the stage. Each method in
+``merge.methods`` goes to ``merges/<method>/`` (the experts' diffusers LoRA format, with a
+manifest: method, weights, input sha256, score). ``merged/`` gets ``merge.default`` or, with
+``merge.select=validation``, the method with the lowest denoising loss on a fixed sample of the
+run's images (``selma_ray.merge.validate``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from selma_ray.config import SelmaConfig
+from selma_ray.core import layout
+from selma_ray.core.lineage import Lineage, file_sha256, outputs
+from selma_ray.core.lora_io import WEIGHT_NAME
+from selma_ray.core.rundir import RunDir, replace_dir
+from selma_ray.merge.files import merge_loaded, read_lora, weight_file
+from selma_ray.merge.validate import validation_scores
+
+log = logging.getLogger(__name__)
+STAGE = layout.MERGED
+MERGES = layout.MERGES
+
+
+def merge_run(job: dict[str, Any]) -> dict[str, Any]:
+    """Write every configured merge of a run and choose ``merged``; returns its manifest info."""
+    run = RunDir(job["run_dir"])
+    inputs, methods = job["inputs"], job["methods"]
+    loaded = {n: read_lora(p) for n, p in inputs.items()}
+    shas = {n: file_sha256(weight_file(p)) for n, p in inputs.items()}
+    done = {}
+    for method in methods:
+        out = run.path(MERGES, method)
+        done[method] = merge_loaded(loaded, shas, method, job["weights"], out, **job["options"])
+        log.info("merge: %s of %d experts -> %s", method, len(inputs), out)
+    del loaded
+    scores: dict[str, float] = {}
+    chosen = job["default"]
+    if job["select"] == "validation":
+        paths = {m: str(run.path(MERGES, m)) for m in methods}
+        images = layout.images_data(run)
+        opts = job["options"]
+        scores = validation_scores(
+            job["base"], images, paths, job["samples"], opts["seed"], opts["device"]
+        )
+        chosen = min(methods, key=lambda m: scores[m])
+        log.info("merge: validation losses %s -> %s", scores, chosen)
+    for method, info in done.items():
+        extra = {"score": scores[method]} if method in scores else {}
+        run.write_manifest(job["fingerprint"], MERGES, method, **info, **extra)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{STAGE}.", dir=run.root))
+    try:
+        shutil.copy2(run.path(MERGES, chosen, WEIGHT_NAME), tmp / WEIGHT_NAME)
+        replace_dir(tmp, run.path(STAGE))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        **done[chosen],
+        "adapter": str(run.path(STAGE, WEIGHT_NAME)),
+        "selected_by": job["select"],
+        "scores": scores,
+        "merges": {m: info["adapter"] for m, info in done.items()},
+    }
+
+
+class MergeActor:
+    """Ray actor that merges on the resources given to it (CPU by default)."""
+
+    def __init__(self) -> None:
+        from selma_ray.core.logs import setup_logging
+
+        setup_logging()
+
+    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        return merge_run(job)
+
+
+def merge_job(cfg: SelmaConfig, run: RunDir, fingerprint: str) -> dict[str, Any]:
+    """What ``merge_run`` needs, as plain data for the actor."""
+    mc = cfg.merge
+    return {
+        "run_dir": str(run.root),
+        "inputs": {s: str(layout.expert_dir(run, s)) for s in cfg.prompts.skills},
+        "methods": list(mc.methods),
+        "default": mc.default,
+        "select": mc.select,
+        "weights": mc.weights,
+        "options": {
+            "rank": mc.svd_rank,
+            **mc.model_dump(include={"density", "seed", "device", "dtype"}),
+        },
+        "base": cfg.models.base,
+        "samples": mc.val_samples,
+        "fingerprint": fingerprint,
+    }
+
+
+def run_merge(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
+    """Write every configured merge of this run's experts and ``merged/``; returns the summary."""
+    import ray
+
+    fp = lineage.fingerprint
+    if run.is_done(fp, STAGE):
+        log.info("merge: finished earlier with the same inputs, skipping")
+        return {**(run.read_manifest(STAGE) or {}), "skipped": True}
+    res = cfg.resources.merge
+    if cfg.merge.device == "cuda" and res.num_gpus <= 0:
+        raise ValueError("merge.device=cuda needs resources.merge.num_gpus > 0")
+    merges_dir = run.path(MERGES)
+    if merges_dir.is_dir():  # merges of methods no longer configured would be served stale
+        for old in merges_dir.iterdir():
+            if old.name not in cfg.merge.methods:
+                shutil.rmtree(old, ignore_errors=True)
+    actor = ray.remote(MergeActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote()
+    try:
+        info = ray.get(actor.run.remote(merge_job(cfg, run, fp)))
+    finally:
+        ray.kill(actor)
+    log.info("merge: 'merged' is %s (%s) -> %s", info["method"], cfg.merge.select, info["adapter"])
+    written = [run.path(STAGE, WEIGHT_NAME)]
+    written += [run.path(MERGES, m, WEIGHT_NAME) for m in cfg.merge.methods]
+    return run.write_manifest(
+        fp, STAGE, **info, lineage=lineage.inputs, outputs=outputs(run.root, written)
+    )

@@ -1,0 +1,135 @@
+"""LLM passes on Ray Data: the configured backend (vLLM actors or an OpenAI-compatible
+endpoint) over a list of requests. The prompts stage keeps engines loaded across its rounds
+(``PersistentEngines``); the eval stage's question and held-out prompt writing use plain passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from selma_ray.config import SelmaConfig
+
+log = logging.getLogger(__name__)
+
+
+def backend_udf(cfg: SelmaConfig) -> tuple[type, dict[str, Any]]:
+    """The Ray Data UDF class of the configured LLM backend and its constructor kwargs."""
+    from selma_ray.models.llm import OpenAIGenerator, VLLMGenerator
+
+    pc = cfg.prompts
+    sampling = {"temperature": pc.temperature, "top_p": pc.top_p, "max_tokens": pc.max_tokens}
+    if pc.backend == "openai":
+        oa = pc.openai
+        return OpenAIGenerator, {
+            "base_url": oa.base_url,
+            "model": oa.model or cfg.models.llm,
+            "api_key_env": oa.api_key_env,
+            "sampling": sampling,
+            "max_retries": oa.max_retries,
+            "backoff_seconds": oa.backoff_seconds,
+            "timeout_seconds": oa.timeout_seconds,
+            "concurrency": oa.concurrency,
+        }
+    on_gpu = cfg.resources.prompts.num_gpus > 0
+    engine_kwargs = {
+        "dtype": pc.dtype if on_gpu or pc.dtype != "auto" else "bfloat16",
+        "enforce_eager": not on_gpu,
+        "gpu_memory_utilization": pc.gpu_memory_utilization,
+        "max_model_len": pc.max_model_len,
+        "tensor_parallel_size": pc.tensor_parallel_size,
+        "seed": cfg.run.seed,
+    }
+    if not on_gpu:
+        # vLLM's CPU runner cannot rewind a per-request seeded generator when chunked prefill
+        # splits a prompt ("CPU Generator does not use offset"); prefill whole prompts instead.
+        engine_kwargs["enable_chunked_prefill"] = False
+    return VLLMGenerator, {
+        "model": cfg.models.llm,
+        "engine_kwargs": engine_kwargs,
+        "sampling": sampling,
+    }
+
+
+def generate_with_ray_data(
+    cfg: SelmaConfig,
+    requests: list[dict[str, Any]],
+    sampling: dict[str, Any] | None = None,
+    model: str | None = None,
+) -> list[dict[str, Any]]:
+    """One Ray Data pass of LLM actors over ``requests`` (engines load per call); ``sampling``
+    and ``model`` replace the prompts stage's own."""
+    import ray
+
+    res = cfg.resources.prompts
+    udf, kwargs = backend_udf(cfg)
+    if sampling is not None:
+        kwargs["sampling"] = sampling
+    if model:
+        kwargs["model"] = model
+    ds = ray.data.from_items(requests).map_batches(
+        udf,
+        fn_constructor_kwargs=kwargs,
+        compute=ray.data.ActorPoolStrategy(min_size=res.min_size, max_size=res.max_size),
+        batch_size=cfg.prompts.batch_size,
+        num_gpus=res.num_gpus if cfg.prompts.backend == "vllm" else 0,
+        num_cpus=res.num_cpus,
+    )
+    return ds.take_all()
+
+
+class PersistentEngines:
+    """A ``Generate`` for a whole stage: vLLM engines start on the first round and stay up.
+
+    ``resources.prompts.max_size`` engine actors (each with the stage's GPUs and CPUs) load
+    the model once; every round is still one Ray Data pass, through light ``EngineClient``
+    actors that forward batches to the engines. Use as a context manager: the engines are
+    killed on exit. The OpenAI backend has no engine to keep and runs plain passes.
+    """
+
+    CLIENT_CPUS = 0.05
+
+    def __init__(self, cfg: SelmaConfig):
+        self.cfg = cfg
+        self.engines: list[Any] = []
+        self.starts = 0
+
+    def _start(self) -> None:
+        import ray
+
+        from selma_ray.models.llm import VLLMGenerator
+
+        res = self.cfg.resources.prompts
+        _, kwargs = backend_udf(self.cfg)
+        actor = ray.remote(VLLMGenerator).options(num_gpus=res.num_gpus, num_cpus=res.num_cpus)
+        self.engines = [actor.remote(**kwargs) for _ in range(res.max_size)]
+        self.starts += 1
+        log.info("prompts: started %d %s engine(s) for the stage", res.max_size, "vLLM")
+
+    def __call__(self, cfg: SelmaConfig, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import ray
+
+        from selma_ray.models.llm import EngineClient
+
+        if cfg.prompts.backend != "vllm":
+            return generate_with_ray_data(cfg, requests)
+        if not self.engines:
+            self._start()
+        ds = ray.data.from_items(requests).map_batches(
+            EngineClient,
+            fn_constructor_kwargs={"engines": self.engines},
+            compute=ray.data.ActorPoolStrategy(size=len(self.engines)),
+            batch_size=cfg.prompts.batch_size,
+            num_cpus=self.CLIENT_CPUS,
+        )
+        return ds.take_all()
+
+    def __enter__(self) -> PersistentEngines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        for engine in self.engines:
+            ray.kill(engine)
+        self.engines = []

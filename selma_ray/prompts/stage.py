@@ -1,0 +1,183 @@
+"""Stage 1, skill prompts: an instruct LLM writes image descriptions per skill.
+
+Generation runs in rounds (self-instruct style). Each request shows the LLM k examples
+sampled from the skill's seeds plus the prompts accepted so far; all requests of a round go
+through one Ray Data pass to the LLM (vLLM engines that stay loaded across rounds, or an
+OpenAI-compatible endpoint). Candidates are parsed, then filtered in order: normalisation,
+exact and near-duplicate removal, the word limit, junk rejection, optional semantic
+near-duplicates, and the ROUGE-L filter. Every verdict is counted and written out; accepted
+prompts are persisted after every round, so a killed job resumes at the next round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+from selma_ray.config import SelmaConfig
+from selma_ray.core import layout
+from selma_ray.core.lineage import Lineage, file_sha256, outputs
+from selma_ray.core.rundir import RunDir, atomic_write_json, atomic_write_text
+from selma_ray.core.seeds import stable_seed
+from selma_ray.core.skills import Skill, get_skills
+from selma_ray.models.llm_data import PersistentEngines
+from selma_ray.text.filters import SkillPool, prompt_stats
+from selma_ray.text.parse import parse_candidates
+
+log = logging.getLogger(__name__)
+STAGE = layout.PROMPTS
+Generate = Callable[[SelmaConfig, list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def requests_needed(pool: SkillPool, per_skill: int, new_per_request: int, cap: int) -> int:
+    """Requests to ask this round: enough for the remaining prompts at the observed rate."""
+    remaining = per_skill - len(pool.accepted)
+    if remaining <= 0:
+        return 0
+    rate = pool.acceptance_rate() if pool.stats["candidates"] else 0.5
+    return min(cap, max(1, math.ceil(remaining / (new_per_request * max(rate, 0.1)))))
+
+
+def build_requests(
+    cfg: SelmaConfig, pools: dict[str, SkillPool], round_idx: int
+) -> list[dict[str, Any]]:
+    pc = cfg.prompts
+    requests = []
+    for name, pool in pools.items():
+        n = requests_needed(pool, pc.per_skill, pc.new_per_request, pc.requests_per_round)
+        for r in range(n):
+            seed = stable_seed(cfg.run.seed, name, round_idx, r)
+            candidates = pool.examples_pool()
+            k = min(pc.in_context_examples, len(candidates))
+            examples = random.Random(seed).sample(candidates, k)
+            requests.append(
+                {
+                    "skill": name,
+                    "round": round_idx,
+                    "instruction": pool.skill.instruction(
+                        [t for _, t in examples], pc.new_per_request
+                    ),
+                    "examples": json.dumps([i for i, _ in examples]),
+                    "seed": seed,
+                }
+            )
+    return requests
+
+
+def _skills(cfg: SelmaConfig) -> list[Skill]:
+    return get_skills(cfg.prompts.skills, cfg.prompts.all_custom_skills())
+
+
+def _write_jsonl(path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _restore(run: RunDir, lineage: Lineage, cfg: SelmaConfig) -> tuple[dict[str, SkillPool], int]:
+    """Pools rebuilt from the last finished round of an interrupted or earlier run.
+
+    A skill keeps its prompts while its own fingerprint (its definition, the LLM, the
+    sampling settings) is unchanged and its file is there; otherwise it starts over. An
+    edited prompts file is taken as it is: downstream stages then redo that skill."""
+    progress = run.read_manifest(STAGE, "progress") or {}
+    kept = progress.get("units", {})
+    pools, restored = {}, []
+    for skill in _skills(cfg):
+        accepted_file = layout.prompts_file(run, skill.name)
+        resume = kept.get(skill.name) == lineage.units[skill.name] and accepted_file.is_file()
+        rows = layout.read_jsonl(accepted_file) if resume else []
+        history = (
+            layout.read_jsonl(run.path(STAGE, f"{skill.name}.candidates.jsonl")) if resume else []
+        )
+        pools[skill.name] = SkillPool(skill, cfg.prompts, accepted=rows, history=history)
+        restored.append(resume)
+    # Rounds are shared by all skills: resume after the last one only if every skill did.
+    return pools, (progress.get("rounds_done", 0) if all(restored) else 0)
+
+
+def _persist(run: RunDir, lineage: Lineage, pools: dict[str, SkillPool], rounds_done: int) -> None:
+    for name, pool in pools.items():
+        _write_jsonl(layout.prompts_file(run, name), pool.accepted)
+        _write_jsonl(run.path(STAGE, f"{name}.candidates.jsonl"), pool.history)
+    run.write_manifest(
+        lineage.fingerprint, STAGE, "progress", rounds_done=rounds_done, units=lineage.units
+    )
+
+
+def run_prompts(
+    cfg: SelmaConfig, run: RunDir, lineage: Lineage, generate: Generate | None = None
+) -> dict[str, Any]:
+    """Grow each skill's prompt set to ``prompts.per_skill``; returns the stage summary.
+
+    ``generate`` maps a round's requests to rows with ``generated_text``; it defaults to
+    Ray Data passes through engines that stay loaded for the whole stage.
+    """
+    if run.is_done(lineage.fingerprint, STAGE):
+        log.info("prompts: finished earlier with the same inputs, skipping")
+        return {**(run.read_manifest(STAGE) or {}), "skipped": True}
+    if generate is None:
+        with PersistentEngines(cfg) as engines:
+            return _run_rounds(cfg, run, lineage, engines)
+    return _run_rounds(cfg, run, lineage, generate)
+
+
+def _run_rounds(
+    cfg: SelmaConfig, run: RunDir, lineage: Lineage, generate: Generate
+) -> dict[str, Any]:
+    pc = cfg.prompts
+    pools, first_round = _restore(run, lineage, cfg)
+    if first_round:
+        log.info(
+            "prompts: resuming after round %d with %s",
+            first_round,
+            {n: len(p.accepted) for n, p in pools.items()},
+        )
+    for round_idx in range(first_round, pc.max_rounds):
+        requests = build_requests(cfg, pools, round_idx)
+        if not requests:
+            break
+        log.info("prompts: round %d, %d requests", round_idx + 1, len(requests))
+        order = {r["seed"]: i for i, r in enumerate(requests)}
+        answers = sorted(generate(cfg, requests), key=lambda r: order[r["seed"]])
+        for row in answers:
+            pool = pools[row["skill"]]
+            if row.get("error"):
+                pool.stats["llm_errors"] += 1
+                continue
+            examples = json.loads(row["examples"])
+            pool.offer_many(parse_candidates(row["generated_text"]), round_idx, examples)
+        _persist(run, lineage, pools, round_idx + 1)
+        for name, pool in pools.items():
+            log.info(
+                "prompts: [%s] %d/%d accepted (%.0f%% of candidates)",
+                name,
+                len(pool.accepted),
+                pc.per_skill,
+                100 * pool.acceptance_rate(),
+            )
+    if any(not p.accepted for p in pools.values()):
+        empty = [n for n, p in pools.items() if not p.accepted]
+        raise RuntimeError(
+            f"prompts: no prompt accepted for {empty} after {pc.max_rounds} rounds; raise "
+            "prompts.max_rounds or prompts.requests_per_round, or check the LLM"
+        )
+    short = {n: len(p.accepted) for n, p in pools.items() if len(p.accepted) < pc.per_skill}
+    if short:
+        log.warning("prompts: below target after %d rounds: %s", pc.max_rounds, short)
+    stats = {n: prompt_stats(p) for n, p in pools.items()}
+    atomic_write_json(run.path(STAGE, "stats.json"), stats)
+    total = sum(len(p.accepted) for p in pools.values())
+    files = {name: layout.prompts_file(run, name) for name in pools}
+    return run.write_manifest(
+        lineage.fingerprint,
+        STAGE,
+        stats=stats,
+        total=total,
+        lineage=lineage.inputs,
+        outputs=outputs(
+            run.root, files.values(), {n: file_sha256(f)[:16] for n, f in files.items()}
+        ),
+    )

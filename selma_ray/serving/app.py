@@ -1,0 +1,384 @@
+"""Ray Serve app: a FastAPI ingress in front of a diffusion deployment.
+
+The diffusion deployment holds the base model with every expert and merge of a run loaded
+once, unfused; each request picks one by name, ``base`` for none, or a weighted mix. Requests
+arriving together are micro-batched (``@serve.batch``) and grouped by adapter spec and
+sampling settings, so one forward pass never mixes adapters. Use it with
+``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or let
+``jobs/full_pipeline.py`` deploy it at the end of a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from selma_ray.config import ServeSection
+from selma_ray.diffusion.engine import DiffusionService, load_run_config, parse_adapter_spec
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = {"/", "/healthz", "/docs", "/openapi.json"}
+PLAYGROUND = (Path(__file__).parent / "playground.html").read_text()
+api = FastAPI(title="selma_ray images API", version="0.2.0")
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    n: int = Field(1, ge=1, description="Images to return (seeds seed, seed+1, ...).")
+    size: str | None = Field(
+        None, pattern=r"^\d{1,5}x\d{1,5}$", description="'WIDTHxHEIGHT'; default: the run's."
+    )
+    response_format: Literal["b64_json"] = "b64_json"
+    adapter: str | dict[str, float] = Field(
+        "merged", description="'merged', a skill, 'merged-<method>', 'base', or a weighted mix."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    num_inference_steps: int | None = Field(None, ge=1, description="Default: from the run.")
+    guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
+    negative_prompt: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+class InvalidRequest(BaseModel):
+    """A limit's message (a string) or the request schema's errors (a list)."""
+
+    detail: str | list[dict[str, Any]]
+
+
+ERROR_401 = {"model": ErrorDetail, "description": "Missing or wrong API key."}
+
+
+# Helpers the ingress uses must be defined above it: serve.ingress pickles the FastAPI
+# app (and what its routes reference) when the class is decorated.
+def authorized(api_key: str, path: str, headers: Any) -> bool:
+    """True if no key is configured, the path is open, or the request carries the key."""
+    if not api_key or path in OPEN_PATHS:
+        return True
+    given = headers.get("authorization", "").removeprefix("Bearer ").strip()
+    given = given or headers.get("x-api-key", "")
+    return hmac.compare_digest(given.encode(), api_key.encode())
+
+
+def _json(payload: dict[str, Any]) -> bytes:
+    import json
+
+    return json.dumps(payload).encode()
+
+
+def resolve_run_dir(run_dir: str) -> str:
+    """An absolute run directory. A relative one resolves against the working directory of
+    the process that builds the app (``serve run`` from the project root, or the job)."""
+    return str(Path(run_dir).expanduser().resolve())
+
+
+def effective_limits(run_limits: ServeSection, overrides: dict[str, Any] | None) -> ServeSection:
+    """The run's ``serve`` limits with the deployment's ``limits`` (from serve/config.yaml's
+    args or user_config) on top, validated like the run's config."""
+    if not overrides:
+        return run_limits
+    try:
+        return ServeSection.model_validate({**run_limits.model_dump(), **overrides})
+    except ValueError as e:
+        raise ValueError(f"invalid serve limits {overrides}: {e}") from None
+
+
+def replica_info() -> dict[str, Any]:
+    """Which process answers: lets clients see that a hot reload kept the replica."""
+    try:
+        replica = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (unit tests)
+        replica = None
+    return {"pid": os.getpid(), "replica_id": replica}
+
+
+@serve.deployment
+class Diffusion:
+    def __init__(self, run_dir: str, limits: dict[str, Any] | None = None):
+        self.run_dir = run_dir
+        self.service = DiffusionService(run_dir)
+        self.reloads = 0
+        # What batching really did, for clients and tests: how many requests each
+        # @serve.batch call received, and how many images each forward pass rendered.
+        self.requests_per_batch: Counter[int] = Counter()
+        self.images_per_pass: Counter[int] = Counter()
+        self._overrides = limits
+        self._apply_limits(limits)
+
+    def _apply_limits(self, overrides: dict[str, Any] | None) -> None:
+        limits = effective_limits(self.service.config.serve, overrides)
+        self._batched.set_max_batch_size(limits.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(limits.batch_wait_timeout_s)
+        self.max_batch_size = limits.max_batch_size
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Hot reload: ``user_config: {run_dir: ..., limits: {...}}`` swaps in another run's
+        adapters (same base model) in this replica, without a restart."""
+        run_dir = user_config.get("run_dir")
+        if run_dir and resolve_run_dir(run_dir) != self.run_dir:
+            self.service.reload(resolve_run_dir(run_dir))
+            self.run_dir = resolve_run_dir(run_dir)
+            self.reloads += 1
+            log.info("hot reload %d: now serving %s", self.reloads, self.run_dir)
+        self._overrides = user_config.get("limits", self._overrides)
+        self._apply_limits(self._overrides)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return self.service.describe()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **replica_info(),
+            "run": self.run_dir,
+            "reloads": self.reloads,
+            "max_batch_size": self.max_batch_size,
+            "batching": {
+                "requests_per_batch": {
+                    str(k): v for k, v in sorted(self.requests_per_batch.items())
+                },
+                "images_per_forward_pass": {
+                    str(k): v for k, v in sorted(self.images_per_pass.items())
+                },
+            },
+        }
+
+    def native_size(self) -> int:
+        return self.service.native_size
+
+    async def generate(self, job: dict[str, Any]) -> list[bytes]:
+        return await self._batched(job)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _batched(self, jobs: list[dict[str, Any]]) -> list[list[bytes]]:
+        """Run concurrent requests as few forward passes as their adapter specs allow."""
+        self.requests_per_batch[len(jobs)] += 1
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            key = (
+                job["spec"],
+                job["steps"],
+                job["guidance_scale"],
+                job["width"],
+                job["height"],
+                job["negative_prompt"],
+            )
+            groups[key].append(i)
+        results: list[list[bytes]] = [[] for _ in jobs]
+        for (spec, steps, guidance, width, height, negative), members in groups.items():
+            prompts, seeds = [], []
+            for i in members:
+                prompts += [jobs[i]["prompt"]] * jobs[i]["n"]
+                seeds += [jobs[i]["seed"] + k for k in range(jobs[i]["n"])]
+            self.images_per_pass[len(prompts)] += 1
+            # Off the event loop, so health checks and new requests are still accepted.
+            images = await asyncio.to_thread(
+                self.service.generate_many,
+                spec,
+                prompts,
+                seeds,
+                steps,
+                guidance,
+                width,
+                height,
+                negative,
+            )
+            for i in members:
+                results[i], images = images[: jobs[i]["n"]], images[jobs[i]["n"] :]
+        return results
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self, diffusion: DeploymentHandle, run_dir: str, limits: dict[str, Any] | None = None
+    ):
+        self.diffusion = diffusion
+        self._overrides = limits
+        self.limits = effective_limits(load_run_config(run_dir).serve, limits)
+        self._served: tuple[set[str], int] | None = None  # adapter names, native size
+        self.run_dir = run_dir
+        self.api_key = os.environ.get(self.limits.api_key_env, "")
+        if self.api_key:
+            log.info("API key required (from $%s)", self.limits.api_key_env)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Hot reload: follow the diffusion deployment to another run's limits."""
+        if user_config.get("run_dir"):
+            self.run_dir = resolve_run_dir(user_config["run_dir"])
+        overrides = user_config.get("limits", self._overrides)
+        self.limits = effective_limits(load_run_config(self.run_dir).serve, overrides)
+        self._served = None
+
+    def _authorize(self, request: Request) -> None:
+        if not authorized(self.api_key, request.url.path, request.headers):
+            raise HTTPException(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> str:
+        """A plain HTML/JS page: prompt, adapter or mix, seed, steps; compare mode."""
+        return PLAYGROUND
+
+    async def _served_adapters(self) -> tuple[set[str], int]:
+        """Adapter names and native size, asked of the diffusion deployment once (not per
+        request); a hot reload clears them."""
+        if self._served is None:
+            adapters = await self.diffusion.adapters.remote()
+            self._served = (
+                {a["name"] for a in adapters},
+                await self.diffusion.native_size.remote(),
+            )
+        return self._served
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/adapters", responses={401: ERROR_401})
+    async def adapters(self, request: Request) -> dict[str, Any]:
+        """Every adapter a request may name; ``replica`` says which diffusion replica
+        answered (its pid and id stay the same across a hot reload)."""
+        self._authorize(request)
+        return {
+            "run": self.run_dir,
+            "adapters": await self.diffusion.adapters.remote(),
+            "replica": await self.diffusion.status.remote(),
+        }
+
+    def _size(self, size: str | None, native: int) -> tuple[int, int]:
+        lim = self.limits
+        width, height = (int(v) for v in size.split("x")) if size else (native, native)
+        for side in (width, height):
+            if side % 8 or not lim.min_size <= side <= lim.max_size:
+                raise HTTPException(
+                    422,
+                    f"size {width}x{height}: each side must be a multiple of 8 in "
+                    f"{lim.min_size}..{lim.max_size}",
+                )
+        return width, height
+
+    @api.post(
+        "/v1/images/generations",
+        responses={
+            200: {"content": {"application/json": {}, "image/png": {}}},
+            400: {"model": ErrorDetail, "description": "The body cannot be read (not UTF-8)."},
+            401: ERROR_401,
+            404: {"model": ErrorDetail, "description": "Unknown adapter; lists the valid ones."},
+            422: {
+                "model": InvalidRequest,
+                "description": "Invalid request; the message says what is allowed.",
+            },
+        },
+    )
+    async def generate(self, req: GenerationRequest, request: Request) -> Response:
+        self._authorize(request)
+        lim = self.limits
+        if len(req.prompt) > lim.max_prompt_chars:
+            raise HTTPException(
+                422, f"prompt is {len(req.prompt)} characters; the limit is {lim.max_prompt_chars}"
+            )
+        if req.n > lim.max_n:
+            raise HTTPException(422, f"n must be in 1..{lim.max_n}")
+        steps = req.num_inference_steps or lim.default_steps
+        if steps > lim.max_steps:
+            raise HTTPException(422, f"num_inference_steps must be in 1..{lim.max_steps}")
+        if req.seed + req.n - 1 > 2**31 - 1:
+            raise HTTPException(422, f"seed + n - 1 must be at most {2**31 - 1}")
+        names, native = await self._served_adapters()
+        try:
+            spec = parse_adapter_spec(req.adapter, names)
+        except KeyError as e:
+            raise HTTPException(404, str(e.args[0])) from None
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        width, height = self._size(req.size, native)
+        want_png = "image/png" in request.headers.get("accept", "")
+        if want_png and req.n != 1:
+            raise HTTPException(422, "Accept: image/png returns one image; use n=1 or b64_json")
+        job = {
+            "spec": spec,
+            "prompt": req.prompt,
+            "n": req.n,
+            "seed": req.seed,
+            "steps": steps,
+            "guidance_scale": req.guidance_scale,
+            "width": width,
+            "height": height,
+            "negative_prompt": req.negative_prompt,
+        }
+        try:
+            images = await self.diffusion.generate.remote(job)
+        except KeyError as e:  # a hot reload removed the adapter after it was checked here
+            self._served = None
+            cause = getattr(e, "cause", e)  # Ray wraps the replica's exception
+            raise HTTPException(404, str(cause.args[0] if cause.args else cause)) from None
+        if want_png:
+            return Response(
+                content=images[0], media_type="image/png", headers={"X-Seed": str(req.seed)}
+            )
+        data = [
+            {"b64_json": base64.b64encode(png).decode(), "seed": req.seed + k}
+            for k, png in enumerate(images)
+        ]
+        return Response(
+            content=_json({"created": int(time.time()), "adapter": dict(spec), "data": data}),
+            media_type="application/json",
+        )
+
+
+def build_app(args: dict[str, Any]):
+    """Serve application builder. ``args``: ``run_dir`` (a finished run directory) and
+    optionally ``limits`` (overrides of the run's ``serve`` limits, e.g. ``max_n``).
+
+    Replica resources and autoscaling default to the run's ``resources.serve``; the
+    ``deployments:`` section of a Serve config file overrides them."""
+    unknown = set(args) - {"run_dir", "limits"}
+    if unknown:
+        raise ValueError(
+            f"unknown args {sorted(unknown)} for selma_ray.serving.app:build_app; "
+            "it takes run_dir and limits"
+        )
+    if "run_dir" not in args:
+        raise ValueError("the selma_ray Serve app needs args.run_dir (a finished run directory)")
+    run_dir = resolve_run_dir(str(args["run_dir"]))
+    cfg = load_run_config(run_dir)
+    limits = args.get("limits") or None
+    if limits is not None and not isinstance(limits, dict):
+        raise ValueError(f"args.limits must be a mapping of serve limits, got {limits!r}")
+    effective_limits(cfg.serve, limits)  # fail at deploy time, not in the replicas
+    res = cfg.resources.serve
+    diffusion = Diffusion.options(
+        ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
+        max_ongoing_requests=res.max_ongoing_requests,
+        autoscaling_config={
+            "min_replicas": res.min_replicas,
+            "max_replicas": res.max_replicas,
+            "target_ongoing_requests": 2,
+        },
+    ).bind(run_dir, limits)
+    # The ingress only validates and forwards: many requests in flight, so the diffusion
+    # replicas' batches can fill.
+    return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64).bind(
+        diffusion, run_dir, limits
+    )

@@ -1,1 +1,0 @@
-"""Ray Serve application of selma_ray: ``serve run serve/config.yaml``."""

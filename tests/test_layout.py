@@ -1,0 +1,73 @@
+"""The architecture, enforced: one subpackage per SELMA stage, and no stage imports another.
+
+The pipeline owns the graph between stages; what they share lives in ``config``, ``core``,
+``models``, ``text`` and ``diffusion``. The product never imports the test helpers.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import grimp
+import pytest
+
+STAGES = ["prompts", "images", "experts", "merge", "eval", "serving"]
+SHARED = ["config", "core", "models", "text", "diffusion"]
+
+
+@pytest.fixture(scope="module")
+def graph() -> grimp.ImportGraph:
+    return grimp.build_graph("selma_ray", include_external_packages=False)
+
+
+def test_every_stage_and_shared_package_exists(graph):
+    for name in STAGES + SHARED:
+        assert f"selma_ray.{name}" in graph.modules, f"selma_ray.{name} is missing"
+    for stage in ["prompts", "images", "experts", "merge", "eval"]:
+        assert f"selma_ray.{stage}.stage" in graph.modules  # its Ray-facing entry point
+
+
+@pytest.mark.parametrize(("importer", "imported"), list(itertools.permutations(STAGES, 2)))
+def test_no_stage_imports_another_stage(graph, importer, imported):
+    chains = graph.find_shortest_chains(
+        importer=f"selma_ray.{importer}", imported=f"selma_ray.{imported}", as_packages=True
+    )
+    direct = [c for c in chains if len(c) == 2]
+    assert not direct, f"stage {importer} imports stage {imported}: {sorted(direct)}"
+
+
+@pytest.mark.parametrize("shared", SHARED)
+def test_shared_packages_import_no_stage_logic(graph, shared):
+    """Shared code may read a stage package's name registry (its light ``__init__``), never
+    its modules."""
+    for stage in STAGES:
+        for module in graph.find_children(f"selma_ray.{stage}"):
+            chains = graph.find_shortest_chains(
+                importer=f"selma_ray.{shared}", imported=module, as_packages=True
+            )
+            assert not [c for c in chains if len(c) == 2], f"{shared} imports {module}"
+
+
+def test_the_product_never_imports_the_test_helpers(graph):
+    importers = graph.find_modules_that_directly_import("selma_ray.testing")
+    assert importers == set(), f"product modules import selma_ray.testing: {sorted(importers)}"
+
+
+def test_shared_pieces_import_without_ray():
+    """The training recipe, merge maths and the diffusion engine load on a machine with no
+    Ray (the GPU check runs there)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class NoRay:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'ray' or name.startswith('ray.'):\n"
+        "            raise ImportError('ray is blocked in this check')\n"
+        "sys.meta_path.insert(0, NoRay())\n"
+        "import selma_ray.merge.methods, selma_ray.diffusion.engine, selma_ray.experts.recipe\n"
+        "import selma_ray.config, selma_ray.core.lineage\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
