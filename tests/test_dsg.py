@@ -7,10 +7,13 @@ import json
 import pytest
 
 from selma_ray.eval.dsg import (
+    EvalPrompt,
     Question,
     dsg_score,
+    fallback_questions,
     parse_questions,
     question_instruction,
+    question_source,
     read_dsg_csv,
     read_prompts,
     read_questions,
@@ -55,8 +58,10 @@ def test_only_wrong_leaf_costs_its_own_share():
 def test_unknown_parent_ignored_cycle_and_empty_do_not_hang():
     qs = [Question("1", "a?", ("9",)), Question("2", "b?", ("3",)), Question("3", "c?", ("2",))]
     score, per = dsg_score(qs, {"1": True, "2": True, "3": False})
-    assert per["1"] == 1 and per["3"] == 0
-    assert dsg_score([], {})[0] == 0.0
+    # 1's unknown parent is ignored; 2 and 3 depend on each other: 3 is wrong, so 2 (right on
+    # its own) is zeroed through its parent
+    assert per == {"1": 1, "2": 0, "3": 0} and score == pytest.approx(1 / 3)
+    assert dsg_score([], {}) == (0.0, {})
 
 
 HEADER = "item_id,proposition_id,dependency,category_broad,category_detailed,tuple,"
@@ -192,3 +197,40 @@ def test_parse_drops_copied_example_and_repeated_questions_given_the_prompt():
     qs = parse_questions(text, 10, prompt="a cluttered workbench with a soldering iron")
     assert [(q.id, q.parents) for q in qs] == [("2", ()), ("3", ("2",)), ("6", ("2",))]
     assert len(parse_questions(text, 10)) == 5  # without the prompt only the repeat goes
+
+
+def test_questions_record_where_they_came_from(tmp_path):
+    path = tmp_path / "dsg.csv"
+    path.write_text(DSG_CSV)
+    tifa = tmp_path / "tifa.json"
+    tifa.write_text(json.dumps(TIFA))
+    prompt = "a dog on a sofa"
+    parsed = parse_questions("1 | 0 | Is there a dog?\n2 | 1 | Is the dog on a sofa?", 5, prompt)
+    fallback = fallback_questions(prompt + ".")
+    assert fallback == [Question("1", "Does the image show a dog on a sofa?", source="holistic")]
+    assert {q.source for qs in read_dsg_csv(str(path)).values() for q in qs} == {"file"}
+    assert {q.source for p in read_tifa(tifa) for q in p.questions} == {"file"}
+    assert [q.source for q in parsed] == ["llm", "llm"]
+    # the source survives the JSON round trip of the questions cache
+    assert [Question.from_dict(q.to_dict()) for q in fallback] == fallback
+    kinds = {
+        "llm": question_source(EvalPrompt("a", prompt, questions=parsed)),
+        "holistic": question_source(EvalPrompt("b", prompt, questions=fallback)),
+        "file": question_source(
+            EvalPrompt("c", "x", questions=read_dsg_csv(str(path))["whoops_7"])
+        ),
+        # cached before questions had a source: the fallback is known by its text
+        "old holistic": question_source(
+            EvalPrompt("d", prompt, questions=[Question("1", fallback[0].question)])
+        ),
+        "old llm": question_source(EvalPrompt("e", prompt, questions=[Question("1", "Is it?")])),
+        "none": question_source(EvalPrompt("f", prompt)),
+    }
+    assert kinds == {
+        "llm": "llm",
+        "holistic": "holistic",
+        "file": "file",
+        "old holistic": "holistic",
+        "old llm": "llm",
+        "none": "",
+    }

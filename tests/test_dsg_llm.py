@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from selma_ray.config import load_config
-from selma_ray.eval.dsg import EvalPrompt, generate_questions
+from selma_ray.eval.dsg import EvalPrompt, fallback_questions, generate_questions
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,11 @@ def test_llm_writes_dependency_consistent_questions_for_each_prompt():
     finally:
         ray.shutdown()
     assert set(out) == {"a", "b"}
-    for qs in out.values():
+    for p in prompts:
+        qs = out[p.id]
+        # either LLM-written questions or, marked as such, the one holistic fallback question
+        if qs != fallback_questions(p.prompt):
+            assert {q.source for q in qs} == {"llm"}, qs
         assert 1 <= len(qs) <= 6
         ids = [q.id for q in qs]
         assert len(set(ids)) == len(ids)

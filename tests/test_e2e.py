@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -77,7 +78,7 @@ def head():
     )
     gcs = f"127.0.0.1:{ports['port']}"
     try:
-        wait_for_head(proc, gcs)
+        wait_for_head(proc, gcs, f"http://127.0.0.1:{ports['dashboard-port']}")
         yield {
             "gcs": gcs,
             "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}",
@@ -97,7 +98,8 @@ def ray_env() -> dict[str, str]:
     return {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
 
 
-def wait_for_head(proc: subprocess.Popen, gcs: str, timeout: float = 180) -> None:
+def wait_for_head(proc: subprocess.Popen, gcs: str, dashboard: str, timeout: float = 180) -> None:
+    """Until the GCS answers ``ray status`` and the dashboard (the jobs API) answers HTTP."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -110,7 +112,11 @@ def wait_for_head(proc: subprocess.Popen, gcs: str, timeout: float = 180) -> Non
             timeout=60,
         )
         if status.returncode == 0:
-            return
+            try:
+                if requests.get(f"{dashboard}/api/version", timeout=10).status_code < 500:
+                    return
+            except requests.ConnectionError:
+                pass  # the dashboard starts a little after the GCS
         time.sleep(2)
     pytest.fail(f"the test's Ray head at {gcs} did not come up within {timeout:.0f} s")
 
@@ -171,6 +177,12 @@ def generate(head: dict, adapter, seed: int = 3, **extra) -> requests.Response:
     url = f"http://127.0.0.1:{head['serve_port']}/v1/images/generations"
     body = {"prompt": "two red apples on a wooden table", "adapter": adapter, "seed": seed, **extra}
     return requests.post(url, json=body, headers={"Accept": "image/png"}, timeout=120)
+
+
+def pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
 
 
 def post_json(head: dict, body) -> requests.Response:
@@ -258,7 +270,8 @@ def test_b64_json_response_with_several_images_and_a_mix(head, first_run):
     pngs = [base64.b64decode(d["b64_json"]) for d in body["data"]]
     assert pngs[0] != pngs[1] and all(p.startswith(b"\x89PNG") for p in pngs)
     mix = generate(head, {"counting": 0.5, "merged": 0.5}, seed=5, prompt="a kite").content
-    assert mix == pngs[0]
+    # Alone vs in a batch of two: batched kernels may round the last bit differently.
+    assert np.abs(pixels(mix) - pixels(pngs[0])).max() <= 1
     assert mix not in {
         generate(head, a, seed=5, prompt="a kite").content for a in ("counting", "merged")
     }
@@ -297,7 +310,6 @@ def test_concurrent_requests_are_batched_and_match_requests_alone(head, first_ru
     from collections import Counter
     from concurrent.futures import ThreadPoolExecutor
 
-    import numpy as np
     from PIL import Image
 
     def passes() -> Counter:

@@ -136,6 +136,122 @@ def test_generated_eval_prompts_are_held_out_from_training_prompts_and_seeds(tmp
     assert [p.prompt for p in again] == [p.prompt for p in prompts] and len(calls) == 1
 
 
+def _llm_answer(prompt: str) -> str:
+    """A well-formed DSG answer about ``prompt`` (its questions share its content words)."""
+    from selma_ray.eval.dsg import content_words
+
+    word = sorted(content_words(prompt))[0]
+    return f"1 | 0 | Is there a {word}?\n2 | 1 | Is the {word} in the picture?\n"
+
+
+def test_prompts_without_parseable_questions_are_counted_per_variant_in_metrics_and_report(
+    tmp_path, monkeypatch
+):
+    from selma_ray.eval import dsg
+    from selma_ray.eval import stats as eval_stats
+
+    prompts = read_prompts("builtin:tiny_eval.csv")[:5]
+    ids = [p.id for p in prompts]
+    # prompts 1 and 3 get nothing usable: a copy of the instruction's example (no word of the
+    # prompt: dropped) and a failed request; the other three get two questions each
+    answers = {
+        ids[0]: {"generated_text": _llm_answer(prompts[0].prompt), "error": ""},
+        ids[1]: {"generated_text": "1 | 0 | Are there apples?\n2 | 1 | Are the apples red?"},
+        ids[2]: {"generated_text": _llm_answer(prompts[2].prompt), "error": ""},
+        ids[3]: {"generated_text": "", "error": "HTTP 500"},
+        ids[4]: {"generated_text": _llm_answer(prompts[4].prompt), "error": ""},
+    }
+    calls = []
+
+    def fake_llm(cfg, items, sampling, model=None):  # stands in for vLLM
+        calls.append(len(items))
+        return {i["key"]: {**answers[i["key"]], "key": i["key"]} for i in items}
+
+    monkeypatch.setattr(dsg, "llm_pass", fake_llm)
+    root = tmp_path / "run"
+    run = RunDir(root)
+    cfg = _cfg(root, "eval.scorers=[dsg]", "eval.bootstrap=100")
+    eval_inputs.attach_questions(cfg, prompts, run)
+    # the second time the questions come from eval/questions/ and keep their source
+    prompts = read_prompts("builtin:tiny_eval.csv")[:5]
+    eval_inputs.attach_questions(cfg, prompts, run)
+    assert calls == [5]
+    fallback = {ids[1], ids[3]}
+    for p in prompts:
+        expected = "holistic" if p.id in fallback else "llm"
+        assert [q.source for q in p.questions] == [expected] * (1 if p.id in fallback else 2)
+
+    # base is scored on all 5 prompts; merged's DSG score for prompt 3 failed (NaN), so
+    # merged's counts cover the other 4 prompts only
+    table = [
+        {
+            "variant": v,
+            "prompt_id": pid,
+            "seed_index": k,
+            "score_dsg": float("nan") if (v, pid) == ("merged", ids[3]) else 0.25 * (k + 1),
+        }
+        for v in ("base", "merged")
+        for pid in ids
+        for k in range(2)
+    ]
+    scorers = evaluate.scorer_status(cfg)
+    metrics = eval_stats.aggregate(table, ["dsg"], {p.id: p.category for p in prompts}, n_boot=100)
+    doc = evaluate.build_doc(cfg, run, prompts, [], scorers, ["base", "merged"], table, metrics)
+    out = evaluate.write_outputs(run, doc, table, prompts, [])
+
+    saved = json.loads((out / "metrics.json").read_text())
+    dsg_metrics = saved["metrics"]["dsg"]  # the key stays "dsg"
+    zero = {"from_file": 0, "no_questions": 0}
+    assert dsg_metrics["base"]["questions"] == {
+        "llm_written": 3,
+        "holistic_fallback": 2,
+        **zero,
+        "prompts": 5,
+    }
+    assert dsg_metrics["merged"]["questions"] == {
+        "llm_written": 3,
+        "holistic_fallback": 1,
+        **zero,
+        "prompts": 4,
+    }
+    assert [dsg_metrics[v]["n"] for v in ("base", "merged")] == [5, 4]
+    scorer = saved["scorers"]["dsg"]
+    assert scorer["label"] == "DSG-style" and "not the published DSG-1K" in scorer["protocol"]
+    assert scorer["holistic_fallback_prompts"] == [ids[1], ids[3]]
+    written = [json.loads(x) for x in (out / "questions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in written if r["questions"][0]["source"] == "holistic"] == [
+        ids[1],
+        ids[3],
+    ]
+
+    html = (out / "report.html").read_text()
+    assert "<h2>DSG-style</h2>" in html and "<h2>DSG</h2>" not in html
+    rows = dict(re.findall(r"<tr><th>(base|merged)</th>(.*?)</tr>", html))
+    assert rows["base"].endswith("<td>3 LLM-written · <b class='warn'>2 holistic fallback</b></td>")
+    assert rows["merged"].endswith(
+        "<td>3 LLM-written · <b class='warn'>1 holistic fallback</b></td>"
+    )
+    assert "2 prompt(s) got no parseable LLM-written questions" in html
+    assert f"instead (per variant: column “questions”): {ids[1]}, {ids[3]}." in html
+
+
+def test_dsg_is_labelled_dsg_style_unless_questions_come_from_a_dsg_1k_csv(tmp_path):
+    root = tmp_path / "run"
+    csv = _dsg_csv(tmp_path / "q.csv", ["dd1"])
+    tifa = tmp_path / "tifa.json"
+
+    def label(*overrides: str) -> str:
+        return evaluate.dsg_protocol(_cfg(root, *overrides))["label"]
+
+    labels = {
+        "llm": label(),
+        "csv": label("eval.questions=file", f"eval.questions_file={csv}"),
+        "tifa": label("eval.questions=file", f"eval.questions_file={tifa}"),
+    }
+    assert labels == {"llm": "DSG-style", "csv": "DSG", "tifa": "DSG-style"}
+    assert evaluate.scorer_status(_cfg(root, "eval.questions=none"))["dsg"]["label"] == "DSG"
+
+
 @pytest.mark.slow
 def test_eval_stage_renders_scores_and_reports_every_variant(tmp_path):
     import ray
@@ -187,11 +303,33 @@ def test_eval_stage_renders_scores_and_reports_every_variant(tmp_path):
         assert entries["merged"]["n"] == 4 and "vs_base" in entries["merged"]
         lo, hi = entries["merged"]["ci"]
         assert lo <= entries["merged"]["mean"] <= hi
-    assert 0.0 <= doc["metrics"]["dsg"]["base"]["mean"] <= 1.0
+    assert doc["scorers"]["dsg"]["label"] == "DSG"  # DSG-1K-format CSV: the published protocol
+    assert doc["scorers"]["dsg"]["holistic_fallback_prompts"] == []
+    for entry in doc["metrics"]["dsg"].values():
+        assert entry["questions"] == {
+            "llm_written": 0,
+            "holistic_fallback": 0,
+            "from_file": 4,
+            "no_questions": 0,
+            "prompts": 4,
+        }
     assert doc["scorers"]["clip"]["model_ids"] == {"model": "tiny-clip"}
     assert "randomly initialised" in doc["note"]
 
     assert len(rows) == 4 * 4 * 2
+    # every mean by hand from scores.jsonl: seeds averaged per prompt, then prompts
+    for metric, entries in doc["metrics"].items():
+        for v, e in entries.items():
+            by_prompt: dict[str, list[float]] = {}
+            for r in rows:
+                if r["variant"] == v:
+                    by_prompt.setdefault(r["prompt_id"], []).append(r[f"score_{metric}"])
+            means = [sum(x) / len(x) for x in by_prompt.values()]
+            assert e["mean"] == pytest.approx(sum(means) / len(means)), (metric, v)
+    # each DSG score from its answers: "Is the thing red?" (2) depends on "Is there a thing?" (1)
+    for r in rows:
+        right = {d["id"]: d["correct"] for d in r["dsg_detail"]}
+        assert r["score_dsg"] == (right["1"] + (right["1"] and right["2"])) / 2
     # the same prompt and seed index has the same seed in every variant
     seeds = {(r["prompt_id"], r["seed_index"]): set() for r in rows}
     for r in rows:

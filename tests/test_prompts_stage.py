@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -171,17 +172,26 @@ def test_unknown_skill_is_rejected_at_config_time():
 # ------------------------------------------------------------ OpenAI-compatible backend
 
 
+@dataclass
+class FakeAPI:
+    """One fake endpoint's state, fresh for every test: planned failures per instruction
+    (counted down as they are served) and the Authorization header of every request."""
+
+    url: str = ""
+    failures: dict[str, int] = field(default_factory=dict)
+    seen_auth: list[str] = field(default_factory=list)
+
+
 class _FakeAPI(BaseHTTPRequestHandler):
-    failures: dict[str, int] = {}
-    seen_auth: list[str] = []
+    state: FakeAPI  # set on a per-server subclass by the fake_api fixture
 
     def do_POST(self):  # noqa: N802 (http.server naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.seen_auth.append(self.headers.get("Authorization", ""))
+        self.state.seen_auth.append(self.headers.get("Authorization", ""))
         text = body["messages"][0]["content"]
-        left = self.failures.get(text, 0)
+        left = self.state.failures.get(text, 0)
         if left:
-            self.failures[text] = left - 1
+            self.state.failures[text] = left - 1
             self.send_response(503 if left % 2 else 429)
             self.end_headers()
             return
@@ -203,18 +213,24 @@ class _FakeAPI(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_api():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeAPI)
+    """A fake OpenAI-compatible endpoint with its own state (nothing shared between tests)."""
+    state = FakeAPI()
+    handler = type("_FakeAPIForTest", (_FakeAPI,), {"state": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield state
     server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
 
 
 def test_openai_backend_retries_with_backoff_and_reports_errors_in_rows(fake_api, monkeypatch):
     monkeypatch.setenv("TEST_LLM_KEY", "sk-test-secret")
-    _FakeAPI.failures = {"flaky": 3}
+    fake_api.failures["flaky"] = 3
     gen = OpenAIGenerator(
-        fake_api,
+        fake_api.url,
         "m",
         "TEST_LLM_KEY",
         {"temperature": 0.7, "max_tokens": 32},
@@ -225,15 +241,20 @@ def test_openai_backend_retries_with_backoff_and_reports_errors_in_rows(fake_api
     out = gen({"instruction": ["flaky", "always-400", "fine"], "seed": [1, 2, 3]})
     assert out["error"].tolist() == ["", "HTTP 400", ""]
     assert out["generated_text"][0].count("\n") == 2 and out["generated_text"][1] == ""
-    assert _FakeAPI.failures["flaky"] == 0  # three failures, then success on the 4th try
-    assert set(_FakeAPI.seen_auth) == {"Bearer sk-test-secret"}
+    assert fake_api.failures["flaky"] == 0  # three failures, then success on the 4th try
+    # 4 tries of "flaky", 1 of "always-400" (not retried), 1 of "fine": all with the key
+    assert fake_api.seen_auth == ["Bearer sk-test-secret"] * 6
 
 
-def test_openai_backend_gives_up_after_max_retries(fake_api):
-    _FakeAPI.failures = {"down": 10}
-    gen = OpenAIGenerator(fake_api, "m", "NO_SUCH_KEY_VAR", {}, max_retries=2, backoff_seconds=0)
+def test_openai_backend_gives_up_after_max_retries(fake_api, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    fake_api.failures["down"] = 10
+    gen = OpenAIGenerator(
+        fake_api.url, "m", "NO_SUCH_KEY_VAR", {}, max_retries=2, backoff_seconds=0
+    )
     out = gen({"instruction": ["down"], "seed": [1]})
-    assert out["error"].tolist() == ["HTTP 429"] and _FakeAPI.failures["down"] == 7
+    assert out["error"].tolist() == ["HTTP 429"] and fake_api.failures["down"] == 7
+    assert fake_api.seen_auth == [""] * 3  # no key set: no Authorization header, 3 tries
 
 
 def test_unreachable_endpoint_is_an_error_row_not_a_crash():

@@ -25,6 +25,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 BENCHMARKS = Path(__file__).parent / "benchmarks"
 YES_NO = ("yes", "no")
+# Question.source: where a question came from
+FROM_FILE, LLM, HOLISTIC = "file", "llm", "holistic"
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class Question:
     choices: tuple[str, ...] = YES_NO
     answer: str = "yes"
     category: str = ""
+    # "file" (DSG-1K CSV / TIFA JSON), "llm" (written by the LLM), "holistic" (the one-question
+    # fallback used when the LLM wrote none that parse); "" = not recorded (older caches)
+    source: str = ""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Question:
@@ -45,6 +50,7 @@ class Question:
             choices=tuple(str(c) for c in d.get("choices", YES_NO)),
             answer=str(d.get("answer", "yes")),
             category=str(d.get("category", "")),
+            source=str(d.get("source", "")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +160,7 @@ def read_dsg_csv(path: str) -> dict[str, list[Question]]:
                 question=r["question_natural_language"].strip(),
                 parents=parents,
                 category=(r.get("category_broad") or "").strip(),
+                source=FROM_FILE,
             )
         )
     return out
@@ -183,6 +190,7 @@ def read_tifa(path: str | Path) -> list[EvalPrompt]:
                 choices=choices,
                 answer=answer,
                 category=str(e.get("element_type", "")),
+                source=FROM_FILE,
             )
         )
     return list(prompts.values())
@@ -253,7 +261,7 @@ def parse_questions(text: str, max_questions: int, prompt: str | None = None) ->
         parents = tuple(
             p for p in re.split(r"[,\s]+", m.group(2) or "") if p and p != "0" and p in kept
         )
-        out.append(Question(id=qid, question=question, parents=parents))
+        out.append(Question(id=qid, question=question, parents=parents, source=LLM))
         seen_text.add(key)
         if len(out) >= max_questions:
             break
@@ -262,7 +270,21 @@ def parse_questions(text: str, max_questions: int, prompt: str | None = None) ->
 
 def fallback_questions(prompt: str) -> list[Question]:
     """One holistic question, used when the LLM wrote none that parse."""
-    return [Question(id="1", question=f"Does the image show {prompt.rstrip('.')}?")]
+    text = f"Does the image show {prompt.rstrip('.')}?"
+    return [Question(id="1", question=text, source=HOLISTIC)]
+
+
+def question_source(prompt: EvalPrompt) -> str:
+    """Where ``prompt``'s questions came from: ``holistic`` (the fallback question), ``llm`` or
+    ``file``; ``""`` without questions. Questions cached before ``Question.source`` existed are
+    recognised as the fallback by their text, and otherwise count as LLM-written."""
+    qs = prompt.questions
+    if not qs:
+        return ""
+    holistic = [q.question for q in fallback_questions(prompt.prompt)]
+    if any(q.source == HOLISTIC for q in qs) or [q.question for q in qs] == holistic:
+        return HOLISTIC
+    return FROM_FILE if all(q.source == FROM_FILE for q in qs) else LLM
 
 
 def llm_pass(

@@ -95,10 +95,53 @@ def image_grid(rows: list[tuple[str, dict[str, bytes]]], variants: list[str]) ->
     return buf.getvalue()
 
 
-def _metric_section(metric: str, entries: dict[str, dict[str, Any]]) -> str:
-    label = LABELS.get(metric, metric)
+def _question_counts(counts: dict[str, int] | None) -> str:
+    """One table cell: where the variant's scored prompts got their DSG questions (the
+    holistic fallback count is always shown for LLM-written questions, and marked when > 0)."""
+    if not counts:
+        return "<td>–</td>"
+    llm = counts.get("llm_written", 0) + counts.get("holistic_fallback", 0)
+    parts = []
+    for key, text, shown in (
+        ("llm_written", "LLM-written", llm > 0),
+        ("holistic_fallback", "holistic fallback", llm > 0),
+        ("from_file", "from file", counts.get("from_file", 0) > 0),
+        ("no_questions", "without questions", counts.get("no_questions", 0) > 0),
+    ):
+        if not shown:
+            continue
+        n = counts.get(key, 0)
+        warn = key in ("holistic_fallback", "no_questions") and n > 0
+        parts.append(f"<b class='warn'>{n} {text}</b>" if warn else f"{n} {text}")
+    return f"<td>{' · '.join(parts) or '–'}</td>"
+
+
+def _dsg_notes(scorer: dict[str, Any]) -> str:
+    """The DSG protocol line and, when some prompts got the holistic fallback, a warning."""
+    out = []
+    if scorer.get("protocol"):
+        out.append(f"<p><small>protocol: {html.escape(scorer['protocol'])}</small></p>")
+    fallback = scorer.get("holistic_fallback_prompts") or []
+    if fallback:
+        shown = ", ".join(html.escape(str(p)) for p in fallback[:20])
+        more = f" and {len(fallback) - 20} more" if len(fallback) > 20 else ""
+        out.append(
+            f"<p class='note'>{len(fallback)} prompt(s) got no parseable LLM-written questions "
+            "and were scored with one holistic question (“Does the image show …?”) instead "
+            f"(per variant: column “questions”): {shown}{more}.</p>"
+        )
+    return "".join(out)
+
+
+def _metric_section(
+    metric: str, entries: dict[str, dict[str, Any]], scorer: dict[str, Any] | None = None
+) -> str:
+    scorer = scorer or {}
+    label = scorer.get("label") or LABELS.get(metric, metric)
     cats = sorted({c for e in entries.values() for c in e.get("by_category", {})})
+    counts = any("questions" in e for e in entries.values())
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cats)
+    head += "<th>questions (prompts scored)</th>" if counts else ""
     rows = []
     for v, e in entries.items():
         vs = e.get("vs_base")
@@ -109,19 +152,23 @@ def _metric_section(metric: str, entries: dict[str, dict[str, Any]]) -> str:
         )
         by = e.get("by_category", {})
         cells = "".join(f"<td>{_ci(by[c]) if c in by else '–'}</td>" for c in cats)
+        cells += _question_counts(e.get("questions")) if counts else ""
         rows.append(
             f"<tr><th>{html.escape(v)}</th><td>{_ci(e)}</td><td>{e['n']}</td>"
             f"<td>{delta}</td>{cells}</tr>"
         )
     return (
         f"<h2>{html.escape(label)}</h2>"
-        "<table><tr><th>variant</th><th>mean [95% CI]</th><th>prompts</th>"
+        + (_dsg_notes(scorer) if metric == "dsg" else "")
+        + "<table><tr><th>variant</th><th>mean [95% CI]</th><th>prompts</th>"
         f"<th>Δ vs base [95% CI], paired</th>{head}</tr>{''.join(rows)}</table>"
         f"<p>{_img(bar_chart(label, entries), label + ' chart')}</p>"
     )
 
 
-def _question_section(accuracy: dict[str, dict[str, dict[str, float]]]) -> str:
+def _question_section(
+    accuracy: dict[str, dict[str, dict[str, float]]], label: str = LABELS["dsg"]
+) -> str:
     """DSG answers per question category (before dependency zeroing)."""
     cats = sorted({c for v in accuracy.values() for c in v})
     if not cats:
@@ -139,7 +186,8 @@ def _question_section(accuracy: dict[str, dict[str, dict[str, float]]]) -> str:
         for v, by in accuracy.items()
     )
     return (
-        "<h3>DSG answers by question category (correct share, before dependency zeroing)</h3>"
+        f"<h3>{html.escape(label)} answers by question category (correct share, before "
+        "dependency zeroing)</h3>"
         f"<table><tr><th>variant</th>{head}</tr>{rows}</table>"
     )
 
@@ -147,7 +195,7 @@ def _question_section(accuracy: dict[str, dict[str, dict[str, float]]]) -> str:
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 font-size:13px;text-align:left}.note{background:#fff3cd;padding:.8em;border:1px solid #e0c060}
-small{color:#666}img{max-width:100%}"""
+small{color:#666}img{max-width:100%}.warn{color:#a15c00}"""
 
 
 def render_html(doc: dict[str, Any], grid_rows: list[tuple[str, dict[str, bytes]]]) -> str:
@@ -173,8 +221,9 @@ def render_html(doc: dict[str, Any], grid_rows: list[tuple[str, dict[str, bytes]
     ]
     parts.append("</table>")
     for metric, entries in doc["metrics"].items():
-        parts.append(_metric_section(metric, entries))
-    parts.append(_question_section(doc.get("dsg_questions") or {}))
+        parts.append(_metric_section(metric, entries, doc["scorers"].get(metric)))
+    dsg_label = doc["scorers"].get("dsg", {}).get("label") or LABELS["dsg"]
+    parts.append(_question_section(doc.get("dsg_questions") or {}, dsg_label))
     if grid_rows:
         parts.append("<h2>Same prompt, same seed, every variant</h2>")
         parts.append(f"<p>{_img(image_grid(grid_rows, doc['variants']), 'image grid')}</p>")

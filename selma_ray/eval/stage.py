@@ -3,6 +3,9 @@
 1. Prompts come from a held-out benchmark file (``eval.prompts_file``); any that are also
    training prompts of this run are dropped (or fail the stage, ``eval.on_overlap=error``).
 2. DSG questions are written by the LLM on Ray Data, read from a DSG-1K/TIFA file, or off.
+   Only DSG-1K-format questions make the published DSG protocol; otherwise the metric is
+   labelled "DSG-style" (its key stays ``dsg``), and prompts the LLM wrote no parseable
+   questions for, asked one holistic question instead, are counted per variant.
 3. Ray Data renders variant x prompt x seed on actors holding a ``DiffusionService`` (base,
    each expert, ``merged``, ``merged-<method>``); a prompt's seeds are the same for every
    variant, so differences against base are paired. Images go to ``eval/images/`` (Parquet).
@@ -42,6 +45,14 @@ TINY_NOTE = (
     "diffusion model is too): these numbers show only that the evaluation plumbing works, "
     "not whether the method does. Use a paper preset for real scores."
 )
+DSG_STYLE = "DSG-style"
+# dsg.question_source() -> the key counting it in metrics.json (metrics.dsg.<variant>.questions)
+SOURCE_KEYS = {
+    dsg.LLM: "llm_written",
+    dsg.HOLISTIC: "holistic_fallback",
+    dsg.FROM_FILE: "from_file",
+    "": "no_questions",
+}
 
 
 def steps(cfg: SelmaConfig) -> int:
@@ -279,14 +290,14 @@ def headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def log_results(metrics: dict[str, dict[str, Any]]) -> None:
+def log_results(metrics: dict[str, dict[str, Any]], labels: dict[str, str] | None = None) -> None:
     """One line per metric and variant: mean, CI and the paired change vs base."""
     for name, entries in metrics.items():
         for v, e in entries.items():
             vs = e.get("vs_base")
             log.info(
                 "eval: [%s] %-20s %.4g [%.4g, %.4g]%s",
-                LABELS[name],
+                (labels or {}).get(name, LABELS[name]),
                 v,
                 e["mean"],
                 *e["ci"],
@@ -321,6 +332,32 @@ def write_outputs(
     return out
 
 
+def dsg_protocol(cfg: SelmaConfig) -> dict[str, str]:
+    """The DSG metric's label and how its questions were made. Only questions read from a
+    DSG-1K-format CSV follow the published DSG protocol ("DSG"); questions written by the LLM,
+    or TIFA questions, make it "DSG-style"."""
+    ec = cfg.eval
+    if ec.questions == "file":
+        source = ec.questions_file or ec.prompts_file
+        if Path(source).suffix == ".json":
+            return {
+                "label": DSG_STYLE,
+                "protocol": f"TIFA questions read from {source} (multiple choice, no "
+                "dependencies), answered by the VQA model: DSG-style, not the published DSG",
+            }
+        return {
+            "label": LABELS["dsg"],
+            "protocol": f"questions read from {source} (DSG-1K CSV format, as in the published "
+            "DSG), answered by the VQA model",
+        }
+    llm = ec.question_llm or cfg.models.llm
+    return {
+        "label": DSG_STYLE,
+        "protocol": f"questions written by {llm} in the DSG format, not the published DSG-1K "
+        "questions; a prompt without parseable questions is asked one holistic question",
+    }
+
+
 def scorer_status(cfg: SelmaConfig) -> dict[str, dict[str, Any]]:
     """Each configured scorer: label, model ids, and whether it runs (or why it is skipped)."""
     ec = cfg.eval
@@ -335,15 +372,92 @@ def scorer_status(cfg: SelmaConfig) -> dict[str, dict[str, Any]]:
             "reason": reason,
             "model_ids": model_ids(name, ec),
         }
+        if name == "dsg" and not reason:
+            scorers[name].update(dsg_protocol(cfg))
         if reason:
             log.warning("eval: scorer %s skipped: %s", LABELS[name], reason)
     return scorers
 
 
+def question_sources(
+    rows: list[dict[str, Any]], prompts: list[dsg.EvalPrompt]
+) -> dict[str, dict[str, int]]:
+    """variant -> over the prompts that variant was scored on (a finite DSG score), how many
+    had LLM-written questions, the holistic fallback question, questions from a file, or none;
+    ``prompts`` is their total (the metric's ``n``)."""
+    from selma_ray.eval import stats as eval_stats
+
+    kind = {p.id: SOURCE_KEYS[dsg.question_source(p)] for p in prompts}
+    out: dict[str, dict[str, int]] = {}
+    for variant, scores in eval_stats.per_prompt(rows, "score_dsg").items():
+        counts = dict.fromkeys(SOURCE_KEYS.values(), 0)
+        for pid in scores:
+            counts[kind.get(pid, SOURCE_KEYS[""])] += 1
+        out[variant] = {**counts, "prompts": len(scores)}
+    return out
+
+
+def build_doc(
+    cfg: SelmaConfig,
+    run: RunDir,
+    prompts: list[dsg.EvalPrompt],
+    dropped: list[str],
+    scorers: dict[str, dict[str, Any]],
+    variants: list[str],
+    table: list[dict[str, Any]],
+    metrics: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The metrics.json document: models, scorers, prompts, metrics and, for DSG, the question
+    accuracy by category and where each variant's scored prompts got their questions (added in
+    place to ``metrics["dsg"][variant]["questions"]``, and the fallback prompts' ids to
+    ``scorers["dsg"]``)."""
+    from selma_ray.models import is_builtin
+
+    ec = cfg.eval
+    tiny = any(is_builtin(m) for s in scorers.values() for m in s["model_ids"].values())
+    if "dsg" in metrics:
+        fallback = [p.id for p in prompts if dsg.question_source(p) == dsg.HOLISTIC]
+        scorers["dsg"]["holistic_fallback_prompts"] = fallback
+        if fallback:
+            log.warning(
+                "eval: %d/%d prompts are scored with one holistic question (the LLM wrote no "
+                "parseable questions for them): %s",
+                len(fallback),
+                len(prompts),
+                fallback[:10],
+            )
+        for variant, counts in question_sources(table, prompts).items():
+            metrics["dsg"][variant]["questions"] = counts
+    return {
+        "run_dir": str(run.root),
+        "note": TINY_NOTE if tiny or is_builtin(cfg.models.base) else "",
+        "models": {
+            "base": cfg.models.base,
+            "questions": {
+                "llm": f"written by {ec.question_llm or cfg.models.llm}",
+                "file": f"read from {ec.questions_file or ec.prompts_file}",
+                "none": "none",
+            }[ec.questions],
+        },
+        "scorers": scorers,
+        "prompts": {
+            "source": ec.prompts_file,
+            "count": len(prompts),
+            "categories": sorted({p.category for p in prompts if p.category}),
+            "dropped_overlap": dropped,
+        },
+        "variants": variants,
+        "seeds_per_prompt": ec.seeds_per_prompt,
+        "steps": steps(cfg),
+        "guidance_scale": guidance(cfg),
+        "metrics": metrics,
+        "dsg_questions": question_accuracy(table, prompts) if "dsg" in metrics else {},
+    }
+
+
 def run_eval(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
     """Evaluate every variant of this run; returns the stage summary."""
     from selma_ray.eval import stats as eval_stats
-    from selma_ray.models import is_builtin
 
     ec = cfg.eval
     if not ec.enabled:
@@ -383,7 +497,7 @@ def run_eval(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
             results[(r["variant"], r["prompt_id"], r["seed_index"])].update(r)
         log.info(
             "eval: %s scored %d images in %.1fs",
-            LABELS[name],
+            scorers[name]["label"],
             len(rows),
             time.perf_counter() - start,
         )
@@ -392,33 +506,8 @@ def run_eval(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
     metrics = eval_stats.aggregate(
         table, active, categories, n_boot=ec.bootstrap, seed=cfg.run.seed
     )
-    log_results(metrics)
-    tiny = any(is_builtin(m) for s in scorers.values() for m in s["model_ids"].values())
-    doc = {
-        "run_dir": str(run.root),
-        "note": TINY_NOTE if tiny or is_builtin(cfg.models.base) else "",
-        "models": {
-            "base": cfg.models.base,
-            "questions": {
-                "llm": f"written by {ec.question_llm or cfg.models.llm}",
-                "file": f"read from {ec.questions_file or ec.prompts_file}",
-                "none": "none",
-            }[ec.questions],
-        },
-        "scorers": scorers,
-        "prompts": {
-            "source": ec.prompts_file,
-            "count": len(prompts),
-            "categories": sorted({p.category for p in prompts if p.category}),
-            "dropped_overlap": dropped,
-        },
-        "variants": variants,
-        "seeds_per_prompt": ec.seeds_per_prompt,
-        "steps": steps(cfg),
-        "guidance_scale": guidance(cfg),
-        "metrics": metrics,
-        "dsg_questions": question_accuracy(table, prompts) if "dsg" in active else {},
-    }
+    log_results(metrics, {n: s["label"] for n, s in scorers.items()})
+    doc = build_doc(cfg, run, prompts, dropped, scorers, variants, table, metrics)
     out = write_outputs(run, doc, table, prompts, grid_rows(images, prompts, ec.grid_prompts))
     written = [out / "metrics.json", out / "scores.jsonl"]
     return run.write_manifest(
@@ -429,6 +518,7 @@ def run_eval(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
         report=str(out / "report.html"),
         metrics=str(out / "metrics.json"),
         headline=headline(metrics),
+        labels={n: s["label"] for n, s in scorers.items()},
         skipped_scorers={n: s["reason"] for n, s in scorers.items() if s["status"] != "ok"},
         prompts=len(prompts),
         variants=variants,
