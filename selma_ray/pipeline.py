@@ -235,6 +235,32 @@ def run_stage(name: str, cfg: SelmaConfig, run: RunDir, **kwargs: Any) -> dict[s
     return GRAPH[name].run(cfg, run, lineage(name, cfg, run), **kwargs)
 
 
+SHARED = {
+    "config": "schema per section, presets",
+    "core": "run dir, layout, lineage, seeds, skills, LoRA files",
+    "models": "model names to loadable models; LLM engines",
+    "text": "ROUGE-L and near-duplicate filters, answer parsing",
+    "diffusion": "device, pixels, the multi-adapter engine",
+}
+
+
+def graph_markdown() -> str:
+    """The package tree and the stage graph as one Mermaid picture, generated from ``GRAPH``
+    (a test keeps the README's copy equal to it)."""
+    lines = ["```mermaid", "flowchart LR"]
+    for stage in GRAPH.values():
+        unit = "<br/>one per skill" if stage.per_skill else ""
+        lines.append(f'  {stage.name}["{stage.name}<br/>selma_ray/{stage.name}/{unit}"]')
+    for stage in GRAPH.values():
+        lines += [f"  {up} --> {stage.name}" for up in stage.upstream]
+    lines.append('  serving["serving<br/>selma_ray/serving/<br/>Ray Serve"]')
+    lines += ["  experts -.-> serving", "  merge -.-> serving"]
+    lines.append('  subgraph shared["shared by every stage (no stage imports another)"]')
+    lines += [f'    {name}["{name}/<br/>{what}"]' for name, what in SHARED.items()]
+    lines += ["  end", "```"]
+    return "\n".join(lines)
+
+
 def deploy_serve(cfg: SelmaConfig, run: RunDir) -> str:
     """Deploy the images API for this run; returns its base URL."""
     from ray import serve

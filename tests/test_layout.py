@@ -71,3 +71,18 @@ def test_shared_pieces_import_without_ray():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_readme_architecture_picture_is_generated_from_the_stage_graph():
+    from pathlib import Path
+
+    from selma_ray.pipeline import graph_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- graph:start -->\n", "\n<!-- graph:end -->"
+    if start not in readme or end not in readme:
+        pytest.fail("README.md lost its generated architecture picture markers")
+    shown = readme.split(start, 1)[1].split(end, 1)[0]
+    assert shown == graph_markdown(), (
+        "README's picture is stale: paste selma_ray.pipeline.graph_markdown() between the markers"
+    )
