@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import (
@@ -39,6 +39,16 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # (low, high) settings where low must be at most high, checked for every section.
+    ORDERED: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        for low, high in self.ORDERED:
+            lo, hi = getattr(self, low), getattr(self, high)
+            if lo > hi:
+                raise ValueError(f"{low} ({lo}) must be <= {high} ({hi})")
+        return self
 
 
 class RunSection(_Section):
@@ -351,15 +361,7 @@ class ServeSection(_Section):
         "SELMA_API_KEY", description="If this env var is set on the replicas, requests need it."
     )
 
-    @model_validator(mode="after")
-    def _default_within_limit(self) -> ServeSection:
-        if self.default_steps > self.max_steps:
-            raise ValueError(
-                f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})"
-            )
-        if self.min_size > self.max_size:
-            raise ValueError(f"min_size ({self.min_size}) must be <= max_size ({self.max_size})")
-        return self
+    ORDERED = (("default_steps", "max_steps"), ("min_size", "max_size"))
 
 
 class EvalSection(_Section):
@@ -413,17 +415,16 @@ class EvalSection(_Section):
         return v
 
 
-class ActorPool(_Section):
+class TaskResources(_Section):
     num_gpus: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(1.0, gt=0.0)
+
+
+class ActorPool(TaskResources):
     min_size: int = Field(1, ge=1)
     max_size: int = Field(1, ge=1)
 
-    @model_validator(mode="after")
-    def _min_le_max(self) -> ActorPool:
-        if self.min_size > self.max_size:
-            raise ValueError(f"min_size ({self.min_size}) must be <= max_size ({self.max_size})")
-        return self
+    ORDERED = (("min_size", "max_size"),)
 
 
 class ExpertResources(_Section):
@@ -433,23 +434,12 @@ class ExpertResources(_Section):
     max_concurrent: int = Field(5, ge=1, description="Experts training at once; the rest queue.")
 
 
-class TaskResources(_Section):
-    num_gpus: float = Field(0.0, ge=0.0)
-    num_cpus: float = Field(1.0, gt=0.0)
-
-
 class ServeResources(TaskResources):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(8, ge=1)
 
-    @model_validator(mode="after")
-    def _min_le_max(self) -> ServeResources:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
-            )
-        return self
+    ORDERED = (("min_replicas", "max_replicas"),)
 
 
 class ResourcesSection(_Section):

@@ -168,6 +168,18 @@ def _tiny_vae():
     )
 
 
+# The UNet shape tiny-sd and tiny-sdxl share (32 px images through the tiny VAE).
+_TINY_UNET: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+
+
 def _build_tiny_sd(out: Path) -> None:
     import torch
     from diffusers import (
@@ -180,13 +192,7 @@ def _build_tiny_sd(out: Path) -> None:
     torch.manual_seed(0)
     tokenizer = _tiny_tokenizer()
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_TINY_UNET,
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=8,
@@ -367,13 +373,7 @@ def _build_tiny_sdxl(out: Path) -> None:
     torch.manual_seed(0)
     tokenizer = _tiny_tokenizer()
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_TINY_UNET,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
