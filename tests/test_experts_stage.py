@@ -1,31 +1,31 @@
 """The experts stage on a small Parquet data set under Ray Tune + Train: a driver re-run
 skips finished experts and resumes unfinished ones, a worker failure is retried from the last
-checkpoint (fault drill), the best-by-validation checkpoint is exported, and both exports load
-elsewhere (diffusers ``load_lora_weights``; kohya key names)."""
+checkpoint (fault drill), the best-by-validation checkpoint is exported, both exports load
+elsewhere (diffusers ``load_lora_weights``; kohya key names), and two DDP workers train on
+disjoint rows and keep identical LoRAs (UNet and text encoder) that follow the mean gradient."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import ray
+import torch
+from PIL import Image
 
-pytest.importorskip("diffusers")
-
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from selma_ray.config import load_config  # noqa: E402
-from selma_ray.core.rundir import RunDir  # noqa: E402
-from selma_ray.experts import stage as experts_stage  # noqa: E402
-from selma_ray.experts.stage import FAULT_DRILL_ENV  # noqa: E402
-from selma_ray.pipeline import lineage, run_stage  # noqa: E402
+from selma_ray.config import load_config
+from selma_ray.core.rundir import RunDir
+from selma_ray.experts import stage as experts_stage
+from selma_ray.experts.stage import FAULT_DRILL_ENV
+from selma_ray.pipeline import lineage, run_stage
 
 pytestmark = pytest.mark.slow
 SKILLS = ["counting", "everyday_scenes"]
@@ -167,31 +167,134 @@ def test_kohya_export_has_kohya_key_names(trained):
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
 
 
-def test_two_workers_per_expert_train_with_ddp(tmp_path, ray_cluster):
-    from ray.train import RunConfig, ScalingConfig
+def lora_params(trainer) -> dict[str, torch.nn.Parameter]:
+    """The trained LoRA parameters, UNet and text encoder, by prefixed name."""
+    return {
+        f"{prefix}.{name}": p
+        for prefix, module in (("unet", trainer.unet), ("text_encoder", trainer.text_encoder))
+        for name, p in module.named_parameters()
+        if p.requires_grad
+    }
+
+
+def lora_weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in lora_params(trainer).items()}
+
+
+def recording_train_loop(config: dict[str, Any]) -> None:
+    """``train_expert``, recording per rank into ``config["record_dir"]``: the LoRA weights
+    before the first and after the last step, and each step's micro-batches and RNG state
+    (enough to replay the step outside Ray)."""
+    import ray.train
+
+    from selma_ray import training
+
+    record: dict[str, Any] = {"steps": []}
+
+    class Recording(training.ExpertTrainer):
+        def train_step(self, micro_batches):
+            if not record["steps"]:
+                record["init"] = lora_weights(self)
+            record["steps"].append({"rng": torch.get_rng_state(), "batches": micro_batches})
+            out = super().train_step(micro_batches)
+            record["final"] = lora_weights(self)
+            return out
+
+    training.ExpertTrainer = Recording  # train_expert looks the class up when it runs
+    training.train_expert(config)
+    rank = ray.train.get_context().get_world_rank()
+    torch.save(record, Path(config["record_dir"]) / f"rank-{rank}.pt")
+
+
+def replay(loop, init, ranks_steps) -> dict[str, torch.Tensor]:
+    """Outside Ray: from ``init``, each step averages the gradients of the given ranks'
+    recorded micro-batches (same RNG states), then takes one optimizer step."""
+    from selma_ray.experts.recipe import ExpertTrainer
+
+    t = ExpertTrainer(loop)
+    for name, p in lora_params(t).items():
+        p.data.copy_(init[name])
+    for steps in zip(*ranks_steps, strict=True):
+        grads = []
+        for step in steps:
+            torch.set_rng_state(step["rng"])
+            t.accumulate(step["batches"])
+            grads.append([p.grad.clone() for p in t.params])
+        for i, p in enumerate(t.params):
+            p.grad = sum(g[i] / len(steps) for g in grads)
+        t.apply_gradients()
+    return lora_weights(t)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str) -> float:
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys and a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in keys)
+
+
+def test_two_ddp_workers_train_disjoint_rows_into_one_lora_of_the_mean_gradient(
+    tmp_path, ray_cluster
+):
+    from ray import cloudpickle
+    from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from selma_ray.experts import data as train_data
-    from selma_ray.experts.recipe import train_expert
 
     write_images(tmp_path, ["counting"], per_skill=6)
     rows = experts_stage.skill_table(str(tmp_path / "images" / "data"), "counting")
     train, val = train_data.split_rows(rows, 0, "counting", 0.0, 2)
     loop = {
         **load_config("tiny", []).experts.model_dump(),
-        **{"base": "tiny-sd", "seed": 0, "skill": "counting"},
-        **{"max_steps": 3, "checkpoint_every": 3, "batch_size": 2},
+        **{"base": "tiny-sd", "seed": 0, "skill": "counting", "learning_rate": 1e-2},
+        # two micro-batches of one image per step: DDP's no_sync path and the text encoder's
+        # once-per-step gradient average are both exercised
+        **{"max_steps": 3, "checkpoint_every": 3, "batch_size": 1, "gradient_accumulation": 2},
+        "train_text_encoder": True,
     }
-    result = TorchTrainer(
-        train_expert,
-        train_loop_config=loop,
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "ray_results")),
-        datasets=train_data.training_datasets(train, val, loop, None, 0.25),
-    ).fit()
+    (tmp_path / "ranks").mkdir()
+    # The workers cannot import this test module: ship its functions by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        result = TorchTrainer(
+            recording_train_loop,
+            train_loop_config={**loop, "record_dir": str(tmp_path / "ranks")},
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "ray_results")),
+            datasets=train_data.training_datasets(train, val, loop, None, 0.25),
+            dataset_config=DataConfig(datasets_to_split=["train"]),  # as the experts stage
+        ).fit()
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert result.error is None and result.metrics["step"] == 3
-    assert result.metrics["workers"] == 2  # the UNet was wrapped in DDP (prepare_model)
-    assert result.metrics["val_loss"] > 0 and result.checkpoint is not None
+    assert result.metrics["workers"] == 2 and result.checkpoint is not None
+    ranks = [torch.load(tmp_path / "ranks" / f"rank-{r}.pt", weights_only=False) for r in (0, 1)]
+
+    # The two ranks trained on different images: disjoint halves of the training rows.
+    seen = [
+        {str(p) for step in rec["steps"] for b in step["batches"] for p in b["prompt"]}
+        for rec in ranks
+    ]
+    assert seen[0] and seen[1] and not seen[0] & seen[1], seen
+    assert seen[0] | seen[1] == set(train.column("prompt").to_pylist())
+    assert [len(rec["steps"]) for rec in ranks] == [3, 3]
+
+    for part in ("unet.", "text_encoder."):
+        # Same start (DDP broadcasts rank 0's weights; the text encoder's too) ...
+        start = max_diff(ranks[0]["init"], ranks[1]["init"], part)
+        assert start == 0.0, f"{part} LoRA starts differ across ranks by {start}"
+        # ... and, gradients averaged every step, the same weights at the end.
+        end = max_diff(ranks[0]["final"], ranks[1]["final"], part)
+        assert end == 0.0, f"{part} LoRA weights differ across ranks by {end} after training"
+    # What each step did, replayed outside Ray from the recorded batches and RNG states:
+    # the mean of both ranks' gradients, not rank 0's alone.
+    both = replay(loop, ranks[0]["init"], [ranks[0]["steps"], ranks[1]["steps"]])
+    alone = replay(loop, ranks[0]["init"], [ranks[0]["steps"]])
+    for part in ("unet.", "text_encoder."):
+        off = max_diff(ranks[0]["final"], both, part)
+        assert off < 1e-5, f"{part} DDP result is {off} from the mean-gradient replay"
+        own = max_diff(ranks[0]["final"], alone, part)
+        assert own > 1e-3, f"{part} DDP result is only {own} from rank 0 training alone"
 
 
 def test_training_curves_are_tensorboard_event_files(trained):

@@ -1,21 +1,22 @@
 """The expert training loop on the tiny model, without Ray: the loss falls on a fixed batch,
-clipping clips, checkpoints round-trip, and each loop option runs and does what it says."""
+clipping clips to the limit, checkpoints round-trip, accumulated micro-batches give the full
+batch's gradient, and each loop option (min-SNR, offset noise, v-prediction, gradient
+checkpointing, text-encoder LoRA) computes what it says."""
 
 from __future__ import annotations
 
+import functools
 import io
+import itertools
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-pytest.importorskip("diffusers")
-
-from PIL import Image  # noqa: E402
-
-from selma_ray.config import load_config  # noqa: E402
-from selma_ray.experts import data as train_data  # noqa: E402
-from selma_ray.experts.recipe import ExpertTrainer  # noqa: E402
+from selma_ray.config import load_config
+from selma_ray.experts import data as train_data
+from selma_ray.experts.recipe import ExpertTrainer
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +63,39 @@ def seeded_loss(trainer, batch, seed=0) -> float:
         return trainer.loss(batch).item()
 
 
+def recorded_loss(trainer, batch, monkeypatch, seed=0) -> tuple[float, dict[str, torch.Tensor]]:
+    """A seeded loss, and what went into it: latents, noise and timesteps (as given to the
+    scheduler's ``add_noise``), the loss target and the UNet's prediction."""
+    seen: dict[str, torch.Tensor] = {}
+    add_noise, target, model = trainer.noise_scheduler.add_noise, trainer._target, trainer.model
+
+    def recording_add_noise(latents, noise, t):
+        seen.update(latents=latents, noise=noise, t=t)
+        return add_noise(latents, noise, t)
+
+    def recording_target(latents, noise, t):
+        seen["target"] = target(latents, noise, t)
+        return seen["target"]
+
+    def recording_model(*args, **kwargs):
+        out = model(*args, **kwargs)
+        seen["pred"] = out.sample
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer.noise_scheduler, "add_noise", recording_add_noise)
+        m.setattr(trainer, "_target", recording_target)
+        m.setattr(trainer, "model", recording_model)
+        loss = seeded_loss(trainer, batch, seed)
+    return loss, seen
+
+
+def snr(trainer, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio of timesteps, from the schedule: alpha_bar / (1 - alpha_bar)."""
+    a = trainer.noise_scheduler.alphas_cumprod[t].double()
+    return a / (1 - a)
+
+
 def test_loss_decreases_on_a_fixed_batch(batch):
     t = ExpertTrainer(loop_config(learning_rate=1e-2, max_grad_norm=10.0))
     t.set_validation(batch)
@@ -85,7 +119,8 @@ def test_gradient_clipping_is_effective(trainer, batch):
         trainer.config["max_grad_norm"] = loop_config()["max_grad_norm"]
     applied = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params]))
     assert out["grad_norm"] > 10 * max_norm  # the raw gradient was larger ...
-    assert applied.item() <= max_norm * 1.001  # ... and the optimizer saw the clipped one
+    # ... and the optimizer saw it scaled down to the limit (not zeroed, not left as it was)
+    assert applied.item() == pytest.approx(max_norm, rel=1e-3)
 
 
 def test_checkpoint_round_trip(tmp_path, batch):
@@ -110,33 +145,96 @@ def test_checkpoint_round_trip(tmp_path, batch):
     assert seeded_loss(a, batch) == seeded_loss(b, batch)
 
 
-def test_min_snr_weighting_lowers_the_epsilon_loss(trainer, batch):
-    plain = seeded_loss(trainer, batch)
-    trainer.config["snr_gamma"] = 1.0
-    try:
-        weighted = seeded_loss(trainer, batch)
-    finally:
-        trainer.config["snr_gamma"] = None
-    # min(snr, gamma) / snr <= 1 for every sample, so the weighted mean cannot be larger.
-    assert weighted < plain
+def test_min_snr_weighting_scales_each_images_loss_by_min_snr_gamma_over_snr(
+    trainer, batch, monkeypatch
+):
+    gamma = 1.0
+    monkeypatch.setitem(trainer.config, "snr_gamma", gamma)
+    loss, seen = recorded_loss(trainer, batch, monkeypatch)
+    ratio = snr(trainer, seen["t"])
+    # this seed's timesteps have images on both sides of gamma: clamped and not
+    assert (ratio > gamma).any() and (ratio < gamma).any(), seen["t"]
+    per_image = ((seen["pred"].double() - seen["noise"].double()) ** 2).mean(dim=(1, 2, 3))
+    expected = (per_image * torch.clamp(ratio, max=gamma) / ratio).mean()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_noise_offset_changes_the_loss(trainer, batch):
-    plain = seeded_loss(trainer, batch)
-    trainer.config["noise_offset"] = 0.5
-    try:
-        offset = seeded_loss(trainer, batch)
-    finally:
-        trainer.config["noise_offset"] = 0.0
-    assert offset != plain
+def test_noise_offset_shifts_each_image_channel_by_one_constant_of_the_given_scale(
+    trainer, batch, monkeypatch
+):
+    many = {k: np.concatenate([v] * 4) for k, v in batch.items()}  # 16 images x 4 channels
+    noise = {}
+    for offset in (0.0, 0.1, 0.5):
+        monkeypatch.setitem(trainer.config, "noise_offset", offset)
+        _, seen = recorded_loss(trainer, many, monkeypatch)
+        assert torch.equal(seen["target"], seen["noise"])  # epsilon: the target is that noise
+        noise[offset] = seen["noise"]
+    # Same seed: the same Gaussian noise, plus the offset term, which is ...
+    shift = noise[0.5] - noise[0.0]
+    # ... one constant per (image, channel), the same over all pixels ...
+    per_channel = shift[:, :, :1, :1]
+    assert torch.allclose(shift, per_channel.expand_as(shift), atol=1e-5)
+    # ... proportional to noise_offset ...
+    assert torch.allclose(noise[0.1] - noise[0.0], 0.2 * shift, atol=1e-5)
+    # ... and noise_offset times a standard normal draw (64 draws: a loose statistical band).
+    z = per_channel.flatten() / 0.5
+    assert 0.7 < z.std().item() < 1.3 and abs(z.mean().item()) < 0.4, z
+    # Without the offset, the per-channel means are those of 256 N(0, 1) pixels (std 1/16).
+    assert noise[0.0].mean(dim=(2, 3)).std().item() < 0.15
 
 
-def test_gradient_accumulation_makes_one_step_of_several_micro_batches(trainer, batch):
-    half = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
-    step = trainer.step
-    torch.manual_seed(0)
-    out = trainer.train_step(half)
-    assert trainer.step == step + 1 and np.isfinite(out["loss"]) and out["grad_norm"] > 0
+def fixed_noise(trainer, monkeypatch, noise: torch.Tensor, t: torch.Tensor) -> None:
+    """Make the loss deterministic per image: VAE means instead of samples, and the rows of
+    ``noise`` and ``t`` handed out in order, across micro-batches (rewound by calling again)."""
+    used = [0]
+
+    def next_rows(latents):
+        i, n = used[0], latents.shape[0]
+        used[0] += n
+        return noise[i : i + n], t[i : i + n]
+
+    monkeypatch.setattr(trainer, "noise", next_rows)
+    monkeypatch.setattr(
+        trainer, "latents", functools.partial(ExpertTrainer.latents, trainer, sample=False)
+    )
+
+
+def test_accumulated_micro_batches_give_one_step_with_the_full_batch_gradient(batch, monkeypatch):
+    t = seeded_trainer(max_grad_norm=1e9)  # no clipping: compare the raw gradients
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(4, 4, 16, 16, generator=gen)
+    steps = torch.tensor([50, 300, 600, 900])
+
+    def grad_of(parts):
+        fixed_noise(t, monkeypatch, noise, steps)
+        loss = t.accumulate(parts)
+        return loss, torch.cat([p.grad.flatten() for p in t.params]).clone()
+
+    def rows(lo, hi):
+        return {k: v[lo:hi] for k, v in batch.items()}
+
+    full_loss, full = grad_of([batch])
+    assert full.norm() > 0
+    for cuts in ([0, 2, 4], [0, 1, 4], [0, 1, 2, 3, 4]):
+        parts = [rows(a, b) for a, b in itertools.pairwise(cuts)]
+        loss, grad = grad_of(parts)
+        assert loss == pytest.approx(full_loss, rel=1e-5), cuts
+        torch.testing.assert_close(
+            grad, full, rtol=1e-4, atol=1e-6, msg=lambda m, cuts=cuts: f"split {cuts}: {m}"
+        )
+    # the comparison can tell: one micro-batch alone has another gradient
+    _, first = grad_of([rows(0, 2)])
+    assert not torch.allclose(first, full, rtol=1e-2, atol=1e-5)
+    # train_step applies the accumulated gradient as one optimizer step
+    before = [p.detach().clone() for p in t.params]
+    fixed_noise(t, monkeypatch, noise, steps)
+    out = t.train_step([rows(0, 1), rows(1, 4)])
+    assert t.step == 1 and out["loss"] == pytest.approx(full_loss, rel=1e-5)
+    assert out["grad_norm"] == pytest.approx(full.norm().item(), rel=1e-4)
+    applied = torch.cat([p.grad.flatten() for p in t.params])
+    torch.testing.assert_close(applied, full, rtol=1e-4, atol=1e-6)
+    moved = [not torch.equal(b, p) for b, p in zip(before, t.params, strict=True)]
+    assert all(m for m, p in zip(moved, t.params, strict=True) if p.grad.any())
 
 
 def seeded_trainer(**overrides) -> ExpertTrainer:
@@ -152,30 +250,38 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
         torch.manual_seed(0)
         t.loss(batch).backward()
         grads.append(torch.cat([p.grad.flatten() for p in t.params]))
+    assert grads[0].norm() > 1e-3  # a real gradient, not two zero vectors
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_text_encoder_lora_trains_and_is_saved(tmp_path, batch):
+    from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
 
     t = ExpertTrainer(loop_config(train_text_encoder=True))
-    te_params = [p for p in t.text_encoder.parameters() if p.requires_grad]
+    te_params = {n: p for n, p in t.text_encoder.named_parameters() if p.requires_grad}
     assert te_params and len(t.params) > len([p for p in t.unet.parameters() if p.requires_grad])
-    before = [p.detach().clone() for p in te_params]
+    ups = {n: p for n, p in te_params.items() if "lora_B" in n}
+    # B starts at zero (weight decay cannot move it): only a gradient through the text
+    # encoder changes it, and it must reach every adapted projection of every layer.
+    assert ups and all(not p.any() for p in ups.values())
     torch.manual_seed(0)
     t.train_step([batch])
-    assert any(not torch.equal(b, p) for b, p in zip(before, te_params, strict=True))
+    assert [n for n, p in ups.items() if not p.any()] == []
     t.save(tmp_path / "ckpt")
     with safe_open(str(tmp_path / "ckpt" / "pytorch_lora_weights.safetensors"), "pt") as f:
-        keys = list(f.keys())
-    assert any(k.startswith("text_encoder.") for k in keys)
-    assert any(k.startswith("unet.") for k in keys)
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    te_state = get_peft_model_state_dict(t.text_encoder)
+    assert len(te_state) == len(te_params)
+    for name, value in te_state.items():
+        assert torch.equal(saved[f"text_encoder.{name}"], value), name
+    assert any(k.startswith("unet.") for k in saved)
     u = ExpertTrainer(loop_config(train_text_encoder=True))
     u.load(tmp_path / "ckpt")
     assert seeded_loss(u, batch) == seeded_loss(t, batch)
 
 
-def test_v_prediction_targets_the_velocity(trainer, batch):
+def test_v_prediction_targets_the_velocity(trainer, batch, monkeypatch):
     sched = trainer.noise_scheduler
     latents, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     t = torch.tensor([10, 500])
@@ -185,9 +291,22 @@ def test_v_prediction_targets_the_velocity(trainer, batch):
         assert torch.allclose(
             trainer._target(latents, noise, t), sched.get_velocity(latents, noise, t)
         )
-        assert np.isfinite(seeded_loss(trainer, batch))
+        loss, seen = recorded_loss(trainer, batch, monkeypatch)
+        gamma = 1.0
+        monkeypatch.setitem(trainer.config, "snr_gamma", gamma)
+        weighted, again = recorded_loss(trainer, batch, monkeypatch)
     finally:
         sched.register_to_config(prediction_type="epsilon")
+    # v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x0, written out here
+    a = sched.alphas_cumprod[seen["t"]].double().view(-1, 1, 1, 1)
+    v = a.sqrt() * seen["noise"].double() - (1 - a).sqrt() * seen["latents"].double()
+    per_image = ((seen["pred"].double() - v) ** 2).mean(dim=(1, 2, 3))
+    assert loss == pytest.approx(per_image.mean().item(), rel=1e-5)
+    # min-SNR for v-prediction: weight min(snr, gamma) / (snr + 1)
+    assert torch.equal(again["t"], seen["t"]) and torch.equal(again["pred"], seen["pred"])
+    ratio = snr(trainer, seen["t"])
+    expected = (per_image * torch.clamp(ratio, max=gamma) / (ratio + 1)).mean()
+    assert weighted == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_render_samples_writes_one_strip_of_the_prompts(trainer, tmp_path):
@@ -195,6 +314,8 @@ def test_render_samples_writes_one_strip_of_the_prompts(trainer, tmp_path):
     trainer.render_samples(["a cat", "two dogs"], out)
     with Image.open(out) as img:
         assert img.size == (64, 32)
+        strip = np.asarray(img.convert("RGB"), dtype=np.int16)
+    assert np.abs(strip[:, :32] - strip[:, 32:]).max() > 0  # two prompts, two images
 
 
 def test_sdxl_conditioning_trains_from_pixels_and_from_cached_latents(tmp_path):

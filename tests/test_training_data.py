@@ -92,15 +92,27 @@ def test_validation_split_is_deterministic_disjoint_and_sized():
 
 
 def test_data_hash_follows_the_rows():
-    assert train_data.data_hash(table(4)) == train_data.data_hash(table(4))
-    assert train_data.data_hash(table(4)) != train_data.data_hash(table(5))
+    t = table(4)
+    assert train_data.data_hash(t) == train_data.data_hash(table(4))
+    one_image = t.set_column(1, "image", pa.array([b"\x00", b"\x01", b"\x02", b"\x04"]))
+    one_prompt = t.set_column(0, "prompt", pa.array(["p0", "p1", "p2", "p4"]))
+    # the prompt/image boundary counts: "p0" + b"1" is not "p" + b"01"
+    moved = pa.table({"prompt": ["p"], "image": [b"01"]})
+    joined = pa.table({"prompt": ["p0"], "image": [b"1"]})
+    hashes = [train_data.data_hash(x) for x in (t, one_image, one_prompt, table(5), moved, joined)]
+    assert len(set(hashes)) == len(hashes) and all(len(h) == 16 for h in hashes)
 
 
 @pytest.mark.slow
 def test_ray_data_feed_and_latent_cache(tmp_path):
+    import collections
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
     import ray
 
     from selma_ray.config import load_config
+    from selma_ray.experts.recipe import endless_batches
 
     loop = {**load_config("tiny", []).experts.model_dump(), "base": "tiny-sd", "seed": 0}
     rows = pa.table(
@@ -115,8 +127,8 @@ def test_ray_data_feed_and_latent_cache(tmp_path):
         assert plain["validation"].count() == 1
         cache = tmp_path / "latents"
         cached = train_data.training_datasets(train, val, {**loop, "random_flip": True}, cache, 0.5)
-        # materialized rows repeat (block references) to cover max_steps x batch_size rows
-        assert cached["train"].count() == loop["max_steps"] * loop["batch_size"]
+        # Not repeated here: Ray Train would split whole copies among its workers.
+        assert cached["train"].count() == 2
         batch = cached["train"].take_batch(2)
         assert batch["latent_mean"].shape == (2, 4, 16, 16) == batch["latent_mean_flip"].shape
         assert batch["hidden"].shape == (2, 77, 32) and "pixel_values" not in batch
@@ -125,5 +137,20 @@ def test_ray_data_feed_and_latent_cache(tmp_path):
         stamp = (cache / "train" / train_data.COMPLETE).stat().st_mtime_ns
         train_data.training_datasets(train, val, {**loop, "random_flip": True}, cache, 0.5)
         assert (cache / "train" / train_data.COMPLETE).stat().st_mtime_ns == stamp  # reused
+
+        # Each worker repeats its own split instead (training.endless_batches): two readers
+        # of a 2-way streaming split get disjoint rows, each cycled to cover the run.
+        rows = ray.data.from_items([{"prompt": f"p{i}"} for i in range(4)]).materialize()
+        assert train_data.repeated(rows, 10).count() == 12  # whole copies, to cover 10 rows
+
+        def read(split) -> collections.Counter:
+            batches = endless_batches(split, 1, rows_needed=6)
+            return collections.Counter(str(b["prompt"][0]) for b in itertools.islice(batches, 6))
+
+        with ThreadPoolExecutor(2) as pool:  # a streaming split is read by all at once
+            got = list(pool.map(read, rows.streaming_split(2, equal=True)))
+        assert [sorted(c.values()) for c in got] == [[3, 3], [3, 3]], got
+        assert not set(got[0]) & set(got[1])
+        assert set(got[0]) | set(got[1]) == {f"p{i}" for i in range(4)}
     finally:
         ray.shutdown()

@@ -175,9 +175,12 @@ def cached_latents(ds, cache_dir: Path, base: str, flip: bool, batch_size: int, 
 def training_datasets(
     train_table, val_table, loop: dict[str, Any], cache_dir: Path | None, num_cpus: float
 ) -> dict[str, Any]:
-    """Ray Datasets ``train`` (and ``validation`` when rows are held out) of model inputs."""
+    """Ray Datasets ``train`` (and ``validation`` when rows are held out) of model inputs.
+    Inputs that are the same every epoch (``fixed_inputs``) are materialized here, once; they
+    are not repeated to cover the run here, because Ray Train would then split whole copies
+    among its workers: each worker repeats its own split instead
+    (``training.endless_batches``)."""
     import ray
-    from ray.data.dataset import MaterializedDataset
 
     base, bs = loop["base"], loop["batch_size"]
     size = loop["resolution"] or native_resolution(base)
@@ -204,8 +207,6 @@ def training_datasets(
             ds = cached_latents(ds, cache_dir / name, base, flip, bs, num_cpus).materialize()
         elif aug["crop"] == "center" and not aug["flip"]:
             ds = ds.materialize()  # deterministic: preprocess once, not on every epoch
-        if name == "train" and isinstance(ds, MaterializedDataset):
-            ds = repeated(ds, table.num_rows, loop)
         # Workers iterate these inside the trials; their progress bars would only linger on
         # the driver's console (a stopped worker never closes them).
         ds.context.enable_progress_bars = False
@@ -216,9 +217,20 @@ def training_datasets(
 MAX_REPEATS = 1000
 
 
-def repeated(ds, rows: int, loop: dict[str, Any]):
-    """A materialized data set repeated (block references only) to cover the whole run, so
-    the workers iterate one long epoch instead of paying Ray Data's per-epoch start each pass."""
-    needed = loop["max_steps"] * loop["batch_size"] * loop["gradient_accumulation"]
-    times = min(MAX_REPEATS, -(-needed // rows))
+def fixed_inputs(loop: dict[str, Any]) -> bool:
+    """Whether the training inputs are the same every epoch (cached latents, or centre crops
+    without flips): ``training_datasets`` then materializes them, and a worker can repeat
+    its split instead of re-reading it every epoch."""
+    return bool(loop["cache_latents"]) or (loop["crop"] == "center" and not loop["random_flip"])
+
+
+def repeated(ds, rows_needed: int):
+    """A materialized data set repeated (block references only) to at least ``rows_needed``
+    rows (at most ``MAX_REPEATS`` times), so its reader iterates one long epoch instead of
+    paying Ray Data's per-epoch start each pass. Repeat one reader's rows, never a data set
+    Ray Train is about to split among workers (each would get whole copies: the same rows)."""
+    rows = ds.count()
+    if rows == 0:
+        return ds
+    times = min(MAX_REPEATS, max(1, -(-rows_needed // rows)))
     return ds.union(*[ds] * (times - 1)) if times > 1 else ds

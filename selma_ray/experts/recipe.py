@@ -5,11 +5,13 @@ Plain diffusion fine-tuning as in the paper: a peft LoRA on the UNet attention p
 (optionally one on the text encoder too), AdamW with an lr schedule, gradient accumulation,
 gradient clipping that really clips, the noise-prediction MSE loss following the scheduler's
 prediction type (epsilon or v), with the usual options of LoRA trainers: min-SNR gamma
-weighting, offset noise and gradient checkpointing. On GPU, fp16/bf16 autocast with the LoRA
-weights kept in fp32. SD 1.x/2.x and SDXL bases (two text encoders, pooled embeddings and
-time ids from each image's original size and crop). Inputs come from
-``ray.train.get_dataset_shard("train")`` as token ids and pixels, or as cached latents and
-text embeddings (``selma_ray.experts.data``).
+weighting, offset noise and gradient checkpointing. With several Ray Train workers, data
+parallel: each worker trains on its own split of the rows, and the LoRA gradients (UNet in
+DDP, text encoder averaged by hand) are averaged every step, so all ranks keep one adapter.
+On GPU, fp16/bf16 autocast with the LoRA weights kept in fp32. SD 1.x/2.x and SDXL bases (two
+text encoders, pooled embeddings and time ids from each image's original size and crop).
+Inputs come from ``ray.train.get_dataset_shard("train")`` as token ids and pixels, or as
+cached latents and text embeddings (``selma_ray.experts.data``).
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ class ExpertTrainer:
         )
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         self.model = self.unet  # replaced by the DDP wrapper when there are several workers
+        self.synced: list[torch.nn.Parameter] = []  # trained outside DDP, averaged by hand
         self.step = 0
         self.val: dict[str, Any] | None = None
 
@@ -198,6 +201,21 @@ class ExpertTrainer:
             return self.noise_scheduler.get_velocity(latents, noise, t)
         return noise
 
+    def noise(self, latents):
+        """(noise, timesteps) for a batch of latents: Gaussian noise, plus with
+        ``noise_offset`` a per-(image, channel) constant ``noise_offset * N(0, 1)`` (offset
+        noise), and uniform random training timesteps."""
+        import torch
+
+        noise = torch.randn_like(latents)
+        if self.config["noise_offset"]:
+            noise = noise + self.config["noise_offset"] * torch.randn(
+                latents.shape[0], latents.shape[1], 1, 1, device=self.device, dtype=latents.dtype
+            )
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (latents.shape[0],), device=self.device)
+        return noise, t
+
     def loss(self, batch: dict[str, Any]):
         """Training loss of one micro-batch (random timesteps and noise)."""
         import torch
@@ -207,13 +225,7 @@ class ExpertTrainer:
         size = latents.shape[-1] * self.pipe.vae_scale_factor
         with torch.set_grad_enabled(self.te_lora_config is not None):
             hidden, added = self.conditioning(batch, size)
-        noise = torch.randn_like(latents)
-        if self.config["noise_offset"]:
-            noise = noise + self.config["noise_offset"] * torch.randn(
-                latents.shape[0], latents.shape[1], 1, 1, device=self.device, dtype=latents.dtype
-            )
-        steps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (latents.shape[0],), device=self.device)
+        noise, t = self.noise(latents)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = self._target(latents, noise, t)
         use_amp = self.dtype != torch.float32
@@ -231,24 +243,81 @@ class ExpertTrainer:
         per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
         return (per_sample.mean(dim=(1, 2, 3)) * weight).mean()
 
-    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
-        """One optimizer step over ``micro_batches`` (gradient accumulation); returns the mean
-        loss and the gradient norm before clipping."""
-        import torch
+    def distribute(self) -> None:
+        """Data-parallel training in a Ray Train worker group: the UNet in DDP (its LoRA
+        gradients all-reduced during the last micro-batch's backward), and the text-encoder
+        LoRA, which the UNet's DDP does not cover, started from rank 0's weights with its
+        gradients averaged once per step in ``accumulate``."""
+        import ray.train.torch
+        import torch.distributed as dist
 
+        self.model = ray.train.torch.prepare_model(self.unet, move_to_device=False)
+        if self.te_lora_config is not None:
+            self.synced = [p for p in self.text_encoder.parameters() if p.requires_grad]
+            for p in self.synced:
+                dist.broadcast(p.data, src=0)
+
+    def _average_synced_grads(self) -> None:
+        """All-reduce (mean) the gradients of the parameters DDP does not cover."""
+        import torch
+        import torch.distributed as dist
+
+        if not self.synced:
+            return
+        for p in self.synced:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in self.synced])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p in self.synced:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def accumulate(self, micro_batches: list[dict[str, Any]]) -> float:
+        """Zero the gradients, then backpropagate the loss of ``micro_batches`` (gradient
+        accumulation): each micro-batch's mean loss weighted by its share of the rows, so the
+        gradient is that of one batch of all of them. Under DDP, gradients are all-reduced once,
+        after the last micro-batch (``no_sync`` before). Returns the mean loss per row."""
+        import contextlib
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not micro_batches:
+            raise ValueError("a training step needs at least one micro-batch")
+        rows = [len(next(iter(b.values()))) for b in micro_batches]
+        total_rows = sum(rows)
+        ddp = isinstance(self.model, DistributedDataParallel)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for batch in micro_batches:
-            loss = self.loss(batch) / len(micro_batches)
-            self.scaler.scale(loss).backward()
+        for i, (batch, n) in enumerate(zip(micro_batches, rows, strict=True)):
+            last = i == len(micro_batches) - 1
+            with self.model.no_sync() if ddp and not last else contextlib.nullcontext():
+                loss = self.loss(batch) * (n / total_rows)
+                self.scaler.scale(loss).backward()
             total += loss.item()
+        self._average_synced_grads()
+        return total
+
+    def apply_gradients(self) -> float:
+        """Unscale, clip and apply the accumulated gradients (optimizer and lr schedule step);
+        returns the gradient norm before clipping."""
+        import torch
+
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config["max_grad_norm"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
         self.step += 1
-        return {"loss": total, "grad_norm": float(grad_norm)}
+        return float(grad_norm)
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (gradient accumulation); returns the mean
+        loss and the gradient norm before clipping."""
+        loss = self.accumulate(micro_batches)
+        return {"loss": loss, "grad_norm": self.apply_gradients()}
 
     # ---- validation --------------------------------------------------------------------------
     def set_validation(self, batch: dict[str, Any]) -> None:
@@ -359,8 +428,20 @@ class ExpertTrainer:
         self.step = int(saved["step"])
 
 
-def endless_batches(shard, batch_size: int) -> Iterator[dict[str, Any]]:
-    """Batches of a Ray Data shard, epoch after epoch."""
+def endless_batches(
+    shard, batch_size: int, rows_needed: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Batches of a Ray Data shard (a ``Dataset``, or a worker's ``DataIterator``), epoch after
+    epoch. With ``rows_needed`` (inputs that are the same every epoch: materialized by
+    ``train_data.training_datasets``), the shard is materialized once (block references in
+    the object store) and repeated to cover that many rows, so the worker iterates one long
+    epoch instead of paying Ray Data's per-epoch start each pass. Repeating after the split
+    keeps every worker on its own rows; a data set repeated before Ray Train splits it hands
+    each worker whole copies, i.e. the same rows."""
+    from selma_ray.experts.data import repeated
+
+    if rows_needed is not None:
+        shard = repeated(shard.materialize(), rows_needed)
     while True:
         seen = 0
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
@@ -411,6 +492,7 @@ def train_expert(config: dict[str, Any]) -> None:
     import torch
 
     from selma_ray.core.logs import setup_logging
+    from selma_ray.experts.data import fixed_inputs
 
     setup_logging()
     ctx = ray.train.get_context()
@@ -427,7 +509,7 @@ def train_expert(config: dict[str, Any]) -> None:
         _record_attempt(Path(config["attempts_file"]), trainer.step)
     torch.manual_seed(config["seed"] * 1_000_003 + rank * 7919 + trainer.step)
     if ctx.get_world_size() > 1:
-        trainer.model = ray.train.torch.prepare_model(trainer.unet, move_to_device=False)
+        trainer.distribute()
     try:
         trainer.set_validation(_whole(ray.train.get_dataset_shard("validation")))
     except KeyError:
@@ -441,7 +523,12 @@ def train_expert(config: dict[str, Any]) -> None:
             config["log_dir"], purge_step=trainer.step + 1 if trainer.step else None
         )
 
-    batches = endless_batches(ray.train.get_dataset_shard("train"), config["batch_size"])
+    per_step = config["batch_size"] * config["gradient_accumulation"]
+    batches = endless_batches(
+        ray.train.get_dataset_shard("train"),
+        config["batch_size"],
+        (config["max_steps"] - trainer.step) * per_step if fixed_inputs(config) else None,
+    )
     losses: list[float] = []
     start, start_step = time.perf_counter(), trainer.step
     last, step_seconds = start, []  # wall time per step, data fetch and reports included
