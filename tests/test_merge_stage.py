@@ -23,19 +23,21 @@ from selma_ray.core.rundir import RunDir
 from selma_ray.diffusion.engine import find_adapters
 from selma_ray.merge import stage as merge_stage
 from selma_ray.merge.validate import validation_scores
-from selma_ray.models import TINY_SD, resolve
+from selma_ray.models import TINY_SD, TINY_SDXL, resolve
 from selma_ray.pipeline import lineage, run_stage
 
 SKILLS = ["counting", "everyday_scenes"]
 
 
-def make_run(root: Path, *overrides: str):
+def make_run(root: Path, *overrides: str, base: str = TINY_SD):
     cfg = load_config(
-        "tiny", [f"run.dir={root}", f"prompts.skills=[{', '.join(SKILLS)}]", *overrides]
+        "tiny",
+        [f"run.dir={root}", f"prompts.skills=[{', '.join(SKILLS)}]", f"models.base={base}"]
+        + list(overrides),
     )
     run = RunDir(root)
     (root / "config.yaml").write_text(cfg.to_yaml())
-    unet = UNet2DConditionModel.from_pretrained(resolve(TINY_SD), subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(resolve(base), subfolder="unet")
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     unet.add_adapter(config)
     shapes = {k: v.shape for k, v in get_peft_model_state_dict(unet).items()}
@@ -124,6 +126,29 @@ def test_real_validation_scores_on_tiny_sd_pick_the_lowest_and_are_deterministic
         TINY_SD, run.path("images", "data"), adapters, 3, cfg.merge.seed, "cpu"
     )
     assert again == scores
+
+
+@pytest.mark.parametrize("base", [TINY_SD, TINY_SDXL])
+def test_merge_validation_scores_with_the_experts_own_validation_objective(tmp_path, base):
+    """For the base model, merge validation's loss equals an expert trainer's validation loss
+    on the same images (a fresh LoRA adds nothing), SD and SDXL alike: one shared objective."""
+    from selma_ray.experts.data import preprocess_batch
+    from selma_ray.experts.recipe import ExpertTrainer
+
+    cfg, run = make_run(tmp_path / "run", "merge.methods=[paper, cat]", base=base)
+    adapters = {m: str(run.path("merges", m)) for m in ("paper", "cat")}
+    merge_stage.merge_run(merge_stage.merge_job(cfg, run, "fp-test"))
+    scores = validation_scores(base, run.path("images", "data"), adapters, 4, 7, "cpu")
+    assert all(math.isfinite(v) and v > 0 for v in scores.values())
+    assert len(set(scores.values())) == 3  # each merge changes the loss
+
+    table = pq.read_table(run.path("images", "data", "part-0.parquet"))
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(7)).tolist()
+    rows = {k: [table.column(k)[i].as_py() for i in order] for k in ("prompt", "image")}
+    loop = {**cfg.experts.model_dump(), "base": base, "seed": 7, "lora_init": "gaussian"}
+    trainer = ExpertTrainer(loop)
+    trainer.set_validation(preprocess_batch(rows, base, 32, "center", False))
+    assert trainer.validation_loss() == pytest.approx(scores["base"], rel=1e-5)
 
 
 def test_cuda_without_gpu_resources_is_refused_before_starting_an_actor(tmp_path):

@@ -120,7 +120,7 @@ class LatentEncoder:
     def __init__(self, base: str, flip: bool = False):
         from diffusers import DiffusionPipeline
 
-        from selma_ray.experts.recipe import TextConditioner
+        from selma_ray.diffusion.denoise import TextConditioner
         from selma_ray.models import resolve
 
         pipe = DiffusionPipeline.from_pretrained(resolve(base))

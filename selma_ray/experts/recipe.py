@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from selma_ray.core.lora_io import WEIGHT_NAME
+from selma_ray.diffusion.denoise import FixedNoise, TextConditioner, denoising_target
 
 log = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
-# Validation noise levels, as fractions of the scheduler's training timesteps.
-VAL_TIMESTEPS = (0.1, 0.3, 0.5, 0.7)
 
 
 def _weight_dtype(mixed_precision: str, device):
@@ -49,36 +48,6 @@ def _lr_scheduler(optimizer, kind: str, max_steps: int):
     if kind == "linear":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max_steps))
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
-
-
-class TextConditioner:
-    """Prompt token ids -> the UNet's text conditioning: the CLIP hidden states (SD 1.x/2.x),
-    or for SDXL both encoders' penultimate hidden states side by side plus the second
-    encoder's pooled embedding."""
-
-    def __init__(self, pipe):
-        self.encoders = [pipe.text_encoder]
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            self.encoders.append(pipe.text_encoder_2)
-
-    @property
-    def sdxl(self) -> bool:
-        return len(self.encoders) == 2
-
-    def encode(self, batch: dict[str, Any], device):
-        """(hidden states, pooled embedding or None)."""
-        import torch
-
-        ids = [torch.as_tensor(batch["input_ids"]).to(device)]
-        if not self.sdxl:
-            return self.encoders[0](ids[0])[0], None
-        ids.append(torch.as_tensor(batch["input_ids_2"]).to(device))
-        hidden, pooled = [], None
-        for encoder, tokens in zip(self.encoders, ids, strict=True):
-            out = encoder(tokens, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # the second (projection) encoder's text_embeds
-        return torch.cat(hidden, dim=-1), pooled
 
 
 class ExpertTrainer:
@@ -160,22 +129,12 @@ class ExpertTrainer:
     def conditioning(self, batch: dict[str, Any], size: int):
         """(text hidden states, SDXL ``added_cond_kwargs`` or None) of a batch whose images
         are ``size`` pixels square: from cached embeddings or through the text encoder(s)."""
-        import torch
-
         if "hidden" in batch:
             hidden = self._tensor(batch["hidden"], self.dtype)
             pooled = self._tensor(batch["pooled"], self.dtype) if "pooled" in batch else None
         else:
             hidden, pooled = self.text.encode(batch, self.device)
-        if not self.text.sdxl:
-            return hidden, None
-        n = hidden.shape[0]
-        orig = batch.get("original_size")
-        orig = torch.full((n, 2), size) if orig is None else torch.as_tensor(orig)
-        crop = batch.get("crop_top_left")
-        crop = torch.zeros((n, 2), dtype=torch.long) if crop is None else torch.as_tensor(crop)
-        time_ids = torch.cat([orig, crop, torch.full((n, 2), size)], dim=1)
-        return hidden, {"text_embeds": pooled, "time_ids": self._tensor(time_ids, hidden.dtype)}
+        return hidden, self.text.added_conditioning(batch, pooled, size, hidden.dtype)
 
     def latents(self, batch: dict[str, Any], sample: bool = True):
         """Scaled VAE latents of a batch: sampled for training, the mean for validation."""
@@ -197,9 +156,7 @@ class ExpertTrainer:
 
     # ---- loss --------------------------------------------------------------------------------
     def _target(self, latents, noise, t):
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, t)
-        return noise
+        return denoising_target(self.noise_scheduler, latents, noise, t)
 
     def noise(self, latents):
         """(noise, timesteps) for a batch of latents: Gaussian noise, plus with
@@ -322,19 +279,9 @@ class ExpertTrainer:
     # ---- validation --------------------------------------------------------------------------
     def set_validation(self, batch: dict[str, Any]) -> None:
         """Fix the validation inputs: VAE means, and seeded noise at fixed timesteps."""
-        import torch
-
-        gen = torch.Generator().manual_seed(self.config["seed"])
-        steps = self.noise_scheduler.config.num_train_timesteps
         latents = self.latents(batch, sample=False).detach()
-        n = latents.shape[0]
-        self.val = {"batch": batch, "n": n}
-        ts = torch.tensor([int(f * steps) for f in VAL_TIMESTEPS]).repeat_interleave(n)
-        lat = latents.repeat(len(VAL_TIMESTEPS), 1, 1, 1)
-        noise = torch.randn(lat.shape, generator=gen).to(self.device, lat.dtype)
-        t = ts.to(self.device)
-        self.val.update(noisy=self.noise_scheduler.add_noise(lat, noise, t), t=t)
-        self.val["target"] = self._target(lat, noise, t)
+        fixed = FixedNoise(self.noise_scheduler, latents, self.config["seed"], self.device)
+        self.val = {"batch": batch, "fixed": fixed}
 
     def validation_loss(self) -> float | None:
         """Denoising loss on the held-out images; comparable across checkpoints."""
@@ -342,22 +289,10 @@ class ExpertTrainer:
 
         if self.val is None:
             return None
-        v, n = self.val, self.val["n"]
-        size = v["noisy"].shape[-1] * self.pipe.vae_scale_factor
+        fixed = self.val["fixed"]
         with torch.no_grad():
-            hidden, added = self.conditioning(v["batch"], size)
-            total = 0.0
-            for i in range(0, len(v["t"]), n):  # one image batch per timestep
-                pred = self.unet(
-                    v["noisy"][i : i + n],
-                    v["t"][i : i + n],
-                    encoder_hidden_states=hidden,
-                    added_cond_kwargs=added,
-                ).sample
-                total += torch.nn.functional.mse_loss(
-                    pred.float(), v["target"][i : i + n].float()
-                ).item()
-        return total / len(VAL_TIMESTEPS)
+            hidden, added = self.conditioning(self.val["batch"], fixed.size(self.pipe))
+        return fixed.loss(self.unet, hidden, added)
 
     def render_samples(self, prompts: list[str], out: Path) -> None:
         """Render ``prompts`` with the current adapter (fixed seed) into one PNG strip."""
