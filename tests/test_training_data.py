@@ -61,7 +61,7 @@ def test_preprocess_batch_tokenizes_and_rejects_missing_columns():
     assert out["pixel_values"].shape == (2, 3, 32, 32)
     assert out["input_ids"].shape == (2, 77) and out["input_ids"].dtype == np.int64
     assert not np.array_equal(out["input_ids"][0], out["input_ids"][1])
-    with pytest.raises(ValueError, match="lack columns"):
+    with pytest.raises(ValueError, match="needs columns"):
         train_data.preprocess_batch({"prompt": batch["prompt"]}, "tiny-sd", 32, "center", False)
 
 

@@ -21,6 +21,7 @@ import json
 import logging
 from typing import Any
 
+from selma_ray.core.udf import require_columns
 from selma_ray.eval import LABELS  # the scorer registry
 from selma_ray.eval.dsg import Question, dsg_score
 
@@ -317,11 +318,7 @@ class ScoreBatch:
         import numpy as np
 
         needed = ["image", "prompt"] + (["questions"] if self.name == "dsg" else [])
-        missing = [c for c in needed if c not in batch]
-        if missing:
-            raise ValueError(
-                f"ScoreBatch({self.name}) needs columns {missing}; got {sorted(batch)}"
-            )
+        require_columns(f"ScoreBatch({self.name})", batch, needed)
         images = [decode_png(b) for b in batch["image"]]
         prompts = [str(p) for p in batch["prompt"]]
         questions = None

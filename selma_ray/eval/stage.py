@@ -35,6 +35,7 @@ from selma_ray.core.rundir import (
     replace_dir,
 )
 from selma_ray.core.seeds import stable_seed
+from selma_ray.core.udf import require_columns
 from selma_ray.eval import dsg
 from selma_ray.eval.inputs import STAGE, attach_questions, load_eval_prompts
 from selma_ray.eval.scorers import LABELS, model_ids, unavailable
@@ -115,9 +116,7 @@ class EvalRenderer:
 
         from selma_ray.diffusion.engine import parse_adapter_spec
 
-        missing = [c for c in ("variant", "prompt", "seed") if c not in batch]
-        if missing:
-            raise ValueError(f"EvalRenderer needs columns {missing}; got {sorted(batch)}")
+        require_columns("EvalRenderer", batch, ("variant", "prompt", "seed"))
         variants = [str(v) for v in batch["variant"]]
         images: list[bytes] = [b""] * len(variants)
         size = self.svc.native_size

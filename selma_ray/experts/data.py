@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from selma_ray.core.udf import require_columns
+
 # Pixel preparation lives with the other shared diffusion pieces; tests and benches use it here.
 from selma_ray.diffusion.common import pixel_array, prepare_images  # noqa: F401
 
@@ -72,9 +74,7 @@ def preprocess_batch(
     drawn afresh on every pass over the data."""
     import numpy as np
 
-    missing = {"prompt", "image"} - set(batch)
-    if missing:
-        raise ValueError(f"training rows lack columns {sorted(missing)}; expected prompt, image")
+    require_columns("the training feed (preprocess_batch)", batch, ("prompt", "image"))
     pixels, sizes, crops = prepare_images(batch["image"], size, crop, flip)
     out = {
         "prompt": np.asarray([str(p) for p in batch["prompt"]], dtype=object),

@@ -26,6 +26,7 @@ from selma_ray.core import layout
 from selma_ray.core.lineage import Lineage, digest, outputs
 from selma_ray.core.rundir import MANIFEST, RunDir, atomic_write_bytes, replace_dir
 from selma_ray.core.seeds import stable_seed
+from selma_ray.core.udf import require_columns
 from selma_ray.diffusion.common import png_bytes, torch_device_and_dtype
 from selma_ray.images import real_data as datasets
 from selma_ray.images import set_scheduler
@@ -92,9 +93,7 @@ class DiffusionRenderer:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        missing = [c for c in self.REQUIRED if c not in batch]
-        if missing:
-            raise ValueError(f"DiffusionRenderer needs columns {missing}; got {sorted(batch)}")
+        require_columns("DiffusionRenderer", batch, self.REQUIRED)
         prompts = [str(p) for p in batch["prompt"]]
         seeds = [int(s) for s in batch["seed"]]
         images = self.render(prompts, seeds)

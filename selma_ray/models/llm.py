@@ -21,14 +21,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from selma_ray.core.udf import require_columns
+
 log = logging.getLogger(__name__)
 REQUIRED = ("instruction", "seed")
-
-
-def _check_columns(name: str, batch: dict[str, Any]) -> None:
-    missing = [c for c in REQUIRED if c not in batch]
-    if missing:
-        raise ValueError(f"{name} needs columns {missing}; got {sorted(batch)}")
 
 
 def _with_outputs(batch: dict[str, Any], texts: list[str], errors: list[str]) -> dict[str, Any]:
@@ -56,7 +52,7 @@ class VLLMGenerator:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from vllm import SamplingParams
 
-        _check_columns("VLLMGenerator", batch)
+        require_columns("VLLMGenerator", batch, REQUIRED)
         texts = [
             self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": str(t)}], tokenize=False, add_generation_prompt=True
@@ -159,7 +155,7 @@ class OpenAIGenerator:
         return "", reason
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        _check_columns("OpenAIGenerator", batch)
+        require_columns("OpenAIGenerator", batch, REQUIRED)
         jobs = list(zip(batch["instruction"], batch["seed"], strict=True))
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             results = list(pool.map(lambda job: self.complete(str(job[0]), int(job[1])), jobs))
