@@ -1,0 +1,506 @@
+"""The config schema: one pydantic model per section, with checks that say what to fix.
+
+Allowed names (merge methods, samplers, scorers, skills) come from the registries that
+implement them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from selma_ray.core.skills import SKILLS
+from selma_ray.eval import LABELS as SCORER_LABELS
+from selma_ray.images import SCHEDULER_NAMES
+from selma_ray.merge import Method
+
+PAPER_SKILLS = list(SKILLS)  # the paper's five, in its order
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says what to fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # (low, high) settings where low must be at most high, checked for every section.
+    ORDERED: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        for low, high in self.ORDERED:
+            lo, hi = getattr(self, low), getattr(self, high)
+            if lo > hi:
+                raise ValueError(f"{low} ({lo}) must be <= {high} ({hi})")
+        return self
+
+
+class RunSection(_Section):
+    name: str = "tiny"
+    dir: str = Field("runs/tiny", description="Run directory: a local path (cloud URIs later).")
+    seed: int = Field(0, ge=0)
+
+
+class ModelsSection(_Section):
+    llm: str = Field("smollm2-135m-instruct", description="Instruct LLM writing skill prompts.")
+    generator: str = Field("tiny-sd", description="Diffusion model rendering training images.")
+    base: str = Field("tiny-sd", description="Diffusion model that gets the experts and is served.")
+
+
+SKILL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+RESERVED_NAMES = {"base", "merged"}
+
+
+class SkillSpec(_Section):
+    """A user-defined skill, given inline in the config or in a YAML file."""
+
+    name: str = Field(pattern=SKILL_NAME)
+    description: str = Field(min_length=1)
+    seeds: list[str] = Field(min_length=3, description="At least 3 example descriptions.")
+    max_words: int = Field(30, ge=3)
+    extra_rule: str = ""
+
+
+class OpenAIBackend(_Section):
+    base_url: str = Field("http://127.0.0.1:8001/v1", description="OpenAI-compatible API root.")
+    model: str | None = Field(None, description="Model name at the endpoint; null = models.llm.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Env var holding the key (not the key).")
+    max_retries: int = Field(5, ge=0)
+    backoff_seconds: float = Field(1.0, ge=0.0)
+    timeout_seconds: float = Field(60.0, gt=0.0)
+    concurrency: int = Field(8, ge=1, description="Requests in flight per actor.")
+
+
+class PromptsSection(_Section):
+    skills: list[str] = Field(default_factory=lambda: list(PAPER_SKILLS), min_length=1)
+    custom_skills: list[SkillSpec] = Field(default_factory=list)
+    skill_files: list[str] = Field(default_factory=list, description="YAML files of skills.")
+    per_skill: int = Field(1000, ge=1, description="Target number of new prompts per skill.")
+    in_context_examples: int = Field(3, ge=1)
+    new_per_request: int = Field(5, ge=1, description="Descriptions asked of the LLM per request.")
+    requests_per_round: int = Field(64, ge=1, description="Most requests per skill per round.")
+    max_rounds: int = Field(50, ge=1)
+    rouge_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    semantic_threshold: float | None = Field(
+        None, gt=0.0, le=1.0, description="Cosine cut-off for semantic dedup; null = off."
+    )
+    backend: Literal["vllm", "openai"] = "vllm"
+    openai: OpenAIBackend = Field(default_factory=OpenAIBackend)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=8)
+    batch_size: int = Field(64, ge=1)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int = Field(2048, ge=256)
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=0.95, description="vLLM memory share; on CPU, the KV-cache share of RAM."
+    )
+
+    @field_validator("skills")
+    @classmethod
+    def _unique_skills(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"skills must be unique, got {v}")
+        bad = [
+            n
+            for n in v
+            if not re.match(SKILL_NAME, n) or n in RESERVED_NAMES or n.startswith("merged-")
+        ]
+        if bad:
+            raise ValueError(
+                f"invalid skill names {bad}: use letters, digits, '_' or '-', and neither "
+                f"{sorted(RESERVED_NAMES)} nor a 'merged-' prefix (those name served adapters)"
+            )
+        return v
+
+    def all_custom_skills(self) -> list[SkillSpec]:
+        """Inline custom skills plus those read from ``skill_files``."""
+        specs = list(self.custom_skills)
+        for file in self.skill_files:
+            specs.extend(read_skill_file(file))
+        return specs
+
+    @model_validator(mode="after")
+    def _skills_exist(self) -> PromptsSection:
+        from selma_ray.core.skills import SKILLS
+
+        custom = {s.name for s in self.all_custom_skills()}
+        unknown = [n for n in self.skills if n not in SKILLS and n not in custom]
+        if unknown:
+            raise ValueError(
+                f"unknown skills {unknown}; built-in: {sorted(SKILLS)}; custom: {sorted(custom)} "
+                "(add custom ones under prompts.custom_skills or prompts.skill_files)"
+            )
+        return self
+
+
+def _load_yaml(path: Path, error: type[Exception]) -> Any:
+    """A YAML file's data (empty -> {}); a syntax error becomes ``error`` naming the file."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from e
+
+
+def read_skill_file(path: str) -> list[SkillSpec]:
+    """Skills from a YAML file: ``skills: [{name, description, seeds, ...}, ...]``."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"skill file {path!r} does not exist")
+    data = _load_yaml(file, ValueError)
+    items = data.get("skills") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise ValueError(f"skill file {path!r} must hold a list under the key 'skills'")
+    try:
+        return [SkillSpec.model_validate(item) for item in items]
+    except ValidationError as e:
+        raise ValueError(f"skill file {path!r}: {_format_errors(e, SkillSpec)}") from None
+
+
+# One registry each, in the code that implements them.
+SchedulerName = Literal[SCHEDULER_NAMES]
+ScorerName = Literal[tuple(SCORER_LABELS)]
+
+
+class ImagesSection(_Section):
+    steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    resolution: int | None = Field(None, description="Square size in pixels; null = native.")
+    images_per_prompt: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    scheduler: SchedulerName = Field(
+        "default",
+        description="Sampler for rendering: default = the model's own, or one of the diffusers "
+        "schedulers named in selma_ray.images (built from the model's config).",
+    )
+    real_data: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="skill -> image folders, Parquet or WebDataset tars used instead of "
+        "rendering that skill (see selma_ray.images.real_data).",
+    )
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and (v < 8 or v % 8):
+            raise ValueError(f"resolution must be a positive multiple of 8, got {v}")
+        return v
+
+    @field_validator("real_data")
+    @classmethod
+    def _real_data_valid(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        bad = [k for k in v if not re.match(SKILL_NAME, k)]
+        if bad:
+            raise ValueError(f"real_data keys must be skill names, got {bad}")
+        empty = [k for k, sources in v.items() if not sources]
+        if empty:
+            raise ValueError(f"real_data skills {empty} list no sources; give paths or drop them")
+        return v
+
+
+class ExpertsSection(_Section):
+    rank: int = Field(128, ge=1)
+    alpha: float = Field(128.0, gt=0.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1
+    )
+    learning_rate: float = Field(3e-4, gt=0.0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    batch_size: int = Field(64, ge=1)
+    max_steps: int = Field(5000, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    resolution: int | None = Field(None, description="Training resolution; null = native.")
+    checkpoint_every: int = Field(500, ge=1)
+    lora_init: Literal["gaussian", "default"] = Field(
+        "gaussian", description="peft init_lora_weights: gaussian A, or default (Kaiming A); B = 0."
+    )
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = False
+    snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting (e.g. 5).")
+    noise_offset: float = Field(0.0, ge=0.0, description="Offset noise strength (e.g. 0.05).")
+    train_text_encoder: bool = Field(False, description="Also train (and export) a CLIP LoRA.")
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
+    )
+    crop: Literal["center", "random"] = Field("center", description="After the shorter-side fit.")
+    random_flip: bool = False
+    cache_latents: bool = Field(
+        False, description="Encode images (VAE) and prompts (text encoder) once, in the run dir."
+    )
+    validation_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of each skill's images held out for selection."
+    )
+    validation_count: int | None = Field(
+        None, ge=0, description="Held-out images per skill; overrides validation_fraction."
+    )
+    select: Literal["best", "last"] = Field(
+        "best", description="Exported checkpoint: lowest validation loss, or the last one."
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Checkpoints kept per expert (best ones with select=best, plus last)."
+    )
+    sample_images: int = Field(
+        0, ge=0, description="Validation prompts rendered at every checkpoint (0 = none)."
+    )
+    max_failures: int = Field(2, ge=0, description="Worker failures retried from a checkpoint.")
+
+    @model_validator(mode="after")
+    def _cache_compatible(self) -> ExpertsSection:
+        if self.cache_latents and self.crop == "random":
+            raise ValueError(
+                "experts.cache_latents encodes each image once, so it cannot be combined with "
+                "crop=random; use crop=center or cache_latents=false"
+            )
+        if self.cache_latents and self.train_text_encoder:
+            raise ValueError(
+                "experts.cache_latents caches text embeddings, which a trained text encoder "
+                "changes; set train_text_encoder=false or cache_latents=false"
+            )
+        count = self.validation_count
+        held_out = count > 0 if count is not None else self.validation_fraction > 0
+        if self.select == "best" and not held_out:
+            raise ValueError(
+                "experts.select=best needs a validation split; set validation_fraction > 0 "
+                "(or validation_count > 0), or select=last"
+            )
+        return self
+
+
+class MergeSection(_Section):
+    """How the experts are merged (rules in ``selma_ray.merge.methods``)."""
+
+    methods: list[Method] = Field(
+        default_factory=lambda: ["paper"],
+        min_length=1,
+        description="Merges to write to merges/<method>/; paper = mean of A's and of B's.",
+    )
+    default: Method = Field(
+        "paper", description="The method served as 'merged' when select=default."
+    )
+    select: Literal["default", "validation"] = Field(
+        "default",
+        description="validation: 'merged' is the method with the lowest denoising loss on a "
+        "fixed sample of the run's images.",
+    )
+    weights: dict[str, float] | None = Field(
+        None, description="Per-skill weights; null = each method's default (1/N for paper)."
+    )
+    density: float = Field(0.5, gt=0.0, le=1.0, description="ties/dare: fraction of entries kept.")
+    svd_rank: int | None = Field(None, ge=1, description="svd output rank; null = largest input.")
+    seed: int = Field(0, ge=0, description="Seeds the DARE drop masks and the validation noise.")
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Stored dtype of merged adapters; maths always in float32 or more."
+    )
+    val_samples: int = Field(8, ge=1, description="Images scored per method (select=validation).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_method(cls, data: Any) -> Any:
+        # Runs written before ``methods`` existed have ``method: paper``; read them unchanged.
+        if isinstance(data, dict) and "method" in data and "methods" not in data:
+            data = dict(data)
+            method = data.pop("method")
+            data.update(methods=[method], default=method)
+        return data
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and (
+            not all(w >= 0 for w in v.values()) or sum(v.values()) <= 0  # also rejects NaN
+        ):
+            raise ValueError(f"weights must be >= 0 and not all zero, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _default_is_a_method(self) -> MergeSection:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be unique, got {self.methods}")
+        if self.default not in self.methods:
+            raise ValueError(
+                f"default ({self.default!r}) must be one of methods {self.methods}; "
+                f"add it to merge.methods or pick another default"
+            )
+        return self
+
+
+class ServeSection(_Section):
+    deploy: bool = Field(True, description="Deploy Serve at the end of the pipeline job.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "selma"
+    default_steps: int = Field(30, ge=1)
+    max_steps: int = Field(100, ge=1)
+    max_prompt_chars: int = Field(1000, ge=1)
+    min_size: int = Field(8, ge=8, description="Smallest image side a request may ask for.")
+    max_size: int = Field(1024, ge=8, description="Largest image side a request may ask for.")
+    max_n: int = Field(4, ge=1, description="Most images one request may ask for.")
+    max_batch_size: int = Field(8, ge=1, description="Requests micro-batched per replica.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, description="Wait to fill a batch.")
+    api_key_env: str = Field(
+        "SELMA_API_KEY", description="If this env var is set on the replicas, requests need it."
+    )
+
+    ORDERED = (("default_steps", "max_steps"), ("min_size", "max_size"))
+
+
+class EvalSection(_Section):
+    """The eval stage: held-out prompts rendered by every variant, then scored."""
+
+    enabled: bool = Field(True, description="Run the eval stage in the pipeline job.")
+    prompts_file: str = Field(
+        "builtin:tiny_eval.csv",
+        description="Held-out prompts: .txt (one a line), .csv (prompt/text, optional "
+        "category/source/skill, id/item_id) or TIFA .json; builtin:NAME = selma_ray/eval/benchmarks; "
+        "generated = new prompts per skill from the LLM, filtered against the training prompts.",
+    )
+    generated_per_skill: int = Field(2, ge=1, description="Prompts per skill when generated.")
+    questions: Literal["llm", "file", "none"] = Field(
+        "llm", description="DSG questions: written by the LLM, read from questions_file, or none."
+    )
+    questions_file: str | None = Field(
+        None, description="DSG-1K question CSV or TIFA JSON (questions=file); null = prompts_file."
+    )
+    max_prompts: int | None = Field(None, ge=1, description="Use the first N prompts; null = all.")
+    max_questions: int = Field(12, ge=1, description="Most LLM-written questions per prompt.")
+    on_overlap: Literal["drop", "error"] = Field(
+        "drop", description="Eval prompts also in the training prompts: drop them, or fail."
+    )
+    variants: list[str] | None = Field(None, description="Adapters to evaluate; null = all.")
+    seeds_per_prompt: int = Field(
+        1, ge=1, description="Images per prompt (same seeds per variant)."
+    )
+    steps: int | None = Field(None, ge=1, description="Sampling steps; null = images.steps.")
+    guidance_scale: float | None = Field(None, ge=0.0, description="null = images.guidance_scale.")
+    batch_size: int = Field(8, ge=1)
+    scorers: list[ScorerName] = Field(default_factory=lambda: ["clip", "pick", "dsg"])
+    clip_model: str = "openai/clip-vit-large-patch14"
+    pick_model: str = "yuvalkirstain/PickScore_v1"
+    pick_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    vqa_model: str = Field(
+        "Salesforce/blip-vqa-base",
+        description="A BLIP VQA model, or any transformers image-text-to-text VLM, by id or path.",
+    )
+    question_llm: str | None = Field(None, description="LLM writing questions; null = models.llm.")
+    image_reward_model: str = "ImageReward-v1.0"
+    hps_version: str = "v2.1"
+    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the 95% CIs.")
+    grid_prompts: int = Field(8, ge=0, description="Prompts shown as image grids in the report.")
+
+    @field_validator("scorers")
+    @classmethod
+    def _unique_scorers(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"scorers must be unique, got {v}")
+        return v
+
+
+class TaskResources(_Section):
+    num_gpus: float = Field(0.0, ge=0.0)
+    num_cpus: float = Field(1.0, gt=0.0)
+
+
+class ActorPool(TaskResources):
+    min_size: int = Field(1, ge=1)
+    max_size: int = Field(1, ge=1)
+
+    ORDERED = (("min_size", "max_size"),)
+
+
+class ExpertResources(_Section):
+    workers_per_expert: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    max_concurrent: int = Field(5, ge=1, description="Experts training at once; the rest queue.")
+
+
+class ServeResources(TaskResources):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(8, ge=1)
+
+    ORDERED = (("min_replicas", "max_replicas"),)
+
+
+class ResourcesSection(_Section):
+    prompts: ActorPool = Field(default_factory=ActorPool)
+    images: ActorPool = Field(default_factory=ActorPool)
+    experts: ExpertResources = Field(default_factory=ExpertResources)
+    merge: TaskResources = Field(default_factory=TaskResources)
+    serve: ServeResources = Field(default_factory=ServeResources)
+    eval: ActorPool = Field(default_factory=ActorPool)
+
+
+class SelmaConfig(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    prompts: PromptsSection = Field(default_factory=PromptsSection)
+    images: ImagesSection = Field(default_factory=ImagesSection)
+    experts: ExpertsSection = Field(default_factory=ExpertsSection)
+    merge: MergeSection = Field(default_factory=MergeSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+
+    @model_validator(mode="after")
+    def _merge_weights_name_skills(self) -> SelmaConfig:
+        weights = self.merge.weights
+        if weights is not None and set(weights) != set(self.prompts.skills):
+            raise ValueError(
+                f"merge.weights must give one weight per skill in prompts.skills "
+                f"{self.prompts.skills}; got {sorted(weights)}"
+            )
+        return self
+
+    def fingerprint(self, *sections: str, extra: Any = None) -> str:
+        """A stable hash of the named sections (and ``extra``), for stage manifests."""
+        data = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        data["__extra__"] = extra
+        blob = json.dumps(data, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _allowed_keys(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
+    model = root
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError, root: type[BaseModel] | None = None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(e["loc"], root or SelmaConfig))
+            lines.append(f"{loc}: unknown key; allowed here: {allowed}")
+        else:
+            got = e.get("input")
+            shown = (
+                "" if isinstance(got, dict | list) and len(repr(got)) > 80 else f" (got {got!r})"
+            )
+            lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
