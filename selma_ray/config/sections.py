@@ -367,7 +367,8 @@ class EvalSection(_Section):
     prompts_file: str = Field(
         "builtin:tiny_eval.csv",
         description="Held-out prompts: .txt (one a line), .csv (prompt/text, optional "
-        "category/source/skill, id/item_id) or TIFA .json; builtin:NAME = selma_ray/eval/benchmarks; "
+        "category/source/skill, id/item_id) or TIFA .json; "
+        "builtin:NAME = a file in selma_ray/eval/benchmarks; "
         "generated = new prompts per skill from the LLM, filtered against the training prompts.",
     )
     generated_per_skill: int = Field(2, ge=1, description="Prompts per skill when generated.")
