@@ -1,10 +1,20 @@
-"""Eval stage design choices, measured side by side on the tiny models (CPU, one run):
+"""Benchmark EVAL: eval stage design choices, side by side on the tiny models (CPU, one run):
 
 - rendering every variant from one resident ``DiffusionService`` (all adapters loaded once,
   ``set_adapters`` per variant, what the eval renderer actor does) vs a fresh pipeline plus
   ``load_lora_weights`` per variant;
 - DSG answering with every (image, question, choice) of a batch in one VQA forward pass
   (``BlipVQA.choice_logprobs``) vs one call per question.
+
+Both arms run in this process on one torch thread, as an eval actor with ``num_cpus: 1``
+does. Both arms of each comparison do the same work (the same variants, prompts, seeds and steps;
+the same image-question pairs), in ABBA order after an untimed warm-up of both arms. The
+resident arm includes building its ``DiffusionService`` (pipeline and every adapter loaded
+once); the per-variant arm builds a pipeline and loads one adapter per variant.
+
+Goals (chosen here, none was set): resident rendering <= 1.0x the time of a pipeline per
+variant (keeping every adapter loaded must never cost more than reloading); batched DSG
+answering <= 1.0x the time of one question per call.
 
     python bench/eval_bench.py [--prompts 8] [--questions 6] [--steps 10]
 """
@@ -14,16 +24,19 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from _common import Comparison, abba, by_order, finish, header, progress, ratio_line
 
-def timed(fn) -> float:
+
+def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def bench_render(prompts: list[str], steps: int) -> tuple[float, float, int]:
+def bench_render(prompts: list[str], steps: int) -> tuple[Comparison, int]:
     import torch
     from diffusers import AutoPipelineForText2Image
 
@@ -58,11 +71,14 @@ def bench_render(prompts: list[str], steps: int) -> tuple[float, float, int]:
                 output_type="np",
             )
 
-    resident()  # warm caches (model files, imports) before timing either side
-    return timed(resident), timed(per_variant), len(variants)
+    result = abba(
+        {"resident": lambda: timed(resident), "per-variant": lambda: timed(per_variant)},
+        log=progress,
+    )
+    return result, len(variants)
 
 
-def bench_vqa(n_images: int, n_questions: int) -> tuple[float, float]:
+def bench_vqa(n_images: int, n_questions: int) -> Comparison:
     import numpy as np
     from PIL import Image
 
@@ -84,8 +100,10 @@ def bench_vqa(n_images: int, n_questions: int) -> tuple[float, float]:
         for img, q in pairs:
             vqa.choice_logprobs([img], [q], [("yes", "no")])
 
-    batched()
-    return timed(batched), timed(one_by_one)
+    return abba(
+        {"batched": lambda: timed(batched), "one by one": lambda: timed(one_by_one)},
+        log=progress,
+    )
 
 
 def main() -> None:
@@ -94,17 +112,53 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=6)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
-    prompts = [f"a photo of {i} red apples on a table" for i in range(args.prompts)]
-    resident, reload, n = bench_render(prompts, args.steps)
-    batched, single = bench_vqa(args.prompts, args.questions)
-    print(f"\ntiny-sd 32px, {args.steps} steps, {n} variants x {args.prompts} prompts, CPU")
-    print(
-        f"  render, one resident service: {resident:6.2f} s; pipeline per variant: {reload:6.2f} s"
+    import torch
+
+    # One torch thread, as the eval stage's actors get (resources.eval.num_cpus: 1 in the tiny
+    # preset); two threads on a shared 2-core machine make timings erratic.
+    torch.set_num_threads(1)
+    header(
+        "EVAL",
+        "eval stage: resident DiffusionService vs pipeline per variant; batched vs single VQA",
+        {
+            "prompts": args.prompts,
+            "questions": args.questions,
+            "steps": args.steps,
+            "resolution": 32,
+            "dtype": "float32",
+        },
+        torch.get_num_threads(),
+        ("torch", "diffusers", "peft", "transformers"),
     )
-    print(f"  resident vs per-variant pipeline: {resident / reload:.2f}x the time")
-    print(f"tiny-vqa, {args.prompts} images x {args.questions} yes/no questions")
-    print(f"  DSG answers batched: {batched:6.3f} s; one question per call: {single:6.3f} s")
-    print(f"  batched vs one by one: {batched / single:.2f}x the time")
+    prompts = [f"a photo of {i} red apples on a table" for i in range(args.prompts)]
+    render, n = bench_render(prompts, args.steps)
+    vqa = bench_vqa(args.prompts, args.questions)
+    print(
+        f"render, both arms: tiny-sd 32px, {args.steps} steps, {n} variants x {args.prompts} "
+        f"prompts = {n * args.prompts} images (seconds per arm run)"
+    )
+    print("\n".join(render.lines(".2f")))
+    render_ratio = render.ratio(lambda m: m["resident"] / m["per-variant"])
+    print(f"  resident vs per-variant pipeline, the time: {by_order(render_ratio)}")
+    print(
+        f"DSG answering, both arms: tiny-vqa, {args.prompts} images x {args.questions} yes/no "
+        f"questions = {args.prompts * args.questions} answers (seconds per arm run)"
+    )
+    print("\n".join(vqa.lines(".3f")))
+    vqa_ratio = vqa.ratio(lambda m: m["batched"] / m["one by one"])
+    print(f"  batched vs one by one, the time: {by_order(vqa_ratio)}")
+    finish(
+        [
+            ratio_line("EVAL", "DSG answers batched vs one per call (time)", vqa_ratio[2], "<=", 1),
+            ratio_line(
+                "EVAL",
+                "render from one resident service vs a pipeline per variant (time)",
+                render_ratio[2],
+                "<=",
+                1,
+            ),
+        ]
+    )
 
 
 if __name__ == "__main__":

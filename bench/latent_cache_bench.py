@@ -1,14 +1,24 @@
-"""Benchmark: training-input preparation time per epoch, with ``experts.cache_latents`` on vs off.
+"""Benchmark LATENT: training-input preparation time, ``experts.cache_latents`` on vs off.
 
 Input preparation is everything a training step needs before the UNet: Ray Data
 preprocessing (decode, shorter-side resize + crop of non-native 48x80 PNGs, flip, tokenize),
-then the VAE encoder and the text encoder. With the cache, an epoch only reads the cached
+then the VAE encoder and the text encoder. With the cache, a step only reads the cached
 latent mean/std (both orientations) and text embeddings and samples the latents; the one-time
-cache build is printed separately. Arms, in one run on a local Ray cluster, the encoders on
-one torch thread in this process:
+cache build is timed and printed separately.
+
+Every arm is built by ``train_data.training_datasets`` and consumed the way ``train_expert``
+feeds a worker (``training.endless_batches``; inputs that are the same every epoch are
+repeated to cover the run, the streaming arm makes one Ray Data pass per epoch) for exactly
+``--epochs`` x ``--images`` / batch size steps, so each arm prepares the same rows in the
+same steps. Rows are counted
+and printed. Arms, on a local Ray cluster, the encoders on one torch thread in this process,
+in ABC-CBA order after a one-epoch warm-up of each:
 - off, random flips (the pipeline re-runs every epoch),
-- off, no flips (preprocessing materialized once; encoders still run every epoch),
+- off, no flips (preprocessing materialized once; encoders still run every step),
 - on (cache with flips).
+
+Goal (chosen here, none was set): cache on vs off (random flips, the same augmentation)
+>= 1.0x, i.e. the cache must never make the per-step input preparation slower.
 
     python bench/latent_cache_bench.py [--images 128] [--epochs 3]
 """
@@ -16,65 +26,142 @@ one torch thread in this process:
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from _common import abba, by_order, finish, header, progress, ratio_line
 from training_bench import loop_config, synthetic_table
 
+SIZE = (48, 80)
+BATCH = 16
 
-def epoch_seconds(trainer, ds, batch_size: int, epochs: int) -> float:
+
+def consume(trainer: Any, ds: Any, loop: dict[str, Any], batches: int) -> tuple[float, int]:
+    """Seconds and rows for ``batches`` batches of ``ds``, fed the way ``train_expert`` feeds a
+    worker (``endless_batches``, repeating inputs that are the same every epoch), each turned
+    into latents and text conditioning (no UNet)."""
     import torch
 
+    from selma_ray.experts.data import fixed_inputs
+    from selma_ray.experts.recipe import endless_batches
+
+    bs = loop["batch_size"]
+    rows = 0
     start = time.perf_counter()
-    for _ in range(epochs):
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            with torch.no_grad():
-                trainer.conditioning(batch, trainer.latents(batch).shape[-1] * 2)
-    return (time.perf_counter() - start) / epochs
+    feed = endless_batches(ds, bs, batches * bs if fixed_inputs(loop) else None)
+    for batch in itertools.islice(feed, batches):
+        with torch.no_grad():
+            trainer.conditioning(batch, trainer.latents(batch).shape[-1] * 2)
+        rows += len(batch["prompt"])
+    return time.perf_counter() - start, rows
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=128, help="rows per epoch")
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    if args.images % BATCH:
+        parser.error(f"--images must be a multiple of the batch size {BATCH}")
+    steps = args.epochs * args.images // BATCH
+    header(
+        "LATENT",
+        "training-input preparation, experts.cache_latents on vs off (tiny-sd, Ray Data)",
+        {
+            "images": f"{args.images} ({SIZE[0]}x{SIZE[1]} PNG -> 32 px)",
+            "epochs": args.epochs,
+            "batch": BATCH,
+            "steps per arm": steps,
+            "dtype": "float32",
+        },
+        "1 (encoders in the driver), Ray preprocessing tasks num_cpus=1",
+        ("torch", "ray", "diffusers", "transformers"),
+    )
     import ray
     import torch
 
     from selma_ray.experts import data as train_data
     from selma_ray.experts.recipe import ExpertTrainer
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=3)
-    args = parser.parse_args()
     torch.set_num_threads(1)
-    loop = {**loop_config(10, 10), "batch_size": 16}
-    table = synthetic_table(["bench"], args.images, size=(48, 80)).select(["prompt", "image"])
+    loop = {
+        **loop_config(steps, steps),
+        "batch_size": BATCH,
+        "gradient_accumulation": 1,
+        "random_flip": False,
+    }
+    flip = {**loop, "random_flip": True}
+    cached = {**flip, "cache_latents": True}
+    table = synthetic_table(["bench"], args.images, size=SIZE).select(["prompt", "image"])
     empty = table.slice(0, 0)
     trainer = ExpertTrainer(loop)
-    bs = loop["batch_size"]
+    rows: dict[str, list[int]] = {}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        flip = {**loop, "random_flip": True}
-        off_flip = train_data.training_datasets(table, empty, flip, None, 1.0)["train"]
-        off_fixed = train_data.training_datasets(table, empty, loop, None, 1.0)["train"]
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            on = train_data.training_datasets(table, empty, flip, Path(tmp), 1.0)["train"]
-            build = time.perf_counter() - start
-            times = {
-                "off, random flips": epoch_seconds(trainer, off_flip, bs, args.epochs),
-                "off, no flips": epoch_seconds(trainer, off_fixed, bs, args.epochs),
-                "on": epoch_seconds(trainer, on, bs, args.epochs),
+            datasets = {
+                "off, random flips": (
+                    flip,
+                    train_data.training_datasets(table, empty, flip, None, 1.0),
+                ),
+                "off, no flips": (
+                    loop,
+                    train_data.training_datasets(table, empty, loop, None, 1.0),
+                ),
             }
+            start = time.perf_counter()
+            on = train_data.training_datasets(table, empty, cached, Path(tmp), 1.0)
+            build = time.perf_counter() - start
+            datasets["on"] = (cached, on)
+
+            def arm(name: str) -> float:
+                cfg, ds = datasets[name]
+                seconds, n = consume(trainer, ds["train"], cfg, steps)
+                rows.setdefault(name, []).append(n)
+                return seconds
+
+            one_epoch = args.images // BATCH
+            result = abba(
+                {name: (lambda name=name: arm(name)) for name in datasets},
+                warmup={
+                    name: (lambda cfg=cfg, ds=ds: consume(trainer, ds["train"], cfg, one_epoch))
+                    for name, (cfg, ds) in datasets.items()
+                },
+                log=progress,
+            )
     finally:
         ray.shutdown()
-    print(f"{args.images} images (48x80 PNG -> 32 px), batch {bs}, mean of {args.epochs} epochs")
-    for name, seconds in times.items():
-        print(f"  cache_latents {name}: {seconds:.2f} s/epoch")
-    print(f"  one-time cache build (with flips): {build:.2f} s")
-    on_s = times["on"]
+    expected = steps * BATCH
+    for name, counts in rows.items():
+        if counts != [expected, expected]:
+            raise RuntimeError(f"{name}: prepared {counts} rows per run, expected {expected}")
     print(
-        f"latent cache on vs off: {times['off, random flips'] / on_s:.2f}x faster per epoch "
-        f"(random flips), {times['off, no flips'] / on_s:.2f}x (no flips)"
+        f"every arm, every run: {steps} steps x batch {BATCH} = {expected} rows "
+        f"({args.epochs} epochs of {args.images} images); seconds per arm run (whole run):"
+    )
+    print("\n".join(result.lines(".2f")))
+    for name in result.order:
+        print(
+            f"  cache_latents {name}: {result.mean(name) / args.epochs:.2f} s/epoch, "
+            f"rows per run {rows[name]}"
+        )
+    print(f"  one-time cache build (with flips, {args.images} rows): {build:.2f} s")
+    flips = result.ratio(lambda m: m["off, random flips"] / m["on"])
+    fixed = result.ratio(lambda m: m["off, no flips"] / m["on"])
+    print(f"  on vs off (random flips) by order: {by_order(flips)}")
+    print(f"  on vs off (no flips) by order: {by_order(fixed)}")
+    finish(
+        [
+            ratio_line(
+                "LATENT", "cache on vs off, no flips (input-prep speed-up)", fixed[2], ">=", 1
+            ),
+            ratio_line(
+                "LATENT", "cache on vs off, random flips (input-prep speed-up)", flips[2], ">=", 1
+            ),
+        ]
     )
 
 

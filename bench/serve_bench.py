@@ -2,24 +2,34 @@
 
 For each adapter rank (``--ranks``; tiny adapters load in milliseconds, so a large rank shows
 the realistic regime for the reload baseline), with a synthetic run of 5 random experts and
-their merge, the same requests and seeds for every variant, in one run:
+their merge, in one run. Every arm of a comparison serves the same requests (prompt, seeds,
+steps, size); ``--requests`` per arm, split over the two passes of an ABBA order (arms in
+order, then reversed) after an untimed warm-up of every arm.
 
-engine (``DiffusionService``, what each Serve replica runs, no HTTP):
-- p50 latency when every request switches adapter vs one fixed adapter;
-- switching (all adapters loaded once, ``set_adapters``) vs a reload-per-request baseline
-  (``load_lora_weights`` + ``set_adapters`` + ``delete_adapters`` per request);
-- throughput of 8 requests as one batched forward pass vs one by one.
+engine (``DiffusionService``, what each Serve replica runs, no HTTP; one torch thread):
+- p50 latency of four arms:
+  * fused: a separate pipeline with ``merged`` fused into its weights (diffusers
+    ``fuse_lora`` then ``unload_lora_weights``): no LoRA layers, nothing set per request,
+    the truly fixed adapter;
+  * same adapter: the service with every request on ``merged`` (``set_adapters`` still runs,
+    and the unfused LoRA layers still compute);
+  * switching: every request on the next of the 6 adapters;
+  * reload: ``load_lora_weights`` + ``set_adapters`` + ``delete_adapters`` per request;
+- the adapter change alone (``set_adapters`` vs load + set + delete, no generation);
+- throughput of the requests in batches of 8 (one forward pass each) vs one by one.
 
 http (the real Serve app from serve/config.yaml on loopback, a private local Ray cluster):
-- p50 latency of sequential requests that switch adapter vs a fixed adapter;
-- switching over HTTP vs the engine-side reload-per-request baseline (reloading per request
-  is not something the app can do; the baseline stays engine-side);
+- p50 latency of sequential requests that switch adapter vs requests on one adapter (the app
+  keeps adapters unfused; it has no fused mode, so the fused arm is engine-side only);
+- switching over HTTP vs the engine-side reload-per-request baseline;
 - throughput at concurrency 8 with micro-batching (max_batch_size 8) vs without
   (max_batch_size 1, set through user_config: same replica, no restart), for requests that
-  all use one adapter and for requests that cycle through all of them. One diffusion replica
-  (config.yaml's autoscaling would add a second one under load and blur the comparison).
+  all use one adapter and for requests that cycle through all of them. One diffusion replica.
 
-Goals: switching/fixed <= 1.05x; switching >= 20x faster than reloading; batched >= 1.5x.
+Goals: switching p50 vs fused-fixed p50 <= 1.05x (the headline: engine, the first of
+``--ranks``, default 4 = the tiny preset's expert rank; at rank 128 the LoRA is wider than the
+tiny UNet's 32/64-channel projections, so unfused LoRA compute dominates there); switching
+>= 20x faster than reloading; batched >= 1.5x the throughput of unbatched.
 
 With ``--sd15``, the adapter change alone is also timed at real size (rank-128 adapters of
 the SD v1.5 UNet shape), where loading an adapter costs what it costs in production.
@@ -33,8 +43,12 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+from _common import Comparison, abba, by_order, finish, header, progress, ratio_line
 
 from selma_ray.testing import LocalServe, make_run, serve_app_config
 
@@ -43,9 +57,10 @@ NAMES = [*SKILLS, "merged"]
 PROMPT = "two red apples"
 SIZE = 32
 CONCURRENCY = 8
+GUIDANCE = 7.5
 
 
-def timed(fn) -> float:
+def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -59,21 +74,70 @@ def blocks(items: list[int], size: int) -> list[list[int]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def engine(root: Path, requests: int, steps: int) -> dict[str, float]:
-    """p50 latencies (ms) fixed/switching/reload and 8-request batch times (s), in process."""
+def two_passes(requests: int) -> list[list[int]]:
+    """Seeds of the first and of the second pass (the same for every arm)."""
+    half = max(1, requests // 2)
+    return [list(range(half)), list(range(half, 2 * half))]
+
+
+def per_pass(fn: Callable[[list[int]], float], seeds: list[list[int]]) -> Callable[[], float]:
+    """An arm that runs ``fn`` on the first pass's seeds, then on the second pass's."""
+    passes: Iterator[list[int]] = iter(seeds)
+    return lambda: fn(next(passes))
+
+
+def fused_pipeline(root: Path) -> Any:
+    """The run's base pipeline with ``merged`` fused into the weights and the LoRA layers
+    unloaded, so nothing is switched or added per request."""
+    from diffusers import AutoPipelineForText2Image
+
+    from selma_ray.core.lora_io import WEIGHT_NAME
+    from selma_ray.diffusion.engine import load_run_config
+    from selma_ray.models import resolve
+
+    pipe = AutoPipelineForText2Image.from_pretrained(resolve(load_run_config(root).models.base))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(root / "merged"), weight_name=WEIGHT_NAME, adapter_name="merged")
+    pipe.fuse_lora(adapter_names=["merged"], lora_scale=1.0)
+    pipe.unload_lora_weights()
+    leftover = [n for n, _ in pipe.unet.named_modules() if "lora" in n.lower()]
+    if leftover:
+        raise RuntimeError(f"LoRA layers left after fuse + unload: {leftover[:3]}")
+    return pipe
+
+
+def engine(root: Path, requests: int, steps: int) -> dict[str, Any]:
+    """ABBA comparisons in process: p50 latencies (ms) of fused / same adapter / switching /
+    reload, the adapter change alone (ms), and throughput batched vs one by one (s)."""
+    import numpy as np
     import torch
 
     from selma_ray.core.lora_io import WEIGHT_NAME
-    from selma_ray.diffusion.engine import DiffusionService
+    from selma_ray.diffusion.common import png_bytes
+    from selma_ray.diffusion.engine import AdapterInfo, DiffusionService
 
     # One intra-op thread, as Ray gives a Serve replica with num_cpus: 1 (OMP_NUM_THREADS=1);
     # on a busy 2-core machine, spinning OpenMP threads otherwise make timings erratic.
     torch.set_num_threads(1)
     svc = DiffusionService(root)
-    seeds = list(range(requests))
+    fused = fused_pipeline(root)
 
     def one(name: str, seed: int) -> None:
-        svc.generate_many(((name, 1.0),), [PROMPT], [seed], steps, 7.5, SIZE, SIZE)
+        svc.generate_many(((name, 1.0),), [PROMPT], [seed], steps, GUIDANCE, SIZE, SIZE)
+
+    def fused_images(seeds: list[int]) -> Any:
+        return fused(
+            prompt=[PROMPT] * len(seeds),
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE,
+            height=SIZE,
+            width=SIZE,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            output_type="np",
+        ).images
+
+    def fused_one(seed: int) -> None:
+        [png_bytes(img) for img in fused_images([seed])]
 
     def reload_one(name: str, seed: int | None) -> None:
         """The baseline: load the adapter for this request, use it, drop it."""
@@ -81,45 +145,96 @@ def engine(root: Path, requests: int, steps: int) -> dict[str, float]:
         svc.pipe.load_lora_weights(str(folder), weight_name=WEIGHT_NAME, adapter_name="per_req")
         if seed is None:  # the adapter change alone, without generating
             svc.pipe.set_adapters(["per_req"])
-        else:
-            svc.generate_many((("per_req", 1.0),), [PROMPT], [seed], steps, 7.5, SIZE, SIZE)
+        else:  # the service's own request path, with the adapter known for this request only
+            svc.adapters["per_req"] = AdapterInfo("per_req", "expert", name, None, str(folder))
+            try:
+                svc.generate_many(
+                    (("per_req", 1.0),), [PROMPT], [seed], steps, GUIDANCE, SIZE, SIZE
+                )
+            finally:
+                del svc.adapters["per_req"]
         svc.pipe.delete_adapters(["per_req"])
 
-    one("merged", 0)  # warm-up
-    # Variants alternate in blocks of 6 requests, so a change in machine load hits all alike.
-    fixed, switching, reload = [], [], []
-    for block in blocks(seeds, len(NAMES)):
-        fixed += [timed(lambda s=s: one("merged", s)) for s in block]
-        switching += [timed(lambda s=s: one(NAMES[s % len(NAMES)], s)) for s in block]
-        reload += [timed(lambda s=s: reload_one(NAMES[s % len(NAMES)], s)) for s in block]
-    # The adapter change alone (what differs between the two; generation is the same work):
-    # set_adapters among loaded adapters vs load_lora_weights + set_adapters + delete_adapters.
-    change_switch = [timed(lambda s=s: svc._activate(((NAMES[s % 6], 1.0),))) for s in seeds]
-    change_reload = [timed(lambda s=s: reload_one(NAMES[s % 6], None)) for s in seeds]
-    alone = together = 0.0
-    for g in blocks(seeds, CONCURRENCY):
-        alone += timed(lambda g=g: [one("merged", s) for s in g])
-        together += timed(
-            lambda g=g: svc.generate_many(
-                (("merged", 1.0),), [PROMPT] * len(g), g, steps, 7.5, SIZE, SIZE
+    # The fused pipeline must render what the unfused merged adapter renders.
+    svc._activate((("merged", 1.0),))
+    unfused = svc.pipe(
+        prompt=[PROMPT],
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        height=SIZE,
+        width=SIZE,
+        generator=[torch.Generator("cpu").manual_seed(0)],
+        output_type="np",
+    ).images
+    fused_diff = float(np.abs(fused_images([0]) - unfused).max())
+
+    def latency(fn: Callable[[int], None]) -> Callable[[list[int]], float]:
+        return lambda seeds: p50_ms([timed(lambda s=s: fn(s)) for s in seeds])
+
+    seeds = two_passes(requests)
+    warm = [0, 1, 2]
+    request_arms = {
+        "fused": latency(fused_one),
+        "same adapter": latency(lambda s: one("merged", s)),
+        "switching": latency(lambda s: one(NAMES[s % len(NAMES)], s)),
+        "reload": latency(lambda s: reload_one(NAMES[s % len(NAMES)], s)),
+    }
+    progress("engine: p50 latency per request")
+    latencies = abba(
+        {k: per_pass(fn, seeds) for k, fn in request_arms.items()},
+        unit="ms",
+        warmup={k: (lambda fn=fn: fn(warm)) for k, fn in request_arms.items()},
+        log=progress,
+    )
+    # The adapter change alone (what differs between switching and reloading).
+    change_arms = {
+        "set_adapters": latency(lambda s: svc._activate(((NAMES[s % len(NAMES)], 1.0),))),
+        "load+set+delete": latency(lambda s: reload_one(NAMES[s % len(NAMES)], None)),
+    }
+    progress("engine: adapter change alone")
+    change = abba(
+        {k: per_pass(fn, seeds) for k, fn in change_arms.items()},
+        unit="ms",
+        warmup={k: (lambda fn=fn: fn(warm)) for k, fn in change_arms.items()},
+        log=progress,
+    )
+
+    def one_by_one(seeds: list[int]) -> float:
+        return timed(lambda: [one("merged", s) for s in seeds])
+
+    def batched(seeds: list[int]) -> float:
+        return sum(
+            timed(
+                lambda g=g: svc.generate_many(
+                    (("merged", 1.0),), [PROMPT] * len(g), g, steps, GUIDANCE, SIZE, SIZE
+                )
             )
+            for g in blocks(seeds, CONCURRENCY)
         )
+
+    progress("engine: throughput")
+    throughput = abba(
+        {"one by one": per_pass(one_by_one, seeds), "batched": per_pass(batched, seeds)},
+        warmup={
+            "one by one": lambda: one_by_one(list(range(CONCURRENCY))),
+            "batched": lambda: batched(list(range(CONCURRENCY))),
+        },
+        log=progress,
+    )
     return {
-        "fixed": p50_ms(fixed),
-        "switching": p50_ms(switching),
-        "reload": p50_ms(reload),
-        "change_switch": p50_ms(change_switch),
-        "change_reload": p50_ms(change_reload),
-        "alone_s": alone,
-        "together_s": together,
+        "latency": latencies,
+        "change": change,
+        "throughput": throughput,
+        "fused_diff": fused_diff,
+        "per_pass": len(seeds[0]),
     }
 
 
-def sd15_adapter_change(rank: int, count: int, repeats: int) -> dict[str, float]:
+def sd15_adapter_change(rank: int, count: int, repeats: int) -> tuple[Comparison, int]:
     """The adapter change alone at real size: an SD v1.5-shaped UNet (uninitialised memory,
     no download) with ``count`` random rank-``rank`` LoRAs on its 128 attention projections.
     Switching (``set_adapters`` among loaded ones) vs reloading (``load_lora_adapter`` from
-    safetensors + ``set_adapters`` + ``delete_adapters``), p50 in ms."""
+    safetensors + ``set_adapters`` + ``delete_adapters``), p50 in ms per pass of ABBA."""
     import torch
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -156,13 +271,24 @@ def sd15_adapter_change(rank: int, count: int, repeats: int) -> dict[str, float]
         unet.set_adapters(["per_req"])
         unet.delete_adapters("per_req")
 
-    switch = [timed(lambda i=i: unet.set_adapters([f"a{i % count}"])) for i in range(repeats)]
-    reloads = [timed(lambda i=i: reload(i)) for i in range(repeats)]
-    params = sum(v.numel() for v in state.values())
-    return {"switch": p50_ms(switch), "reload": p50_ms(reloads), "params": params}
+    def switch(i: int) -> None:
+        unet.set_adapters([f"a{i % count}"])
+
+    def latency(fn: Callable[[int], None]) -> Callable[[list[int]], float]:
+        return lambda items: p50_ms([timed(lambda i=i: fn(i)) for i in items])
+
+    seeds = two_passes(repeats)
+    arms = {"set_adapters": latency(switch), "load+set+delete": latency(reload)}
+    result = abba(
+        {k: per_pass(fn, seeds) for k, fn in arms.items()},
+        unit="ms",
+        warmup={k: (lambda fn=fn: fn([0, 1])) for k, fn in arms.items()},
+        log=progress,
+    )
+    return result, sum(v.numel() for v in state.values())
 
 
-def http(srv: LocalServe, root: Path, requests: int, steps: int) -> dict[str, float]:
+def http(srv: LocalServe, root: Path, requests: int, steps: int) -> dict[str, Any]:
     """The same measurements against the live Serve app over loopback."""
     import requests as rq
 
@@ -172,38 +298,35 @@ def http(srv: LocalServe, root: Path, requests: int, steps: int) -> dict[str, fl
     url = f"{srv.url}/v1/images/generations"
     headers = {"Accept": "image/png"}
 
-    def post(name: str, seed: int, sess=session) -> None:
+    def post(name: str, seed: int, sess: Any = session) -> None:
         body = {"prompt": PROMPT, "adapter": name, "seed": seed, "num_inference_steps": steps}
         resp = sess.post(url, json=body, headers=headers, timeout=300)
         if resp.status_code != 200:
             raise RuntimeError(f"{resp.status_code}: {resp.text[:300]}")
 
-    seeds = list(range(requests))
-    for s in range(3):
-        post("merged", s)  # warm-up: ingress caches, connection, kernels
-    fixed, switching = [], []
-    for block in blocks(seeds, len(NAMES)):
-        fixed += [timed(lambda s=s: post("merged", s)) for s in block]
-        switching += [timed(lambda s=s: post(NAMES[s % len(NAMES)], s)) for s in block]
+    def latency(fn: Callable[[int], None]) -> Callable[[list[int]], float]:
+        return lambda seeds: p50_ms([timed(lambda s=s: fn(s)) for s in seeds])
+
+    seeds = two_passes(requests)
+    arms = {
+        "same adapter": latency(lambda s: post("merged", s)),
+        "switching": latency(lambda s: post(NAMES[s % len(NAMES)], s)),
+    }
+    progress("http: p50 latency per request")
+    latencies = abba(
+        {k: per_pass(fn, seeds) for k, fn in arms.items()},
+        unit="ms",
+        warmup={k: (lambda fn=fn: fn([0, 1, 2])) for k, fn in arms.items()},
+        log=progress,
+    )
 
     sessions = [rq.Session() for _ in range(CONCURRENCY)]
+    current = {"batch": CONCURRENCY}
 
-    def load(adapters: list[str], count: int) -> float:
-        """Seconds for ``count`` requests from CONCURRENCY clients, one connection each."""
-        jobs = [(adapters[i % len(adapters)], 1000 + i) for i in range(count)]
-
-        def client(k: int) -> None:
-            for name, seed in jobs[k::CONCURRENCY]:
-                post(name, seed, sessions[k])
-
-        with ThreadPoolExecutor(CONCURRENCY) as pool:
-            return timed(lambda: list(pool.map(client, range(CONCURRENCY))))
-
-    out = {"fixed": p50_ms(fixed), "switching": p50_ms(switching)}
-    spent = {(kind, b): 0.0 for kind in ("one", "mixed") for b in (CONCURRENCY, 1)}
-    half = max(CONCURRENCY, requests // 2)
-    for batch in (CONCURRENCY, 1, 1, CONCURRENCY):  # ABBA against drifting machine load
-        # Only the batch size changes: user_config -> reconfigure, the replica stays.
+    def set_batch(batch: int) -> None:
+        """Only the batch size changes: user_config -> reconfigure, the replica stays."""
+        if current["batch"] == batch:
+            return
         srv.deploy(
             serve_app_config(
                 root,
@@ -214,18 +337,45 @@ def http(srv: LocalServe, root: Path, requests: int, steps: int) -> dict[str, fl
         )
         while session.get(f"{srv.url}/v1/adapters").json()["replica"]["max_batch_size"] != batch:
             time.sleep(0.2)
+        current["batch"] = batch
         post("merged", 0)
-        spent["one", batch] += load(["merged"], half)
-        spent["mixed", batch] += load(NAMES, half)
-    for (kind, batch), seconds in spent.items():
-        out[f"rps_{kind}_b{batch}"] = 2 * half / seconds
-    return out
+
+    def load(batch: int, adapters: list[str], count: int) -> float:
+        """Requests/s of ``count`` requests from CONCURRENCY clients, one connection each."""
+        set_batch(batch)
+        jobs = [(adapters[i % len(adapters)], 1000 + i) for i in range(count)]
+
+        def client(k: int) -> None:
+            for name, seed in jobs[k::CONCURRENCY]:
+                post(name, seed, sessions[k])
+
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            return count / timed(lambda: list(pool.map(client, range(CONCURRENCY))))
+
+    count = max(CONCURRENCY, requests // 2)
+    load_arms = {
+        f"b{b} {kind}": (lambda b=b, a=a: load(b, a, count))
+        for b in (CONCURRENCY, 1)
+        for kind, a in (("one", ["merged"]), ("mixed", NAMES))
+    }
+    progress("http: throughput at concurrency 8")
+    throughput = abba(
+        load_arms,
+        unit="req/s",
+        warmup={
+            f"b{b} {kind}": (lambda b=b, a=a: load(b, a, CONCURRENCY))
+            for b in (CONCURRENCY, 1)
+            for kind, a in (("one", ["merged"]), ("mixed", NAMES))
+        },
+        log=progress,
+    )
+    return {"latency": latencies, "throughput": throughput, "per_pass": len(seeds[0]), "n": count}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--mode", choices=["both", "engine", "http", "sd15"], default="both")
-    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--requests", type=int, default=36, help="requests per arm (two passes)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--ranks", default="4,128", help="adapter ranks to measure, comma-separated")
     p.add_argument(
@@ -236,92 +386,162 @@ def main() -> None:
     )
     args = p.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
-
-    tmp = Path(tempfile.mkdtemp())
     if args.mode == "sd15":  # only the real-size adapter change
         args.sd15, ranks = True, []
-    runs = {r: make_run(tmp / f"rank{r}", SKILLS, rank=r) for r in ranks}
-    head = (
-        f"{args.requests} requests, {args.steps} steps, {SIZE}px tiny-sd, 6 adapters, "
-        f"same seeds per variant, CPU"
+    header(
+        "P5",
+        f"serving: adapter switching vs fused/reload, batching (mode {args.mode})",
+        {
+            "requests per arm": args.requests,
+            "steps": args.steps,
+            "size": f"{SIZE}px tiny-sd",
+            "adapters": f"{len(NAMES)} (5 experts + merged)",
+            "ranks": ",".join(map(str, ranks)) or "-",
+            "sd15": args.sd15,
+            "dtype": "float32",
+        },
+        "1 (engine, as a 1-CPU Serve replica)",
+        ("torch", "ray", "diffusers", "peft"),
     )
-    print(f"\nP5 {head}")
-    results: dict[tuple[str, int], dict[str, float]] = {}
+
+    tmp = Path(tempfile.mkdtemp())
+    runs = {r: make_run(tmp / f"rank{r}", SKILLS, rank=r) for r in ranks}
+    results: dict[tuple[str, int], dict[str, Any]] = {}
     if args.mode in ("both", "engine"):
         for r in ranks:
+            progress(f"engine, rank {r}")
             results["engine", r] = engine(runs[r], args.requests, args.steps)
     if args.mode in ("both", "http"):
         with LocalServe(num_cpus=2) as srv:
             for r in ranks:
+                progress(f"http, rank {r}")
                 results["http", r] = http(srv, runs[r], args.requests, args.steps)
 
+    lines: list[str] = []
+    headline: list[str] = []
     if args.sd15:
-        sd = sd15_adapter_change(rank=128, count=len(NAMES), repeats=12)
+        sd, params = sd15_adapter_change(rank=128, count=len(NAMES), repeats=12)
         print(
-            f"engine, SD v1.5-shaped UNet, 6 adapters of rank 128 ({sd['params'] / 1e6:.1f}M "
-            "parameters each), adapter change alone:"
+            f"engine, SD v1.5-shaped UNet, {len(NAMES)} adapters of rank 128 "
+            f"({params / 1e6:.1f}M parameters each), adapter change alone, p50 per pass "
+            "(6 changes per arm per pass):"
         )
-        print(f"  p50 set_adapters {sd['switch']:.1f} ms; load+set+delete {sd['reload']:.1f} ms")
-        print(
-            f"P5 sd15 r128 adapter change alone, switching vs reloading: "
-            f"{sd['reload'] / sd['switch']:.1f}x faster"
+        print("\n".join(sd.lines(".1f")))
+        ratio = sd.ratio(lambda m: m["load+set+delete"] / m["set_adapters"])
+        print(f"  switching vs reloading, speed-up: {by_order(ratio, '.1f')}")
+        lines.append(
+            ratio_line("P5", "sd15 r128 adapter change, switching vs reloading", ratio[2], ">=", 20)
         )
     for r in ranks:
         eng = results.get(("engine", r))
         if eng:
-            print(f"engine, rank {r}:")
-            for k in ("fixed", "switching", "reload"):
-                print(f"  p50 latency {k:<10} {eng[k]:8.1f} ms")
+            lat, change, tput = eng["latency"], eng["change"], eng["throughput"]
             print(
-                f"  {args.requests} requests one by one: {eng['alone_s']:6.2f} s; "
-                f"batched by {CONCURRENCY}: {eng['together_s']:6.2f} s"
+                f"engine, rank {r}: p50 latency (ms), {eng['per_pass']} requests per arm per pass "
+                f"(fused vs unfused merged output max |diff| {eng['fused_diff']:.2e}):"
             )
+            print("\n".join(lat.lines(".1f")))
+            vs_fused = lat.ratio(lambda m: m["switching"] / m["fused"])
+            vs_same = lat.ratio(lambda m: m["switching"] / m["same adapter"])
+            vs_reload = lat.ratio(lambda m: m["reload"] / m["switching"])
+            print(f"  switching / fused p50: {by_order(vs_fused)}")
             print(
-                f"P5 engine r{r} p50 switching vs fixed adapter: "
-                f"{eng['switching'] / eng['fixed']:.2f}x"
+                f"  switching / same adapter (set_adapters each request) p50: {by_order(vs_same)}"
             )
+            print(f"  reload / switching p50: {by_order(vs_reload)}")
+            print(f"engine, rank {r}: adapter change alone, p50 (ms):")
+            print("\n".join(change.lines(".2f")))
+            vs_change = change.ratio(lambda m: m["load+set+delete"] / m["set_adapters"])
+            print(f"  reload / switch: {by_order(vs_change, '.1f')}")
             print(
-                f"P5 engine r{r} switching vs reload-per-request: "
-                f"{eng['reload'] / eng['switching']:.2f}x faster"
+                f"engine, rank {r}: {eng['per_pass']} requests on merged per pass, seconds, "
+                f"batches of {CONCURRENCY} vs one by one:"
             )
-            print(
-                f"  adapter change alone, p50: set_adapters {eng['change_switch']:.2f} ms, "
-                f"load+set+delete {eng['change_reload']:.2f} ms"
+            print("\n".join(tput.lines(".2f")))
+            vs_batch = tput.ratio(lambda m: m["one by one"] / m["batched"])
+            print(f"  batched vs one by one throughput: {by_order(vs_batch)}")
+            lines += [
+                ratio_line(
+                    "P5",
+                    f"engine r{r} p50 switching vs same adapter unfused (set_adapters each)",
+                    vs_same[2],
+                    "<=",
+                    1.05,
+                ),
+                ratio_line(
+                    "P5", f"engine r{r} switching vs reload per request", vs_reload[2], ">=", 20
+                ),
+                ratio_line(
+                    "P5",
+                    f"engine r{r} adapter change alone, switching vs reloading",
+                    vs_change[2],
+                    ">=",
+                    20,
+                ),
+                ratio_line(
+                    "P5",
+                    f"engine r{r} throughput batched by {CONCURRENCY} vs one by one",
+                    vs_batch[2],
+                    ">=",
+                    1.5,
+                ),
+            ]
+            fused_line = ratio_line(
+                "P5", f"engine r{r} p50 switching vs fused fixed adapter", vs_fused[2], "<=", 1.05
             )
-            print(
-                f"P5 engine r{r} adapter change alone, switching vs reloading: "
-                f"{eng['change_reload'] / eng['change_switch']:.1f}x faster"
-            )
-            print(
-                f"P5 engine r{r} throughput batched vs one by one ({CONCURRENCY} requests): "
-                f"{eng['alone_s'] / eng['together_s']:.2f}x"
-            )
+            (headline if r == ranks[0] else lines).append(fused_line)
         web = results.get(("http", r))
         if web:
-            print(f"http (Serve on loopback), rank {r}:")
-            for k in ("fixed", "switching"):
-                print(f"  p50 latency {k:<10} {web[k]:8.1f} ms")
-            for kind in ("one", "mixed"):
-                print(
-                    f"  throughput at concurrency {CONCURRENCY}, {kind} adapter(s): "
-                    f"{web[f'rps_{kind}_b{CONCURRENCY}']:.1f} req/s batched, "
-                    f"{web[f'rps_{kind}_b1']:.1f} req/s with max_batch_size=1"
-                )
+            lat, tput = web["latency"], web["throughput"]
             print(
-                f"P5 http r{r} p50 switching vs fixed adapter: "
-                f"{web['switching'] / web['fixed']:.2f}x"
+                f"http (Serve on loopback), rank {r}: p50 latency (ms), {web['per_pass']} "
+                "sequential requests per arm per pass:"
+            )
+            print("\n".join(lat.lines(".1f")))
+            vs_same = lat.ratio(lambda m: m["switching"] / m["same adapter"])
+            print(f"  switching / same adapter p50: {by_order(vs_same)}")
+            print(
+                f"http, rank {r}: throughput at concurrency {CONCURRENCY} (req/s, "
+                f"{web['n']} requests per arm per pass; b{CONCURRENCY} = max_batch_size "
+                f"{CONCURRENCY}, b1 = max_batch_size 1):"
+            )
+            print("\n".join(tput.lines(".1f")))
+            lines.append(
+                ratio_line(
+                    "P5",
+                    f"http r{r} p50 switching vs same adapter (set_adapters each)",
+                    vs_same[2],
+                    "<=",
+                    1.05,
+                )
             )
             if eng:
-                print(
-                    f"P5 http r{r} switching vs reload-per-request (engine-side baseline): "
-                    f"{eng['reload'] / web['switching']:.2f}x faster"
+                reload_ms = eng["latency"].mean("reload")
+                ratio = reload_ms / lat.mean("switching")
+                print(f"  engine reload p50 / http switching p50 (means): {ratio:.2f}x")
+                lines.append(
+                    ratio_line(
+                        "P5",
+                        f"http r{r} switching vs engine-side reload per request",
+                        ratio,
+                        ">=",
+                        20,
+                    )
                 )
             for kind in ("one", "mixed"):
-                ratio = web[f"rps_{kind}_b{CONCURRENCY}"] / web[f"rps_{kind}_b1"]
-                print(
-                    f"P5 http r{r} throughput batched vs max_batch_size=1 "
-                    f"(concurrency {CONCURRENCY}, {kind} adapter(s)): {ratio:.2f}x"
+                batch = tput.ratio(lambda m, k=kind: m[f"b{CONCURRENCY} {k}"] / m[f"b1 {k}"])
+                print(f"  batched vs max_batch_size=1, {kind} adapter(s): {by_order(batch)}")
+                lines.append(
+                    ratio_line(
+                        "P5",
+                        f"http r{r} throughput batched vs max_batch_size=1 at concurrency "
+                        f"{CONCURRENCY}, {kind} adapter(s)",
+                        batch[2],
+                        ">=",
+                        1.5,
+                    )
                 )
+    finish(lines + headline)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Benchmark P3: expert training steps/s inside a Ray Train worker vs the same loop in a plain
 torch process, on the tiny model, in one run.
 
-Both arms run ``selma_ray.training.ExpertTrainer.train_step`` for ``--steps`` steps with the
-tiny preset's loop settings, one torch thread each (what Ray gives a 1-CPU worker):
+Both arms run ``selma_ray.experts.recipe.ExpertTrainer.train_step`` for ``--steps`` steps of the
+same batch size with the tiny preset's loop settings, one torch thread each (what Ray gives a
+1-CPU worker), and save a checkpoint every ``--checkpoint-every`` steps:
 - plain: the bench process itself, batches preprocessed once and held in memory;
 - Ray Train: ``TorchTrainer(train_expert)`` with one worker (1 CPU) fed by a Ray Data shard,
   timed by the worker (``steps_per_second`` in its last report: the loop only, after the
-  model is loaded, with the checkpoint reports every ``--checkpoint-every`` steps).
-The plain arm runs before and after the Ray arm. Two ratios are printed: by mean steps/s
-(plain: mean of both runs) and by median step time (plain: the faster run), which resists other
-load on a shared machine. Goal >= 0.9x.
+  model is loaded, with the checkpoint reports).
+Both arms time only the step loop (model loading and Ray start-up are outside the timing).
+One local Ray cluster (2 CPUs) runs for the whole bench, so both arms share the machine with
+the same Ray daemons. Order: a short warm-up of both arms (``--warmup-steps``), then plain,
+Ray, Ray, plain. Two ratios: by mean steps/s (the headline) and by median step time, which
+resists bursts of other load on a shared machine. Goal >= 0.9x.
 
     python bench/training_bench.py [--steps 200] [--checkpoint-every 100] [--images 64]
 """
@@ -22,6 +25,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from _common import abba, by_order, finish, header, progress, ratio_line
 
 
 def synthetic_table(skills: list[str], per_skill: int, size=(40, 56)):
@@ -62,7 +67,8 @@ def loop_config(steps: int, checkpoint_every: int) -> dict:
     }
 
 
-def plain_steps_per_second(loop: dict, table) -> float:
+def plain_steps_per_second(loop: dict, table) -> tuple[float, float]:
+    """(steps/s, median step seconds) of the plain loop over ``loop["max_steps"]`` steps."""
     import torch
 
     from selma_ray.experts import data as train_data
@@ -91,27 +97,23 @@ def plain_steps_per_second(loop: dict, table) -> float:
     return loop["max_steps"] / (time.perf_counter() - start), statistics.median(step_seconds)
 
 
-def ray_steps_per_second(loop: dict, table, storage: Path) -> float:
-    import ray
+def ray_steps_per_second(loop: dict, table, storage: Path) -> tuple[float, float]:
+    """(steps/s, median step seconds) reported by a one-worker TorchTrainer (Ray running)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from selma_ray.experts import data as train_data
     from selma_ray.experts.recipe import train_expert
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        datasets = train_data.training_datasets(table, table.slice(0, 0), loop, None, 1.0)
-        result = TorchTrainer(
-            train_expert,
-            train_loop_config=loop,
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name="training-bench", storage_path=str(storage)),
-            datasets=datasets,
-        ).fit()
-        return float(result.metrics["steps_per_second"]), result.metrics["median_step_seconds"]
-    finally:
-        ray.shutdown()
+    datasets = train_data.training_datasets(table, table.slice(0, 0), loop, None, 1.0)
+    result = TorchTrainer(
+        train_expert,
+        train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"training-bench-{time.time_ns()}", storage_path=str(storage)),
+        datasets=datasets,
+    ).fit()
+    return float(result.metrics["steps_per_second"]), result.metrics["median_step_seconds"]
 
 
 def main() -> None:
@@ -119,23 +121,82 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--images", type=int, default=64, help="rows per epoch")
+    parser.add_argument("--warmup-steps", type=int, default=10)
     args = parser.parse_args()
-    loop = {**loop_config(args.steps, args.checkpoint_every), "select": "last"}
-    table = synthetic_table(["bench"], args.images).select(["prompt", "image"])
-    before = plain_steps_per_second(loop, table)
-    with tempfile.TemporaryDirectory() as tmp:
-        in_ray = ray_steps_per_second(loop, table, Path(tmp))
-    after = plain_steps_per_second(loop, table)
-    mean_plain = (before[0] + after[0]) / 2
-    median_plain = min(before[1], after[1])
-    print(
-        f"plain torch loop: {before[0]:.2f} / {after[0]:.2f} steps/s (before / after), "
-        f"median step {before[1] * 1e3:.0f} / {after[1] * 1e3:.0f} ms, {args.steps} steps"
+    header(
+        "P3",
+        "expert training steps/s, Ray Train worker vs plain torch loop (tiny-sd LoRA)",
+        {
+            "steps": args.steps,
+            "checkpoint every": args.checkpoint_every,
+            "images": args.images,
+            "resolution": 32,
+            "warm-up steps": args.warmup_steps,
+        },
+        "1 per arm (Ray worker with 1 CPU)",
+        ("torch", "ray", "diffusers", "peft"),
     )
-    print(f"Ray Train worker: {in_ray[0]:.2f} steps/s, median step {in_ray[1] * 1e3:.0f} ms")
+    import ray
+
+    loop = {**loop_config(args.steps, args.checkpoint_every), "select": "last"}
+    warm = {**loop_config(args.warmup_steps, args.warmup_steps), "select": "last"}
     print(
-        f"P3 Ray Train worker vs plain torch process: {in_ray[0] / mean_plain:.2f}x by "
-        f"mean steps/s, {median_plain / in_ray[1]:.2f}x by median step time (goal >= 0.9x)"
+        f"both arms: {args.steps} steps x batch {loop['batch_size']} "
+        f"(gradient accumulation {loop['gradient_accumulation']}), dtype "
+        f"{loop['mixed_precision']} mixed precision, a checkpoint every {args.checkpoint_every}"
+    )
+    table = synthetic_table(["bench"], args.images).select(["prompt", "image"])
+    medians: dict[str, list[float]] = {"plain": [], "ray": []}
+
+    def arm(name: str, fn, storage: Path) -> float:
+        steps_per_s, median = fn(loop, table) if name == "plain" else fn(loop, table, storage)
+        medians[name].append(median)
+        return steps_per_s
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            storage = Path(tmp)
+            result = abba(
+                {
+                    "plain": lambda: arm("plain", plain_steps_per_second, storage),
+                    "ray": lambda: arm("ray", ray_steps_per_second, storage),
+                },
+                unit="steps/s",
+                warmup={
+                    "plain": lambda: plain_steps_per_second(warm, table),
+                    "ray": lambda: ray_steps_per_second(warm, table, storage),
+                },
+                log=progress,
+            )
+    finally:
+        ray.shutdown()
+    print("\n".join(result.lines(".2f")))
+    print(
+        "  median step (ms), in run order: "
+        f"plain {[round(s * 1e3) for s in medians['plain']]}, "
+        f"ray {[round(s * 1e3) for s in medians['ray']]}"
+    )
+    by_rate = result.ratio(lambda m: m["ray"] / m["plain"])
+    mean_median = {k: sum(v) / len(v) for k, v in medians.items()}
+    by_median = (
+        medians["plain"][0] / medians["ray"][0],
+        medians["plain"][1] / medians["ray"][1],
+        mean_median["plain"] / mean_median["ray"],
+    )
+    print(f"  Ray vs plain by steps/s: {by_order(by_rate)}")
+    print(f"  Ray vs plain by median step time: {by_order(by_median)}")
+    finish(
+        [
+            ratio_line(
+                "P3",
+                "Ray Train worker vs plain torch (by median step time)",
+                by_median[2],
+                ">=",
+                0.9,
+            ),
+            ratio_line("P3", "Ray Train worker vs plain torch (steps/s)", by_rate[2], ">=", 0.9),
+        ]
     )
 
 
