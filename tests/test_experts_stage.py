@@ -187,7 +187,7 @@ def recording_train_loop(config: dict[str, Any]) -> None:
     (enough to replay the step outside Ray)."""
     import ray.train
 
-    from selma_ray import training
+    from selma_ray.experts import recipe as training
 
     record: dict[str, Any] = {"steps": []}
 
