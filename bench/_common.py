@@ -127,6 +127,27 @@ def by_order(values: tuple[float, float, float], fmt: str = ".2f") -> str:
     return f"first-pass {first:{fmt}}x, reverse {reverse:{fmt}}x, of means {mean:{fmt}}x"
 
 
+def show(
+    result: Comparison,
+    fmt: str,
+    fn: Callable[[Mapping[str, float]], float],
+    what: str,
+    ratio_fmt: str = ".2f",
+) -> tuple[float, float, float]:
+    """Print both orders' figures, then ``what`` (``fn`` of the figures) by order; returns
+    that ratio for the first pass, the reverse pass and the means."""
+    print("\n".join(result.lines(fmt)))
+    ratios = result.ratio(fn)
+    print(f"  {what}: {by_order(ratios, ratio_fmt)}")
+    return ratios
+
+
+def paired(runs: Mapping[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
+    """``num / den`` of two arms measured once per order: first pass, reverse, and of means."""
+    mean = {k: sum(v) / len(v) for k, v in runs.items()}
+    return runs[num][0] / runs[den][0], runs[num][1] / runs[den][1], mean[num] / mean[den]
+
+
 def ratio_line(bench_id: str, what: str, value: float, op: str, goal: float) -> str:
     """``RATIO <id> <what>: <x>x (goal <op> <y>)``."""
     if op not in ("<", "<=", ">", ">="):

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _common import Comparison, abba, by_order, finish, header, progress, ratio_line
+from _common import Comparison, abba, finish, header, progress, ratio_line, show
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -137,16 +137,19 @@ def main() -> None:
         f"render, both arms: tiny-sd 32px, {args.steps} steps, {n} variants x {args.prompts} "
         f"prompts = {n * args.prompts} images (seconds per arm run)"
     )
-    print("\n".join(render.lines(".2f")))
-    render_ratio = render.ratio(lambda m: m["resident"] / m["per-variant"])
-    print(f"  resident vs per-variant pipeline, the time: {by_order(render_ratio)}")
+    render_ratio = show(
+        render,
+        ".2f",
+        lambda m: m["resident"] / m["per-variant"],
+        "resident vs per-variant pipeline, the time",
+    )
     print(
         f"DSG answering, both arms: tiny-vqa, {args.prompts} images x {args.questions} yes/no "
         f"questions = {args.prompts * args.questions} answers (seconds per arm run)"
     )
-    print("\n".join(vqa.lines(".3f")))
-    vqa_ratio = vqa.ratio(lambda m: m["batched"] / m["one by one"])
-    print(f"  batched vs one by one, the time: {by_order(vqa_ratio)}")
+    vqa_ratio = show(
+        vqa, ".3f", lambda m: m["batched"] / m["one by one"], "batched vs one by one, the time"
+    )
     finish(
         [
             ratio_line("EVAL", "DSG answers batched vs one per call (time)", vqa_ratio[2], "<=", 1),

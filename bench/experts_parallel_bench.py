@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import abba, by_order, finish, header, progress, ratio_line
+from _common import abba, finish, header, progress, ratio_line, show
 from training_bench import write_images
 
 PER_SKILL = 8
@@ -113,9 +113,12 @@ def main() -> None:
         f"both arms, every run: {n} experts x {args.steps} steps, {PER_SKILL} images per skill; "
         f"sequential = max_concurrent 1, parallel = max_concurrent {n}; stage wall time:"
     )
-    print("\n".join(result.lines(".1f")))
-    speedup = result.ratio(lambda m: m["sequential"] / m["parallel"])
-    print(f"  parallel vs sequential speed-up by order: {by_order(speedup)}")
+    speedup = show(
+        result,
+        ".1f",
+        lambda m: m["sequential"] / m["parallel"],
+        "parallel vs sequential speed-up by order",
+    )
     finish(
         [
             ratio_line(

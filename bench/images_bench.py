@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import abba, by_order, finish, header, progress, ratio_line
+from _common import abba, by_order, finish, header, paired, progress, ratio_line
 
 from selma_ray.images.stage import DiffusionRenderer
 
@@ -247,12 +247,8 @@ def main() -> None:
         f"{with_build['plain'][1]:.1f} s (first-pass, reverse)"
     )
     rate = result.ratio(lambda m: m["plain"] / m["ray"])
+    rate_build = paired(with_build, "plain", "ray")
     mean_build = {k: sum(v) / len(v) for k, v in with_build.items()}
-    rate_build = (
-        with_build["plain"][0] / with_build["ray"][0],
-        with_build["plain"][1] / with_build["ray"][1],
-        mean_build["plain"] / mean_build["ray"],
-    )
     print(
         f"  images/s: plain {n / result.mean('plain'):.2f}, Ray {n / result.mean('ray'):.2f} "
         f"(model build excluded); plain {n / mean_build['plain']:.2f}, "

@@ -19,7 +19,7 @@ import argparse
 import random
 import time
 
-from _common import abba, by_order, finish, header, progress, ratio_line
+from _common import abba, finish, header, progress, ratio_line, show
 
 from selma_ray.text.rouge import RougeFilter, tokenize
 
@@ -101,9 +101,9 @@ def main() -> None:
         f"ROUGE-L filter, both arms: {args.candidates} candidates vs {args.accepted} accepted "
         f"(threshold {THRESHOLD}); kept {sum(verdicts['ours'])}; verdicts agree: True"
     )
-    print("\n".join(result.lines(".3f")))
-    speedup = result.ratio(lambda m: m["naive"] / m["ours"])
-    print(f"  naive time / our time by order: {by_order(speedup, '.1f')}")
+    speedup = show(
+        result, ".3f", lambda m: m["naive"] / m["ours"], "naive time / our time by order", ".1f"
+    )
     finish(
         [
             ratio_line(

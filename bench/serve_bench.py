@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _common import Comparison, abba, by_order, finish, header, progress, ratio_line
+from _common import Comparison, abba, by_order, finish, header, progress, ratio_line, show
 
 from selma_ray.testing import LocalServe, make_run, serve_app_config
 
@@ -426,9 +426,13 @@ def main() -> None:
             f"({params / 1e6:.1f}M parameters each), adapter change alone, p50 per pass "
             "(6 changes per arm per pass):"
         )
-        print("\n".join(sd.lines(".1f")))
-        ratio = sd.ratio(lambda m: m["load+set+delete"] / m["set_adapters"])
-        print(f"  switching vs reloading, speed-up: {by_order(ratio, '.1f')}")
+        ratio = show(
+            sd,
+            ".1f",
+            lambda m: m["load+set+delete"] / m["set_adapters"],
+            "switching vs reloading, speed-up",
+            ".1f",
+        )
         lines.append(
             ratio_line("P5", "sd15 r128 adapter change, switching vs reloading", ratio[2], ">=", 20)
         )
@@ -450,16 +454,23 @@ def main() -> None:
             )
             print(f"  reload / switching p50: {by_order(vs_reload)}")
             print(f"engine, rank {r}: adapter change alone, p50 (ms):")
-            print("\n".join(change.lines(".2f")))
-            vs_change = change.ratio(lambda m: m["load+set+delete"] / m["set_adapters"])
-            print(f"  reload / switch: {by_order(vs_change, '.1f')}")
+            vs_change = show(
+                change,
+                ".2f",
+                lambda m: m["load+set+delete"] / m["set_adapters"],
+                "reload / switch",
+                ".1f",
+            )
             print(
                 f"engine, rank {r}: {eng['per_pass']} requests on merged per pass, seconds, "
                 f"batches of {CONCURRENCY} vs one by one:"
             )
-            print("\n".join(tput.lines(".2f")))
-            vs_batch = tput.ratio(lambda m: m["one by one"] / m["batched"])
-            print(f"  batched vs one by one throughput: {by_order(vs_batch)}")
+            vs_batch = show(
+                tput,
+                ".2f",
+                lambda m: m["one by one"] / m["batched"],
+                "batched vs one by one throughput",
+            )
             lines += [
                 ratio_line(
                     "P5",
@@ -497,9 +508,12 @@ def main() -> None:
                 f"http (Serve on loopback), rank {r}: p50 latency (ms), {web['per_pass']} "
                 "sequential requests per arm per pass:"
             )
-            print("\n".join(lat.lines(".1f")))
-            vs_same = lat.ratio(lambda m: m["switching"] / m["same adapter"])
-            print(f"  switching / same adapter p50: {by_order(vs_same)}")
+            vs_same = show(
+                lat,
+                ".1f",
+                lambda m: m["switching"] / m["same adapter"],
+                "switching / same adapter p50",
+            )
             print(
                 f"http, rank {r}: throughput at concurrency {CONCURRENCY} (req/s, "
                 f"{web['n']} requests per arm per pass; b{CONCURRENCY} = max_batch_size "

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import abba, by_order, finish, header, progress, ratio_line
+from _common import abba, by_order, finish, header, paired, progress, ratio_line
 
 
 def synthetic_table(skills: list[str], per_skill: int, size=(40, 56)):
@@ -178,12 +178,7 @@ def main() -> None:
         f"ray {[round(s * 1e3) for s in medians['ray']]}"
     )
     by_rate = result.ratio(lambda m: m["ray"] / m["plain"])
-    mean_median = {k: sum(v) / len(v) for k, v in medians.items()}
-    by_median = (
-        medians["plain"][0] / medians["ray"][0],
-        medians["plain"][1] / medians["ray"][1],
-        mean_median["plain"] / mean_median["ray"],
-    )
+    by_median = paired(medians, "plain", "ray")
     print(f"  Ray vs plain by steps/s: {by_order(by_rate)}")
     print(f"  Ray vs plain by median step time: {by_order(by_median)}")
     finish(
