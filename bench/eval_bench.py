@@ -17,6 +17,10 @@ variant (keeping every adapter loaded must never cost more than reloading); batc
 answering <= 1.0x the time of one question per call.
 
     python bench/eval_bench.py [--prompts 8] [--questions 6] [--steps 10]
+
+Its last line of output (the headline ratio, from ``_common.ratio_line``)::
+
+    RATIO EVAL render from one resident service vs a pipeline per variant (time): <x>x (goal <= 1)
 """
 
 from __future__ import annotations

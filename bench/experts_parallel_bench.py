@@ -16,6 +16,10 @@ concurrent trials contend for those cores and for memory, so 1.2x is the least t
 running them together worth it, not a bound.
 
     python bench/experts_parallel_bench.py [--experts 5] [--steps 20] [--cpus 2]
+
+Its last line of output (the headline ratio, from ``_common.ratio_line``)::
+
+    RATIO XPAR <n> experts in parallel vs one after another on <c> CPUs (speed-up): <x>x (goal >= 1.2)
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ Ray: the whole stage). Order: a one-batch warm-up of both arms, then plain, Ray,
 Ratio = Ray images/s over plain images/s (above 1 = faster). Goal >= 0.9.
 
     python bench/images_bench.py [--prompts 64] [--steps 10] [--resolution 32] [--batch-size 8]
+
+Its last line of output (the headline ratio, from ``_common.ratio_line``)::
+
+    RATIO P2 Ray Data image stage vs plain diffusers loop (images/s): <x>x (goal >= 0.9)
 """
 
 from __future__ import annotations

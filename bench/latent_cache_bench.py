@@ -21,6 +21,10 @@ Goal (chosen here, none was set): cache on vs off (random flips, the same augmen
 >= 1.0x, i.e. the cache must never make the per-step input preparation slower.
 
     python bench/latent_cache_bench.py [--images 128] [--epochs 3]
+
+Its last line of output (the headline ratio, from ``_common.ratio_line``)::
+
+    RATIO LATENT cache on vs off, random flips (input-prep speed-up): <x>x (goal >= 1)
 """
 
 from __future__ import annotations

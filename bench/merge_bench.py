@@ -17,6 +17,10 @@ Goals: the paper merge under 10 s (printed as the ratio of its time to 10 s, goa
 peak RSS under 3x the inputs (worst method). Every method merges the same inputs.
 
     python bench/merge_bench.py [--adapters 5] [--rank 128] [--methods paper,cat,...]
+
+Its last line of output (the headline ratio, from ``_common.ratio_line``)::
+
+    RATIO P4 paper merge of <n> rank-<r> adapters, time / 10 s: <x>x (goal < 1)
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ once per round per skill over every candidate, so an order of magnitude is what 
 negligible next to generation at paper scale (thousands of prompts per skill).
 
     python bench/rouge_bench.py [--accepted 1000] [--candidates 1000]
+
+Its last line of output (the headline ratio, from ``_common.ratio_line``)::
+
+    RATIO ROUGE selma_ray filter vs naive pure-Python LCS (speed-up): <x>x (goal >= 10)
 """
 
 from __future__ import annotations

@@ -35,6 +35,10 @@ With ``--sd15``, the adapter change alone is also timed at real size (rank-128 a
 the SD v1.5 UNet shape), where loading an adapter costs what it costs in production.
 
     python bench/serve_bench.py [--mode both|engine|http|sd15] [--ranks 4,128] [--sd15]
+
+Its last line of output (the headline ratio, from ``_common.ratio_line``)::
+
+    RATIO P5 engine r<rank> p50 switching vs fused fixed adapter: <x>x (goal <= 1.05)
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ Ray, Ray, plain. Two ratios: by mean steps/s (the headline) and by median step t
 resists bursts of other load on a shared machine. Goal >= 0.9x.
 
     python bench/training_bench.py [--steps 200] [--checkpoint-every 100] [--images 64]
+
+Its last line of output (the headline ratio, from ``_common.ratio_line``)::
+
+    RATIO P3 Ray Train worker vs plain torch (steps/s): <x>x (goal >= 0.9)
 """
 
 from __future__ import annotations
