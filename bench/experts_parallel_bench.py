@@ -19,7 +19,7 @@ running them together worth it, not a bound.
 
 Its last line of output (the headline ratio, from ``_common.ratio_line``)::
 
-    RATIO XPAR <n> experts in parallel vs one after another on <c> CPUs (speed-up): <x>x (goal >= 1.2)
+    RATIO XPAR <n> experts in parallel vs one after another on <c> CPUs (speed-up): <x>x (goal ...)
 """
 
 from __future__ import annotations
