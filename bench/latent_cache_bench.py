@@ -33,11 +33,12 @@ import argparse
 import itertools
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from _common import abba, by_order, finish, header, progress, ratio_line
 from training_bench import loop_config, synthetic_table
+
+from selma_ray.core.rundir import RunDir
 
 SIZE = (48, 80)
 BATCH = 16
@@ -117,7 +118,7 @@ def main() -> None:
                 ),
             }
             start = time.perf_counter()
-            on = train_data.training_datasets(table, empty, cached, Path(tmp), 1.0)
+            on = train_data.training_datasets(table, empty, cached, (RunDir(tmp), "latents"), 1.0)
             build = time.perf_counter() - start
             datasets["on"] = (cached, on)
 

@@ -1,7 +1,7 @@
 """Run the whole SELMA pipeline: skill prompts -> images -> experts -> merge -> Serve.
 
     python jobs/full_pipeline.py                      # embedded default (tiny preset)
-    python jobs/full_pipeline.py --config sd14 run.dir=s3-mounted/runs/sd14 prompts.per_skill=200
+    python jobs/full_pipeline.py --config sd14 run.dir=s3://bucket/runs/sd14 prompts.per_skill=200
     ray job submit --working-dir . -- python jobs/full_pipeline.py --config sdxl
 
 Connects to the Ray cluster given by --address or RAY_ADDRESS (or one started with
@@ -139,13 +139,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
-    from selma_ray.pipeline import run_pipeline
+    from selma_ray.core.storage import StorageError, is_local
+    from selma_ray.pipeline import open_run, run_pipeline
 
-    if not os.path.isabs(cfg.run.dir) and "runtime_resources" in os.getcwd():
+    try:  # bad storage fails here, before Ray starts or any GPU time is spent
+        open_run(cfg, check=True)
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    relative = is_local(cfg.run.dir) and not os.path.isabs(cfg.run.dir)
+    if relative and "runtime_resources" in os.getcwd():
         print(
             f"warning: run.dir={cfg.run.dir!r} is relative and this job runs in Ray's copy of "
             "the working dir, so outputs land in a temporary folder; pass an absolute (shared) "
-            "path, e.g. run.dir=/mnt/shared/runs/tiny",
+            "path or object storage, e.g. run.dir=s3://my-bucket/runs/tiny",
             file=sys.stderr,
         )
 

@@ -22,8 +22,9 @@ import yaml
 from selma_ray.config import SelmaConfig
 from selma_ray.core import layout
 from selma_ray.core.lineage import Lineage, content_digest, digest, output_digest
-from selma_ray.core.rundir import RunDir, atomic_write_json, atomic_write_text
+from selma_ray.core.rundir import RunDir
 from selma_ray.core.skills import get_skills
+from selma_ray.core.storage import is_local
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +208,9 @@ def plan_status(cfg: SelmaConfig) -> list[tuple[str, str]]:
     """For the run directory ``cfg`` names: each stage with ``done`` or why it would run.
     A stage downstream of one that runs is marked as following it, since what it sees then
     depends on what the upstream stage writes."""
-    if not Path(cfg.run.dir).expanduser().is_dir():
+    if is_local(cfg.run.dir) and not Path(cfg.run.dir).expanduser().is_dir():
         return [(name, "not run yet") for name in ORDER]
-    run = RunDir(cfg.run.dir)
+    run = open_run(cfg)
     status: list[tuple[str, str]] = []
     running: set[str] = set()
     for name in ORDER:
@@ -261,6 +262,23 @@ def graph_markdown() -> str:
     return "\n".join(lines)
 
 
+def open_run(cfg: SelmaConfig, check: bool = False) -> RunDir:
+    """The run directory ``cfg`` names, on its filesystem; ``check`` writes and deletes a probe
+    object first, so bad storage fails before any work."""
+    run = RunDir(cfg.run.dir, cfg.run.storage)
+    if check:
+        run.check()
+    return run
+
+
+def serve_args(run: RunDir) -> dict[str, Any]:
+    """The Serve application's args for a run: its URI and how to reach its storage."""
+    args: dict[str, Any] = {"run_dir": run.uri}
+    if not run.local:
+        args["storage"] = run.options.to_dict()
+    return args
+
+
 def deploy_serve(cfg: SelmaConfig, run: RunDir) -> str:
     """Deploy the images API for this run; returns its base URL."""
     from ray import serve
@@ -274,14 +292,14 @@ def deploy_serve(cfg: SelmaConfig, run: RunDir) -> str:
                 "name": cfg.serve.app_name,
                 "route_prefix": "/",
                 "import_path": "selma_ray.serving.app:build_app",
-                "args": {"run_dir": str(run.root)},
+                "args": serve_args(run),
             }
         ],
     }
-    atomic_write_text(run.path("serve.yaml"), yaml.safe_dump(serve_config, sort_keys=False))
+    run.write_text(yaml.safe_dump(serve_config, sort_keys=False), "serve.yaml")
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(
-        build_app({"run_dir": str(run.root)}),
+        build_app(serve_args(run)),
         name=cfg.serve.app_name,
         route_prefix="/",
         blocking=False,
@@ -291,9 +309,9 @@ def deploy_serve(cfg: SelmaConfig, run: RunDir) -> str:
 
 def run_pipeline(cfg: SelmaConfig, deploy: bool | None = None) -> dict[str, Any]:
     """Run every stage (skipping finished ones); returns the run summary."""
-    run = RunDir(cfg.run.dir)
-    atomic_write_text(run.path("config.yaml"), cfg.to_yaml())
-    summary: dict[str, Any] = {"run_dir": str(run.root), "stages": {}}
+    run = open_run(cfg, check=True)
+    run.write_text(cfg.to_yaml(), "config.yaml")
+    summary: dict[str, Any] = {"run_dir": run.uri, "stages": {}}
     for name in ORDER:
         log.info("=== stage %s ===", name)
         start = time.perf_counter()
@@ -318,5 +336,5 @@ def run_pipeline(cfg: SelmaConfig, deploy: bool | None = None) -> dict[str, Any]
             "skipped": False,
             "result": {"url": summary["endpoint"]},
         }
-    atomic_write_json(run.path("summary.json"), summary)
+    run.write_json(summary, "summary.json")
     return summary

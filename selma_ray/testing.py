@@ -171,3 +171,102 @@ class LocalServe:
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "selma-test",
+    "AWS_SECRET_ACCESS_KEY": "selma-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+class LocalS3:
+    """An S3-compatible server on loopback (moto's ``ThreadedMotoServer``, real HTTP), for
+    tests and benches: the project's own S3 client code talks to it like to AWS.
+
+    ``start`` puts test credentials into this process's environment (Ray workers started
+    afterwards inherit them) and creates ``bucket``; ``uri(name)`` is a run URI in it and
+    ``storage`` the ``run.storage`` settings that reach it."""
+
+    def __init__(self, bucket: str = "selma"):
+        self.bucket = bucket
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server: Any = None
+
+    @property
+    def storage(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "region": "us-east-1", "anonymous": False}
+
+    def overrides(self) -> list[str]:
+        return [f"run.storage.endpoint={self.endpoint}", "run.storage.region=us-east-1"]
+
+    def uri(self, name: str) -> str:
+        return f"s3://{self.bucket}/{name}"
+
+    def filesystem(self, **kwargs: Any) -> Any:
+        from pyarrow.fs import S3FileSystem
+
+        return S3FileSystem(
+            endpoint_override=f"127.0.0.1:{self.port}", scheme="http", region="us-east-1", **kwargs
+        )
+
+    def start(self) -> LocalS3:
+        import os
+
+        from moto.server import ThreadedMotoServer
+
+        for k, v in TEST_CREDENTIALS.items():
+            os.environ.setdefault(k, v)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        self.make_bucket(self.bucket)
+        return self
+
+    def make_bucket(self, name: str) -> None:
+        self.filesystem(allow_bucket_creation=True).create_dir(name)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every object under ``bucket/prefix``, relative to the bucket."""
+        from pyarrow.fs import FileSelector, FileType
+
+        sel = FileSelector(f"{self.bucket}/{prefix}".rstrip("/"), recursive=True)
+        sel.allow_not_found = True
+        infos = self.filesystem().get_file_info(sel)
+        return sorted(
+            i.path.removeprefix(f"{self.bucket}/") for i in infos if i.type == FileType.File
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+NOUNS = "apple kite lamp boat chair mug bench drum scarf vase clock bucket ladder teapot".split()
+PLACES = "table window garden river shelf kitchen station harbour attic porch".split()
+COLOURS = "red green blue yellow white black orange purple".split()
+
+
+class SeededLLM:
+    """A scripted stand-in for the prompts stage's LLM, for tests of our own logic: answers
+    depend only on each request's seed; it records which skills it was asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def __call__(self, cfg, requests):
+        self.asked += [r["skill"] for r in requests]
+        out = []
+        for r in requests:
+            lines = []
+            for i in range(4):
+                k = r["seed"] // 7 + i * 31
+                noun, other = NOUNS[k % 14], NOUNS[(k // 14 + i) % 14]
+                lines.append(
+                    f"{i + 1}. A {COLOURS[k % 8]} {noun} near the {PLACES[(k // 3) % 10]}, "
+                    f"beside {i + 2} {other}s"
+                )
+            out.append({**r, "generated_text": "\n".join(lines), "error": ""})
+        return out

@@ -20,36 +20,10 @@ import yaml
 from selma_ray.config import load_config
 from selma_ray.core.rundir import RunDir
 from selma_ray.pipeline import GRAPH, ORDER, lineage, plan_status, run_stage
+from selma_ray.testing import SeededLLM
 
 pytestmark = pytest.mark.slow
 SKILLS = ["counting", "everyday_scenes"]
-
-
-NOUNS = "apple kite lamp boat chair mug bench drum scarf vase clock bucket ladder teapot".split()
-PLACES = "table window garden river shelf kitchen station harbour attic porch".split()
-COLOURS = "red green blue yellow white black orange purple".split()
-
-
-class SeededLLM:
-    """Answers depend only on each request's seed; records which skills it was asked for."""
-
-    def __init__(self) -> None:
-        self.asked: list[str] = []
-
-    def __call__(self, cfg, requests):
-        self.asked += [r["skill"] for r in requests]
-        out = []
-        for r in requests:
-            lines = []
-            for i in range(4):
-                k = r["seed"] // 7 + i * 31
-                noun, other = NOUNS[k % 14], NOUNS[(k // 14 + i) % 14]
-                lines.append(
-                    f"{i + 1}. A {COLOURS[k % 8]} {noun} near the {PLACES[(k // 3) % 10]}, "
-                    f"beside {i + 2} {other}s"
-                )
-            out.append({**r, "generated_text": "\n".join(lines), "error": ""})
-        return out
 
 
 def tiny(run_dir: Path, *overrides: str):

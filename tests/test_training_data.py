@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from selma_ray.core.rundir import MANIFEST, RunDir
 from selma_ray.experts import data as train_data
 
 
@@ -125,7 +126,7 @@ def test_ray_data_feed_and_latent_cache(tmp_path):
         batch = plain["train"].take_batch(8)
         assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["input_ids"].shape[0] == 2
         assert plain["validation"].count() == 1
-        cache = tmp_path / "latents"
+        cache = (RunDir(tmp_path), "latents")
         cached = train_data.training_datasets(train, val, {**loop, "random_flip": True}, cache, 0.5)
         # Not repeated here: Ray Train would split whole copies among its workers.
         assert cached["train"].count() == 2
@@ -134,9 +135,9 @@ def test_ray_data_feed_and_latent_cache(tmp_path):
         assert batch["hidden"].shape == (2, 77, 32) and "pixel_values" not in batch
         assert not np.allclose(batch["latent_mean"], batch["latent_mean_flip"])
         assert "latent_mean_flip" not in cached["validation"].take_batch(1)
-        stamp = (cache / "train" / train_data.COMPLETE).stat().st_mtime_ns
+        stamp = (tmp_path / "latents" / "train" / MANIFEST).stat().st_mtime_ns
         train_data.training_datasets(train, val, {**loop, "random_flip": True}, cache, 0.5)
-        assert (cache / "train" / train_data.COMPLETE).stat().st_mtime_ns == stamp  # reused
+        assert (tmp_path / "latents" / "train" / MANIFEST).stat().st_mtime_ns == stamp  # reused
 
         # Each worker repeats its own split instead (training.endless_batches): two readers
         # of a 2-way streaming split get disjoint rows, each cycled to cover the run.

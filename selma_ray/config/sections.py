@@ -47,10 +47,34 @@ class _Section(BaseModel):
         return self
 
 
+class StorageSection(_Section):
+    """How to reach object storage; credentials come from the AWS chain, never from here."""
+
+    endpoint: str | None = Field(
+        None,
+        description="S3-compatible endpoint (http://host:port); null: AWS_ENDPOINT_URL_S3 or "
+        "AWS_ENDPOINT_URL, else AWS itself.",
+    )
+    region: str | None = Field(None, description="Bucket region; null: the AWS default chain.")
+    anonymous: bool = Field(False, description="Unsigned requests (public buckets only).")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("use a URL such as http://127.0.0.1:9000 or https://s3.example.com")
+        return v
+
+
 class RunSection(_Section):
     name: str = "tiny"
-    dir: str = Field("runs/tiny", description="Run directory: a local path (cloud URIs later).")
+    dir: str = Field(
+        "runs/tiny",
+        description="Run directory: a local path, or a URI such as s3://bucket/runs/x "
+        "(anything pyarrow.fs.FileSystem.from_uri opens).",
+    )
     seed: int = Field(0, ge=0)
+    storage: StorageSection = Field(default_factory=StorageSection)
 
 
 class ModelsSection(_Section):

@@ -2,10 +2,12 @@
 
 A stage's fingerprint hashes the config it depends on, the content of the files that config
 names, and the **output digests** its upstream stages recorded. Each manifest records what its
-stage wrote: every output file with its SHA-256, a digest over them, and per-unit digests (one
-per skill where the outputs split by skill). A stage counts as done only while its fingerprint
-matches *and* every file its manifest lists is still there with the same content; so deleting
-or editing an output redoes that stage, and downstream exactly what changed.
+stage wrote: every output file with its size and time (and SHA-256 where known), a digest,
+and per-unit digests (one per skill where the outputs split by skill). A stage counts as
+done only while its fingerprint matches *and* every file its manifest lists is still there
+with the same size and modification time; so deleting or editing an output redoes that
+stage, and downstream exactly what changed. Checking that costs one metadata call per file,
+never a download.
 """
 
 from __future__ import annotations
@@ -46,21 +48,40 @@ def content_digest(path: str | Path) -> str | None:
     return None
 
 
-def outputs(
-    root: Path, files: Iterable[Path], units: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """The ``outputs`` record of a manifest: each file (relative to the run root) with its
-    SHA-256, their digest, and optional per-unit digests."""
-    listed = {str(Path(f).relative_to(root)): file_sha256(Path(f)) for f in sorted(files)}
-    return {"files": listed, "digest": digest(listed), "units": dict(units or {})}
+def outputs(run: Any, files: Iterable[str], units: dict[str, str] | None = None) -> dict[str, Any]:
+    """The ``outputs`` record of a manifest: each file (relative to the run) with its size,
+    modification time and, where this process wrote it, SHA-256; their digest; and optional
+    per-unit digests. Sizes and times come from one metadata call per file, so recording and
+    verifying never download the outputs (which, on object storage, would cost their size)."""
+    rels = sorted({str(f) for f in files})
+    infos = run.fs.get_file_info([run.key(r) for r in rels]) if rels else []
+    listed: dict[str, dict[str, Any]] = {}
+    for rel, info in zip(rels, infos, strict=True):
+        if info.size is None:
+            raise FileNotFoundError(f"output {run.url(rel)} is missing: cannot record it")
+        entry: dict[str, Any] = {"size": info.size, "mtime_ns": info.mtime_ns}
+        if rel in run.written:
+            entry["sha256"] = run.written[rel]
+        listed[rel] = entry
+    identity = {r: e.get("sha256") or f"{e['size']}:{e['mtime_ns']}" for r, e in listed.items()}
+    return {
+        "files": listed,
+        "digest": digest(units) if units else digest(identity),
+        "units": dict(units or {}),
+    }
 
 
-def verify(root: Path, manifest: dict[str, Any]) -> bool:
-    """Every file the manifest lists is still there with the recorded content."""
+def verify(run: Any, manifest: dict[str, Any]) -> bool:
+    """Every file the manifest lists is still there, with the recorded size and time."""
     listed = (manifest.get("outputs") or {}).get("files", {})
-    for rel, sha in listed.items():
-        path = root / rel
-        if not path.is_file() or file_sha256(path) != sha:
+    if not listed:
+        return True
+    rels = sorted(listed)
+    for rel, info in zip(rels, run.fs.get_file_info([run.key(r) for r in rels]), strict=True):
+        want = listed[rel]
+        if not isinstance(want, dict) or info.size != want.get("size"):
+            return False
+        if want.get("mtime_ns") is not None and info.mtime_ns != want["mtime_ns"]:
             return False
     return True
 

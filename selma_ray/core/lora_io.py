@@ -72,3 +72,13 @@ def load_adapter(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not state:
         raise ValueError(f"{path}: no UNet LoRA weights found (keys must start with 'unet.')")
     return state, config
+
+
+def adapter_config(path: Path) -> dict[str, Any]:
+    """An adapter's LoRA config (rank, alpha, targets) from its file's metadata alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_file(path)), framework="pt") as f:
+        meta = f.metadata() or {}
+    config = json.loads(meta.get(_META_KEY, "{}"))
+    return {k.removeprefix("unet."): v for k, v in config.items()}

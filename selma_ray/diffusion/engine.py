@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import yaml
 
 from selma_ray.config import SelmaConfig, validate
 from selma_ray.core import layout
-from selma_ray.core.lora_io import WEIGHT_NAME, adapter_file
+from selma_ray.core.lora_io import WEIGHT_NAME
 from selma_ray.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -30,58 +30,109 @@ class AdapterInfo:
     kind: str  # "base", "expert" or "merged"
     skill: str | None
     rank: int | None
-    path: str | None
+    path: str | None  # where it is in the run (a URI on object storage)
+    sha256: str | None = None  # of its safetensors file, as its manifest recorded
 
 
-def load_run_config(run_dir: str | Path) -> SelmaConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a selma_ray run directory?")
-    return validate(yaml.safe_load(path.read_text()))
+RunRef = RunDir | str | Path | dict[str, Any]
 
 
-def find_adapters(run_dir: str | Path) -> dict[str, AdapterInfo]:
-    """Every finished adapter of a run, plus ``base``: the experts, ``merged`` and each
-    method's merge as ``merged-<method>``."""
-    from selma_ray.core.lora_io import load_adapter
+def as_run(run: RunRef) -> RunDir:
+    """A run directory from a RunDir, a local path or URI, or ``RunDir.spec`` data."""
+    if isinstance(run, RunDir):
+        return run
+    if isinstance(run, dict):
+        return RunDir.from_spec(run)
+    return RunDir(str(run))
 
-    run = RunDir(run_dir)
+
+def load_run_config(run: RunRef) -> SelmaConfig:
+    run = as_run(run)
+    try:
+        text = run.read_text("config.yaml")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{run.url('config.yaml')} not found: is {run.uri} a selma_ray run directory?"
+        ) from None
+    return validate(yaml.safe_load(text))
+
+
+def find_adapters(run: RunRef) -> dict[str, AdapterInfo]:
+    """Every committed adapter of a run, plus ``base``: the experts, ``merged`` and each
+    method's merge as ``merged-<method>``. Reads manifests only; nothing is downloaded."""
+    run = as_run(run)
     found = {BASE: AdapterInfo(BASE, "base", None, None, None)}
-    candidates = []
-    experts_dir = run.path(layout.EXPERTS)
-    if experts_dir.is_dir():
-        candidates += [(p.name, "expert", p.name, p) for p in sorted(experts_dir.iterdir())]
-    candidates.append(("merged", "merged", None, run.path(layout.MERGED)))
-    merges_dir = run.path(layout.MERGES)
-    if merges_dir.is_dir():
-        merges = [p for p in sorted(merges_dir.iterdir()) if not p.name.startswith(".")]
-        candidates += [(f"merged-{p.name}", "merged", None, p) for p in merges]
-    for name, kind, skill, folder in candidates:
-        if name.startswith(".") or run.read_manifest(str(folder.relative_to(run.root))) is None:
+    candidates: list[tuple[str, str, str | None, tuple[str, ...]]] = []
+    candidates += [(n, "expert", n, (layout.EXPERTS, n)) for n in run.listdir(layout.EXPERTS)]
+    candidates.append(("merged", "merged", None, (layout.MERGED,)))
+    merges = run.listdir(layout.MERGES)
+    candidates += [(f"merged-{n}", "merged", None, (layout.MERGES, n)) for n in merges]
+    for name, kind, skill, parts in candidates:
+        manifest = run.read_manifest(*parts) if not name.startswith(".") else None
+        if manifest is None:
             continue  # unfinished or temporary
         if name in found:  # e.g. a skill named like a merge
-            log.warning("skipping adapter %s at %s: the name is taken", name, folder)
+            log.warning("skipping adapter %s at %s: the name is taken", name, run.url(*parts))
             continue
-        try:
-            _, lora_config = load_adapter(adapter_file(folder))
-        except (FileNotFoundError, ValueError) as e:
-            log.warning("skipping adapter %s: %s", name, e)
-            continue
-        found[name] = AdapterInfo(name, kind, skill, lora_config.get("r"), str(folder))
+        rel = "/".join([*parts, WEIGHT_NAME])
+        listed = (manifest.get("outputs") or {}).get("files", {}).get(rel) or {}
+        found[name] = AdapterInfo(name, kind, skill, None, rel, listed.get("sha256"))
     return found
 
 
-class DiffusionService:
-    """One pipeline, all adapters loaded; ``generate`` is serialised by a lock."""
+def fetch_adapter(run: RunDir, info: AdapterInfo) -> Path:
+    """A node-local copy of an adapter's safetensors file, cached by content digest (so a
+    replica or renderer downloads each adapter once, and a later rewrite of the run cannot
+    change what it loaded). The download is checked against the manifest's SHA-256."""
+    import hashlib
+    import os
+    import tempfile
 
-    def __init__(self, run_dir: str | Path):
+    from selma_ray.models import cache_dir
+
+    if info.path is None:
+        raise ValueError(f"{info.name} has no adapter file")
+    stat = run.info(info.path)
+    if stat.size is None:
+        raise FileNotFoundError(f"adapter {info.name}: {run.url(info.path)} is missing")
+    key = (
+        info.sha256
+        or hashlib.sha256(f"{run.url(info.path)}:{stat.size}:{stat.mtime_ns}".encode()).hexdigest()
+    )
+    folder = cache_dir() / "adapters" / key[:32]
+    if (folder / WEIGHT_NAME).is_file():
+        return folder
+    data = run.read_bytes(info.path)
+    if info.sha256 and hashlib.sha256(data).hexdigest() != info.sha256:
+        raise ValueError(f"adapter {info.name}: {run.url(info.path)} does not match its manifest")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=folder.parent))
+    (tmp / WEIGHT_NAME).write_bytes(data)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process cached it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+class DiffusionService:
+    """One pipeline, all adapters loaded; ``generate`` is serialised by a lock.
+
+    Adapters load under internal names (``g<generation>_<n>``), so a hot reload loads the whole
+    new set beside the old one and only then drops the old: a reload that fails part-way
+    leaves the old set serving."""
+
+    def __init__(self, run: RunRef):
         import torch
         from diffusers import AutoPipelineForText2Image
 
         from selma_ray.diffusion.common import torch_device_and_dtype
         from selma_ray.models import resolve
 
-        self.config = load_run_config(run_dir)
+        self.run = as_run(run)
+        self.config = load_run_config(self.run)
         res = self.config.resources.serve
         self.device, dtype = torch_device_and_dtype(res.num_gpus, "auto")
         pipe = AutoPipelineForText2Image.from_pretrained(
@@ -90,40 +141,60 @@ class DiffusionService:
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         self.adapters: dict[str, AdapterInfo] = {}
+        self._internal: dict[str, str] = {}  # public name -> name inside the pipeline
+        self._generation = 0
         self._lock = threading.Lock()
         self._torch = torch
-        self._load_adapters(run_dir)
+        self.adapters, self._internal = self._load_set(self.run)
         self._native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        log.info("serving %s with adapters %s", self.config.models.base, sorted(self.adapters))
 
     @property
     def native_size(self) -> int:
         """The run's image size (or the model's native one)."""
         return self.config.images.resolution or self._native
 
-    def _load_adapters(self, run_dir: str | Path) -> None:
-        found = find_adapters(run_dir)
-        for info in found.values():
-            if info.path:
-                self.pipe.load_lora_weights(
-                    info.path, weight_name=WEIGHT_NAME, adapter_name=info.name
-                )
-        self.adapters = found
-        log.info("serving %s with adapters %s", self.config.models.base, sorted(found))
+    def _load_set(self, run: RunDir) -> tuple[dict[str, AdapterInfo], dict[str, str]]:
+        """Fetch and load every adapter of ``run`` under new internal names; on any failure,
+        unload what this call loaded and raise (the current set is untouched)."""
+        from selma_ray.core.lora_io import adapter_config
 
-    def reload(self, run_dir: str | Path) -> None:
-        """Swap in the adapters of another run of the same base model, without a restart."""
-        config = load_run_config(run_dir)
+        self._generation += 1
+        found, internal, loaded = find_adapters(run), {}, []
+        try:
+            for i, info in enumerate(found.values()):
+                if not info.path:
+                    continue
+                local = fetch_adapter(run, info)
+                name = f"g{self._generation}_{i}"
+                self.pipe.load_lora_weights(str(local), weight_name=WEIGHT_NAME, adapter_name=name)
+                loaded.append(name)
+                internal[info.name] = name
+                rank = adapter_config(local).get("r")
+                found[info.name] = replace(info, rank=rank, path=run.url(info.path))
+        except Exception:
+            if loaded:
+                self.pipe.delete_adapters(loaded)
+            raise
+        return found, internal
+
+    def reload(self, run: RunRef) -> None:
+        """Swap in the adapters of another run of the same base model, without a restart.
+        The new set is loaded in full before the old one goes."""
+        run = as_run(run)
+        config = load_run_config(run)
         if config.models.base != self.config.models.base:
             raise ValueError(
-                f"{run_dir} was trained on {config.models.base}, but this replica serves "
+                f"{run.uri} was trained on {config.models.base}, but this replica serves "
                 f"{self.config.models.base}; deploy a new application for another base model"
             )
         with self._lock:
-            loaded = [n for n, a in self.adapters.items() if a.path]
-            if loaded:
-                self.pipe.delete_adapters(loaded)
-            self.config = config
-            self._load_adapters(run_dir)
+            found, internal = self._load_set(run)
+            old = list(self._internal.values())
+            self.adapters, self._internal, self.config, self.run = found, internal, config, run
+            if old:
+                self.pipe.delete_adapters(old)
+        log.info("reloaded from %s: adapters %s", run.uri, sorted(found))
 
     def describe(self) -> list[dict[str, Any]]:
         return [asdict(a) for a in self.adapters.values()]
@@ -133,7 +204,7 @@ class DiffusionService:
             self.pipe.disable_lora()
             return
         self.pipe.enable_lora()
-        self.pipe.set_adapters([n for n, _ in spec], [w for _, w in spec])
+        self.pipe.set_adapters([self._internal[n] for n, _ in spec], [w for _, w in spec])
 
     def generate_many(
         self,

@@ -8,7 +8,6 @@ writes is kept under ``eval/`` and reused while its inputs match.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 from selma_ray.config import SelmaConfig
 from selma_ray.core import layout
-from selma_ray.core.rundir import RunDir, atomic_write_json
+from selma_ray.core.rundir import RunDir
 from selma_ray.eval import dsg
 
 log = logging.getLogger(__name__)
@@ -64,10 +63,10 @@ def generated_prompts(
     key = cfg.fingerprint(
         "prompts", extra=[cfg.models.llm, cfg.eval.generated_per_skill, cfg.run.seed, training]
     )
-    cached = run.path(STAGE, "prompts", "prompts.json")
-    if run.is_done(key, STAGE, "prompts") and cached.is_file():
+    cached = f"{STAGE}/prompts/prompts.json"
+    if run.is_done(key, STAGE, "prompts") and run.is_file(cached):
         log.info("eval: reusing the held-out prompts generated earlier")
-        return [dsg.EvalPrompt(**p) for p in json.loads(cached.read_text())]
+        return [dsg.EvalPrompt(**p) for p in run.read_json(cached)]
     start = time.perf_counter()
     prompts = dsg.generate_prompts(cfg, training)
     if not prompts:
@@ -75,10 +74,10 @@ def generated_prompts(
     log.info(
         "eval: %d held-out prompts generated in %.1fs", len(prompts), time.perf_counter() - start
     )
-    atomic_write_json(
-        cached, [{"id": p.id, "prompt": p.prompt, "category": p.category} for p in prompts]
+    run.write_json(
+        [{"id": p.id, "prompt": p.prompt, "category": p.category} for p in prompts], cached
     )
-    run.write_manifest(key, STAGE, "prompts", count=len(prompts))
+    run.write_manifest(key, STAGE, "prompts", count=len(prompts), outputs=run.outputs([cached]))
     return prompts
 
 
@@ -104,9 +103,9 @@ def attach_questions(
         key = cfg.fingerprint(
             extra=[llm, cfg.prompts.backend, ec.max_questions, [(p.id, p.prompt) for p in prompts]]
         )
-        cached = run.path(STAGE, "questions", "questions.json") if run else None
-        if run and cached and run.is_done(key, STAGE, "questions") and cached.is_file():
-            saved = json.loads(cached.read_text())
+        cached = f"{STAGE}/questions/questions.json"
+        if run and run.is_done(key, STAGE, "questions") and run.is_file(cached):
+            saved = run.read_json(cached)
             for p in prompts:
                 p.questions = [dsg.Question.from_dict(q) for q in saved[p.id]]
             log.info("eval: reusing the questions %s wrote earlier", llm)
@@ -123,6 +122,7 @@ def attach_questions(
             len(prompts),
             time.perf_counter() - start,
         )
-        if run and cached:
-            atomic_write_json(cached, {p.id: [q.to_dict() for q in p.questions] for p in prompts})
-            run.write_manifest(key, STAGE, "questions", llm=llm, count=n)
+        if run:
+            run.write_json({p.id: [q.to_dict() for q in p.questions] for p in prompts}, cached)
+            done = run.outputs([cached])
+            run.write_manifest(key, STAGE, "questions", llm=llm, count=n, outputs=done)

@@ -19,21 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from selma_ray.config import SelmaConfig
-from selma_ray.core.lineage import Lineage, digest, outputs
-from selma_ray.core.rundir import (
-    MANIFEST,
-    RunDir,
-    atomic_write_json,
-    atomic_write_text,
-    replace_dir,
-)
+from selma_ray.core.lineage import Lineage, digest
+from selma_ray.core.rundir import RunDir
 from selma_ray.core.seeds import stable_seed
 from selma_ray.core.udf import require_columns
 from selma_ray.eval import dsg
@@ -98,14 +90,14 @@ def render_key(cfg: SelmaConfig, rows: list[dict[str, Any]], adapters: Any) -> s
 class EvalRenderer:
     """Ray Data UDF: renders each row's prompt with its variant's adapter and its seed."""
 
-    def __init__(self, run_dir: str, num_gpus: float, steps: int, guidance_scale: float):
+    def __init__(self, run: dict[str, Any], num_gpus: float, steps: int, guidance_scale: float):
         import torch
 
         from selma_ray.core.logs import setup_logging
         from selma_ray.diffusion.engine import DiffusionService
 
         setup_logging()
-        self.svc = DiffusionService(run_dir)
+        self.svc = DiffusionService(run)  # adapters copied from the run's storage
         if num_gpus > 0 and torch.cuda.is_available() and self.svc.device != "cuda":
             self.svc.pipe.to("cuda")
             self.svc.device = "cuda"
@@ -151,46 +143,43 @@ def _pool(cfg: SelmaConfig) -> dict[str, Any]:
     }
 
 
-def render(cfg: SelmaConfig, run: RunDir, rows: list[dict[str, Any]], key: str) -> Path:
-    """Render ``rows`` into ``eval/images`` unless images with the same ``key`` are there."""
+def render(cfg: SelmaConfig, run: RunDir, rows: list[dict[str, Any]], key: str) -> list[str]:
+    """Render ``rows`` into ``eval/images/data`` unless images with the same ``key`` are
+    committed there; returns the shards (paths in ``run.fs``)."""
     import ray
 
-    final = run.path(STAGE, "images", "data")
-    if run.is_done(key, STAGE, "images") and final.is_dir():
+    from selma_ray.core import layout
+
+    parts = (STAGE, "images")
+    if run.is_done(key, *parts):
         log.info("eval: reusing %d rendered images from an earlier attempt", len(rows))
-        return final
-    run.path(STAGE, "images", MANIFEST).unlink(missing_ok=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".images.", dir=final.parent))
-    try:
-        ds = ray.data.from_items(rows).map_batches(
-            EvalRenderer,
-            fn_constructor_kwargs={
-                "run_dir": str(run.root),
-                "num_gpus": cfg.resources.eval.num_gpus,
-                "steps": steps(cfg),
-                "guidance_scale": guidance(cfg),
-            },
-            **_pool(cfg),
-        )
-        ds.write_parquet(str(tmp))
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    run.write_manifest(key, STAGE, "images", count=len(rows))
-    return final
+        return layout.images_files(run, "/".join(parts))
+    run.drop_manifest(*parts)  # un-commit first, then clear strays and rewrite
+    run.delete(*parts, "data")
+    ds = ray.data.from_items(rows).map_batches(
+        EvalRenderer,
+        fn_constructor_kwargs={
+            "run": run.spec,
+            "num_gpus": cfg.resources.eval.num_gpus,
+            "steps": steps(cfg),
+            "guidance_scale": guidance(cfg),
+        },
+        **_pool(cfg),
+    )
+    ds.write_parquet(run.key(*parts, "data"), filesystem=run.fs)
+    shards = run.files(*parts, "data", suffix=".parquet")
+    run.write_manifest(key, *parts, count=len(rows), outputs=run.outputs(shards))
+    return [run.key(f) for f in shards]
 
 
-def score(cfg: SelmaConfig, images: Path, name: str) -> list[dict[str, Any]]:
+def score(cfg: SelmaConfig, run: RunDir, images: list[str], name: str) -> list[dict[str, Any]]:
     """One Ray Data pass of scorer ``name`` over the rendered images."""
-    import ray
-
+    from selma_ray.core import layout
     from selma_ray.eval.scorers import ScoreBatch
 
     keep = ["variant", "prompt_id", "seed_index", f"score_{name}"]
     keep += ["dsg_detail"] if name == "dsg" else []
-    ds = ray.data.read_parquet(str(images)).map_batches(
+    ds = layout.read_dataset(run, images, None).map_batches(
         ScoreBatch,
         fn_constructor_kwargs={
             "name": name,
@@ -203,10 +192,13 @@ def score(cfg: SelmaConfig, images: Path, name: str) -> list[dict[str, Any]]:
 
 
 def grid_rows(
-    images: Path, prompts: list[dsg.EvalPrompt], count: int
+    run: RunDir, images: list[str], prompts: list[dsg.EvalPrompt], count: int
 ) -> list[tuple[str, dict[str, bytes]]]:
-    """Up to ``count`` prompts (categories taken in turn), seed 0, image per variant."""
+    """Up to ``count`` prompts (categories taken in turn), seed 0, image per variant; only
+    those rows' images are read."""
     import pyarrow.dataset as pads
+
+    from selma_ray.core import layout
 
     by_cat: dict[str, list[dsg.EvalPrompt]] = {}
     for p in prompts:
@@ -217,8 +209,11 @@ def grid_rows(
             if group and len(chosen) < count:
                 chosen.append(group.pop(0))
     ids = [p.id for p in chosen]
-    table = pads.dataset(str(images), format="parquet").to_table(
-        columns=["variant", "prompt_id", "seed_index", "image"]
+    table = layout.read_table(
+        run,
+        images,
+        ["variant", "prompt_id", "seed_index", "image"],
+        filter=(pads.field("seed_index") == 0) & pads.field("prompt_id").isin(ids),
     )
     found: dict[str, dict[str, bytes]] = {i: {} for i in ids}
     for r in table.to_pylist():
@@ -228,16 +223,14 @@ def grid_rows(
     return [(text[i], found[i]) for i in ids]
 
 
-def _distinct(adapters: dict[str, Any]) -> list[str]:
+def _distinct(run: RunDir, adapters: dict[str, Any]) -> list[str]:
     """Names of adapters with distinct weights: ``merged`` is a copy of its method's merge
     (``merged-<method>``), and rendering and scoring it twice would show the same numbers."""
-    from selma_ray.core.lora_io import adapter_file
-
     seen: dict[str, str] = {}
     keep = []
     for name, info in adapters.items():
         if info.path is not None:
-            digest = hashlib.sha256(adapter_file(Path(info.path)).read_bytes()).hexdigest()
+            digest = info.sha256 or hashlib.sha256(run.read_bytes(info.path)).hexdigest()
             if digest in seen:
                 log.info("eval: %s has the same weights as %s; evaluated once", name, seen[digest])
                 continue
@@ -249,11 +242,11 @@ def _distinct(adapters: dict[str, Any]) -> list[str]:
 def select_variants(cfg: SelmaConfig, run: RunDir) -> list[str]:
     from selma_ray.diffusion.engine import find_adapters
 
-    adapters = find_adapters(run.root)
+    adapters = find_adapters(run)
     found = list(adapters)
     wanted = cfg.eval.variants
     if wanted is None:
-        return _distinct(adapters)
+        return _distinct(run, adapters)
     unknown = sorted(set(wanted) - set(found))
     if unknown:
         raise ValueError(f"eval.variants {unknown} are not adapters of this run; found {found}")
@@ -312,23 +305,19 @@ def write_outputs(
     table: list[dict[str, Any]],
     prompts: list[dsg.EvalPrompt],
     grids: list[tuple[str, dict[str, bytes]]],
-) -> Path:
+) -> None:
     """scores.jsonl, questions.jsonl, metrics.json and report.html under ``eval/``."""
     from selma_ray.eval import report as eval_report
 
-    out = run.path(STAGE)
-    atomic_write_text(
-        out / "scores.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in table)
-    )
+    run.write_text("".join(json.dumps(r, default=str) + "\n" for r in table), STAGE, "scores.jsonl")
     questions = [
         {"id": p.id, "prompt": p.prompt, "questions": [q.to_dict() for q in p.questions]}
         for p in prompts
     ]
-    atomic_write_text(out / "questions.jsonl", "".join(json.dumps(q) + "\n" for q in questions))
-    atomic_write_json(out / "metrics.json", doc)
-    atomic_write_text(out / "report.html", eval_report.render_html(doc, grids))
-    log.info("eval: report at %s", out / "report.html")
-    return out
+    run.write_text("".join(json.dumps(q) + "\n" for q in questions), STAGE, "questions.jsonl")
+    run.write_json(doc, STAGE, "metrics.json")
+    run.write_text(eval_report.render_html(doc, grids), STAGE, "report.html")
+    log.info("eval: report at %s", run.url(STAGE, "report.html"))
 
 
 def dsg_protocol(cfg: SelmaConfig) -> dict[str, str]:
@@ -428,7 +417,7 @@ def build_doc(
         for variant, counts in question_sources(table, prompts).items():
             metrics["dsg"][variant]["questions"] = counts
     return {
-        "run_dir": str(run.root),
+        "run_dir": run.uri,
         "note": TINY_NOTE if tiny or is_builtin(cfg.models.base) else "",
         "models": {
             "base": cfg.models.base,
@@ -490,7 +479,7 @@ def run_eval(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
     active = [n for n, s in scorers.items() if s["status"] == "ok"]
     for name in active:
         start = time.perf_counter()
-        for r in score(cfg, images, name):
+        for r in score(cfg, run, images, name):
             if "dsg_detail" in r:
                 r["dsg_detail"] = json.loads(r["dsg_detail"])
             results[(r["variant"], r["prompt_id"], r["seed_index"])].update(r)
@@ -507,15 +496,15 @@ def run_eval(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
     )
     log_results(metrics, {n: s["label"] for n, s in scorers.items()})
     doc = build_doc(cfg, run, prompts, dropped, scorers, variants, table, metrics)
-    out = write_outputs(run, doc, table, prompts, grid_rows(images, prompts, ec.grid_prompts))
-    written = [out / "metrics.json", out / "scores.jsonl"]
+    write_outputs(run, doc, table, prompts, grid_rows(run, images, prompts, ec.grid_prompts))
+    written = [f"{STAGE}/metrics.json", f"{STAGE}/scores.jsonl"]
     return run.write_manifest(
         fp,
         STAGE,
         lineage=lineage.inputs,
-        outputs=outputs(run.root, written),
-        report=str(out / "report.html"),
-        metrics=str(out / "metrics.json"),
+        outputs=run.outputs(written),
+        report=run.url(STAGE, "report.html"),
+        metrics=run.url(STAGE, "metrics.json"),
         headline=headline(metrics),
         labels={n: s["label"] for n, s in scorers.items()},
         skipped_scorers={n: s["reason"] for n, s in scorers.items() if s["status"] != "ok"},

@@ -14,10 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from selma_ray.core.udf import require_columns
@@ -26,7 +22,6 @@ from selma_ray.core.udf import require_columns
 from selma_ray.diffusion.common import pixel_array, prepare_images  # noqa: F401
 
 log = logging.getLogger(__name__)
-COMPLETE = ".complete"
 
 
 def native_resolution(base: str) -> int:
@@ -146,34 +141,35 @@ class LatentEncoder:
         return out
 
 
-def cached_latents(ds, cache_dir: Path, base: str, flip: bool, batch_size: int, num_cpus: float):
-    """Encode a preprocessed dataset once into ``cache_dir`` (Parquet, moved in when complete)
-    and return the cached dataset; a later call with the same folder only reads it."""
+def cached_latents(
+    ds, cache: tuple[Any, str], base: str, flip: bool, batch_size: int, num_cpus: float
+):
+    """Encode a preprocessed dataset once into ``cache`` (a run directory and a prefix in it)
+    and return the cached dataset; a later call with the same prefix only reads it. The
+    Parquet goes to a fresh sub-prefix and ``complete.json`` naming it is written last, so a
+    killed encoding is never read back as a cache."""
+    import uuid
+
     import ray
 
-    cache_dir = Path(cache_dir)
-    if not (cache_dir / COMPLETE).exists():
-        cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
-        try:
-            ds.map_batches(
-                LatentEncoder,
-                fn_constructor_kwargs={"base": base, "flip": flip},
-                batch_size=batch_size,
-                compute=ray.data.ActorPoolStrategy(size=1),
-                num_cpus=num_cpus,
-            ).write_parquet(str(tmp / "data"))
-            (tmp / COMPLETE).touch()
-            shutil.rmtree(cache_dir, ignore_errors=True)
-            os.replace(tmp, cache_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log.info("experts: cached latents in %s", cache_dir)
-    return ray.data.read_parquet(str(cache_dir / "data"))
+    run, prefix = cache
+    done = run.read_manifest(prefix)
+    if done is None:
+        data = f"{prefix}/{uuid.uuid4().hex[:8]}"
+        ds.map_batches(
+            LatentEncoder,
+            fn_constructor_kwargs={"base": base, "flip": flip},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=num_cpus,
+        ).write_parquet(run.key(data), filesystem=run.fs)
+        done = run.write_manifest("latents", prefix, data=data)
+        log.info("experts: cached latents in %s", run.url(data))
+    return ray.data.read_parquet(run.key(done["data"]), filesystem=run.fs)
 
 
 def training_datasets(
-    train_table, val_table, loop: dict[str, Any], cache_dir: Path | None, num_cpus: float
+    train_table, val_table, loop: dict[str, Any], cache: tuple[Any, str] | None, num_cpus: float
 ) -> dict[str, Any]:
     """Ray Datasets ``train`` (and ``validation`` when rows are held out) of model inputs.
     Inputs that are the same every epoch (``fixed_inputs``) are materialized here, once; they
@@ -185,7 +181,7 @@ def training_datasets(
     base, bs = loop["base"], loop["batch_size"]
     size = loop["resolution"] or native_resolution(base)
     # With a cache, flips come from the cached flipped latents, not from the pixels.
-    flip_pixels = loop["random_flip"] and cache_dir is None
+    flip_pixels = loop["random_flip"] and cache is None
     tables = {
         "train": (train_table, {"crop": loop["crop"], "flip": flip_pixels}),
         "validation": (val_table, {"crop": "center", "flip": False}),
@@ -200,11 +196,12 @@ def training_datasets(
             batch_size=bs,
             num_cpus=num_cpus,
         )
-        if cache_dir is not None:
+        if cache is not None:
             flip = loop["random_flip"] and name == "train"
             # Held in the object store (spilled to disk if large): re-reading Parquet every
             # epoch costs more than the tiny encoders it replaces.
-            ds = cached_latents(ds, cache_dir / name, base, flip, bs, num_cpus).materialize()
+            where = (cache[0], f"{cache[1]}/{name}")
+            ds = cached_latents(ds, where, base, flip, bs, num_cpus).materialize()
         elif aug["crop"] == "center" and not aug["flip"]:
             ds = ds.materialize()  # deterministic: preprocess once, not on every epoch
         # Workers iterate these inside the trials; their progress bars would only linger on

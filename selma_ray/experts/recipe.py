@@ -16,8 +16,8 @@ cached latents and text embeddings (``selma_ray.experts.data``).
 
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 import statistics
 import tempfile
 import time
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_ray.core.lora_io import WEIGHT_NAME
+from selma_ray.core.rundir import RunDir
 from selma_ray.diffusion.denoise import FixedNoise, TextConditioner, denoising_target
 
 log = logging.getLogger(__name__)
@@ -294,8 +295,10 @@ class ExpertTrainer:
             hidden, added = self.conditioning(self.val["batch"], fixed.size(self.pipe))
         return fixed.loss(self.unet, hidden, added)
 
-    def render_samples(self, prompts: list[str], out: Path) -> None:
-        """Render ``prompts`` with the current adapter (fixed seed) into one PNG strip."""
+    def render_samples(self, prompts: list[str]) -> bytes:
+        """Render ``prompts`` with the current adapter (fixed seed) as one PNG strip."""
+        import io
+
         import torch
         from PIL import Image
 
@@ -309,10 +312,9 @@ class ExpertTrainer:
         for img in images:
             strip.paste(img, (x, 0))
             x += img.width
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp.png")
-        strip.save(tmp)
-        tmp.replace(out)
+        buf = io.BytesIO()
+        strip.save(buf, format="PNG")
+        return buf.getvalue()
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, out: Path) -> None:
@@ -393,31 +395,47 @@ def _whole(shard) -> dict[str, Any]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _record_attempt(path: Path, step: int) -> None:
-    """Append the step this worker group starts from (0, or a checkpoint's step)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps({"start_step": step, "time": time.time()}) + "\n")
+def _work(config: dict[str, Any]) -> tuple[RunDir, str] | None:
+    """The run directory and this expert's scratch prefix in it (attempts, logs, samples),
+    on the run's storage so that any node sees them; ``None`` outside a pipeline run."""
+    if not config.get("work"):
+        return None
+    return RunDir.from_spec(config["work"]["run"]), config["work"]["prefix"]
 
 
-def read_attempts(path: Path) -> list[int]:
+def _record_attempt(run: RunDir, work: str, step: int) -> None:
+    """Record the step this worker group starts from (0, or a checkpoint's step): one object
+    per attempt, since object stores cannot append."""
+    record = {"start_step": step, "time": time.time()}
+    run.write_json(record, work, "attempts", f"{time.time_ns()}-{step}.json")
+
+
+def read_attempts(run: RunDir, work: str) -> list[int]:
     """Start steps of every attempt at training an expert (driver re-runs and retries)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line)["start_step"] for line in path.read_text().splitlines() if line]
+    names = run.listdir(work, "attempts")
+    return [run.read_json(work, "attempts", n)["start_step"] for n in names]
 
 
 def _fault_drill(config: dict[str, Any], step: int) -> None:
-    """Test hook: raise once at ``fail_at_step`` (a marker file per step stops the retry
+    """Test hook: raise once at ``fail_at_step`` (a marker object per step stops the retry
     failing again)."""
-    if config.get("fail_at_step") != step or not config.get("fail_marker_dir"):
+    where = _work(config)
+    if config.get("fail_at_step") != step or where is None:
         return
-    marker = Path(config["fail_marker_dir"]) / f"fault-drill-{step}"
-    if marker.exists():
+    run, work = where
+    marker = f"fault-drill-{step}"
+    if run.exists(work, marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    run.write_bytes(b"", work, marker)
     raise RuntimeError(f"fault drill: expert {config['skill']} fails at step {step}")
+
+
+def _upload_logs(run: RunDir, work: str, local: Path) -> None:
+    """Copy TensorBoard's event files to the run's storage (each file whole, so earlier
+    attempts' files stay)."""
+    for f in sorted(local.glob("*")):
+        if f.is_file():
+            run.write_bytes(f.read_bytes(), work, "logs", f.name)
 
 
 def train_expert(config: dict[str, Any]) -> None:
@@ -440,8 +458,9 @@ def train_expert(config: dict[str, Any]) -> None:
             trainer.load(Path(ckpt))
         resumed_from = trainer.step
         log.info("experts: [%s] resumed at step %d", config["skill"], trainer.step)
-    if rank == 0 and config.get("attempts_file"):
-        _record_attempt(Path(config["attempts_file"]), trainer.step)
+    where = _work(config) if rank == 0 else None
+    if where:
+        _record_attempt(*where, trainer.step)
     torch.manual_seed(config["seed"] * 1_000_003 + rank * 7919 + trainer.step)
     if ctx.get_world_size() > 1:
         trainer.distribute()
@@ -449,14 +468,13 @@ def train_expert(config: dict[str, Any]) -> None:
         trainer.set_validation(_whole(ray.train.get_dataset_shard("validation")))
     except KeyError:
         pass  # nothing held out (select=last)
-    writer = None
-    if rank == 0 and config.get("log_dir"):
+    writer, log_dir = None, None
+    if where:
         from tensorboardX import SummaryWriter
 
+        log_dir = Path(tempfile.mkdtemp(prefix="selma-tb-"))
         # After a resume, TensorBoard hides the failed attempt's steps past the checkpoint.
-        writer = SummaryWriter(
-            config["log_dir"], purge_step=trainer.step + 1 if trainer.step else None
-        )
+        writer = SummaryWriter(str(log_dir), purge_step=trainer.step + 1 if trainer.step else None)
 
     per_step = config["batch_size"] * config["gradient_accumulation"]
     batches = endless_batches(
@@ -499,9 +517,10 @@ def train_expert(config: dict[str, Any]) -> None:
             if val_loss is not None:
                 writer.add_scalar("val/loss", val_loss, trainer.step)
             writer.flush()
-        if rank == 0 and config.get("sample_prompts") and config.get("samples_dir"):
-            out_png = Path(config["samples_dir"]) / f"step-{trainer.step:06d}.png"
-            trainer.render_samples(config["sample_prompts"], out_png)
+            _upload_logs(*where, log_dir)
+        if where and config.get("sample_prompts"):
+            png = trainer.render_samples(config["sample_prompts"])
+            where[0].write_bytes(png, where[1], "samples", f"step-{trainer.step:06d}.png")
         log.info(
             "experts: [%s] step %d/%d loss %.4f%s",
             config["skill"],
@@ -514,6 +533,8 @@ def train_expert(config: dict[str, Any]) -> None:
         losses.clear()
     if writer:
         writer.close()
+        _upload_logs(*where, log_dir)
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def _report(trainer: ExpertTrainer, metrics: dict[str, Any], rank: int) -> None:

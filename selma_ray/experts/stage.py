@@ -14,15 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from selma_ray.config import SelmaConfig
 from selma_ray.core import layout
-from selma_ray.core.lineage import Lineage, outputs
+from selma_ray.core.lineage import Lineage
 from selma_ray.core.lora_io import WEIGHT_NAME
-from selma_ray.core.rundir import RunDir, replace_dir, safe_child
+from selma_ray.core.rundir import RunDir, check_name
 from selma_ray.experts.recipe import read_attempts
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,18 @@ def fault_drill() -> dict[str, int]:
     return drill
 
 
-def skill_table(images_dir: str, skill: str):
-    """This skill's image-text pairs as an Arrow table."""
-    import pyarrow.dataset as pads
+def skill_table(run: RunDir, files: list[str], skill: str):
+    """This skill's image-text pairs as an Arrow table, read by Ray Data from the committed
+    shards with column projection and the skill filter pushed down."""
+    import pyarrow as pa
+    import ray
+    from ray.data.expressions import col
 
-    table = pads.dataset(images_dir, format="parquet").to_table(
-        columns=["prompt", "image", "skill"], filter=pads.field("skill") == skill
-    )
-    if table.num_rows == 0:
-        raise RuntimeError(f"experts: no images for skill {skill!r} in {images_dir}")
-    return table
+    ds = layout.read_dataset(run, files, ["prompt", "image", "skill"], filter=col("skill") == skill)
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    if not tables:
+        raise RuntimeError(f"experts: no images for skill {skill!r} in {run.url(layout.IMAGES)}")
+    return pa.concat_tables(tables)
 
 
 def select_checkpoint(
@@ -69,9 +71,10 @@ def select_checkpoint(
     return min(scored, key=lambda cm: (cm[1]["val_loss"], -cm[1].get("step", 0)))
 
 
-def work_dir(run: RunDir, skill: str, fp: str) -> Path:
-    """Per (skill, fingerprint) scratch: TensorBoard logs, samples, latent cache."""
-    return run.path("ray_results", "expert-work", f"{skill}-{fp}")
+def work_dir(skill: str, fp: str) -> str:
+    """Per (skill, fingerprint) scratch on the run's storage: attempts, TensorBoard logs,
+    samples, latent cache."""
+    return f"ray_results/expert-work/{check_name(skill)}-{fp}"
 
 
 def prepare_data(job: dict[str, Any], skill: str) -> dict[str, Any]:
@@ -79,9 +82,9 @@ def prepare_data(job: dict[str, Any], skill: str) -> dict[str, Any]:
     driver: deterministic preprocessing runs once here on warm Ray workers, not per trial."""
     from selma_ray.experts import data as train_data
 
-    loop, run = job["loop"], RunDir(job["run_dir"])
-    work = work_dir(run, skill, job["fingerprints"][skill])
-    table = skill_table(job["images_dir"], skill)
+    loop, run = job["loop"], RunDir.from_spec(job["run"])
+    work = work_dir(skill, job["fingerprints"][skill])
+    table = skill_table(run, job["images"], skill)
     train, val = train_data.split_rows(
         table, loop["seed"], skill, loop["validation_fraction"], loop["validation_count"]
     )
@@ -92,7 +95,7 @@ def prepare_data(job: dict[str, Any], skill: str) -> dict[str, Any]:
         train,
         val,
         loop,
-        work / "latents" if loop["cache_latents"] else None,
+        (run, f"{work}/latents") if loop["cache_latents"] else None,
         min(1.0, job["resources"]["cpus_per_worker"]),
     )
     return {
@@ -115,8 +118,8 @@ def _train_one(
 
     setup_logging()
     skill, loop, prep = trial_config["skill"], job["loop"], data[trial_config["skill"]]
-    fp, run = job["fingerprints"][skill], RunDir(job["run_dir"])
-    work = work_dir(run, skill, fp)
+    fp, run = job["fingerprints"][skill], RunDir.from_spec(job["run"])
+    work = work_dir(skill, fp)
     log.info("experts: [%s] training starts", skill)
     res = job["resources"]
     resources = {"CPU": res["cpus_per_worker"]}
@@ -129,10 +132,7 @@ def _train_one(
             **loop,
             "skill": skill,
             "fail_at_step": job["fault_drill"].get(skill),
-            "fail_marker_dir": str(work),
-            "attempts_file": str(work / "attempts.jsonl"),
-            "log_dir": str(work / "logs"),
-            "samples_dir": str(work / "samples"),
+            "work": {"run": run.spec, "prefix": work},
             "sample_prompts": prep["sample_prompts"],
         },
         scaling_config=ScalingConfig(
@@ -144,7 +144,8 @@ def _train_one(
             # One storage folder per (skill, fingerprint): a re-run of the same expert resumes
             # from its latest checkpoint; a changed config or data set starts afresh.
             name=f"expert-{skill}-{fp}",
-            storage_path=job["storage_path"],
+            storage_path=run.key("ray_results"),
+            storage_filesystem=run.fs,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=loop["keep_checkpoints"],
                 checkpoint_score_attribute="val_loss" if best else None,
@@ -184,9 +185,7 @@ def _train_one(
         "resumed_from": final.get("resumed_from", 0),
         "steps_per_second": final.get("steps_per_second"),
     }
-    export_expert(
-        run.root, skill, chosen, fp, info, metrics, work, job.get("lineage", {}).get(skill)
-    )
+    export_expert(run, skill, chosen, fp, info, metrics, work, job.get("lineage", {}).get(skill))
 
 
 def _metadata(info: dict[str, Any]) -> dict[str, str]:
@@ -210,38 +209,39 @@ def write_kohya(weights: dict[str, Any], out: Path, alpha: float, meta: dict[str
 
 
 def export_expert(
-    run_root: Path,
+    run: RunDir,
     skill: str,
     checkpoint,
     fp: str,
     info: dict[str, Any],
     metrics: dict[str, Any],
-    work: Path | None = None,
+    work: str | None = None,
     lineage: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``experts/<skill>/``: the selected checkpoint's adapter (diffusers format, with
-    metadata), its kohya-format copy, TensorBoard logs and samples; then the manifest."""
+    """Write ``experts/<skill>/`` from the selected checkpoint (read from the run's storage):
+    its adapter (diffusers format, with metadata), a kohya-format copy, TensorBoard logs and
+    samples; then the manifest, last."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    run = RunDir(run_root)
-    out = safe_child(run.path(STAGE), skill)
-    tmp = out.with_name(f".{skill}.export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with checkpoint.as_directory() as ckpt:
-        with safe_open(str(Path(ckpt) / WEIGHT_NAME), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            weights = {k: f.get_tensor(k) for k in f.keys()}
-    meta.update(_metadata(info))
-    save_file(weights, str(tmp / WEIGHT_NAME), metadata=meta)
-    write_kohya(weights, tmp / f"{skill}{KOHYA_SUFFIX}", info["alpha"], _metadata(info))
-    for sub in ("logs", "samples"):
-        if work is not None and (work / sub).is_dir():
-            shutil.copytree(work / sub, tmp / sub)
-    replace_dir(tmp, out)
+    check_name(skill)
+    with tempfile.TemporaryDirectory(prefix=f"selma-export-{skill}-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        with checkpoint.as_directory() as ckpt:
+            with safe_open(str(Path(ckpt) / WEIGHT_NAME), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                weights = {k: f.get_tensor(k) for k in f.keys()}
+        meta.update(_metadata(info))
+        save_file(weights, str(tmp / WEIGHT_NAME), metadata=meta)
+        write_kohya(weights, tmp / f"{skill}{KOHYA_SUFFIX}", info["alpha"], _metadata(info))
+        for sub in ("logs", "samples"):
+            if work is not None:
+                run.get_dir(tmp / sub, work, sub)
+        run.drop_manifest(STAGE, skill)  # un-commit before its files change
+        run.put_dir(tmp, STAGE, skill)
     clean = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
-    attempts = read_attempts(work / "attempts.jsonl") if work is not None else []
+    attempts = read_attempts(run, work) if work is not None else []
+    adapter = f"{STAGE}/{skill}/{WEIGHT_NAME}"
     run.write_manifest(
         fp,
         STAGE,
@@ -250,11 +250,11 @@ def export_expert(
         metrics=clean,
         export=info,
         attempts=attempts,  # start step of each attempt: 0, then checkpoints resumed from
-        adapter=str(out / WEIGHT_NAME),
+        adapter=run.url(adapter),
         lineage=lineage or {},
-        outputs=outputs(run.root, [out / WEIGHT_NAME, out / f"{skill}{KOHYA_SUFFIX}"]),
+        outputs=run.outputs([adapter, f"{STAGE}/{skill}/{skill}{KOHYA_SUFFIX}"]),
     )
-    log.info("experts: [%s] exported to %s (%s)", skill, out, clean)
+    log.info("experts: [%s] exported to %s (%s)", skill, run.url(STAGE, skill), clean)
 
 
 def run_experts(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
@@ -270,9 +270,8 @@ def run_experts(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, An
     if todo:
         ec, res = cfg.experts, cfg.resources.experts
         job = {
-            "run_dir": str(run.root),
-            "images_dir": str(layout.images_data(run)),
-            "storage_path": str(run.path("ray_results")),
+            "run": run.spec,
+            "images": layout.images_files(run),
             "fingerprints": fps,
             "lineage": lineage.inputs,
             "fault_drill": fault_drill(),
@@ -292,7 +291,10 @@ def run_experts(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, An
             param_space={"skill": tune.grid_search(todo)},
             tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent),
             run_config=tune.RunConfig(
-                name="experts", storage_path=str(run.path("ray_results")), verbose=1
+                name="experts",
+                storage_path=run.key("ray_results"),
+                storage_filesystem=run.fs,
+                verbose=1,
             ),
         )
         results = tuner.fit()

@@ -268,19 +268,23 @@ def read_pairs(
         }
 
 
-def write_shards(rows: Iterable[dict[str, Any]], out_dir: Path, prefix: str) -> int:
-    """Write rows as ``<prefix>-NNNNN.parquet`` shards of the stage schema; returns the count."""
+def write_shards(
+    rows: Iterable[dict[str, Any]], out_dir: Path | str, prefix: str, filesystem: Any = None
+) -> int:
+    """Write rows as ``<prefix>-NNNNN.parquet`` shards of the stage schema into ``out_dir``
+    (a local folder, or a path inside ``filesystem``); returns the count."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if filesystem is None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     buf: list[dict[str, Any]] = []
     total = shard = 0
 
     def flush() -> None:
         nonlocal shard
         table = pa.Table.from_pylist(buf, schema=schema())
-        pq.write_table(table, out_dir / f"{prefix}-{shard:05d}.parquet")
+        pq.write_table(table, f"{out_dir}/{prefix}-{shard:05d}.parquet", filesystem=filesystem)
         shard += 1
         buf.clear()
 

@@ -2,8 +2,8 @@
 
 Each image's seed comes from (run seed, skill, prompt id, image index), so the same config
 gives the same images however Ray Data partitions the work. Output is a folder of Parquet
-shards (prompt, skill, prompt_id, seed, generator, width, height, PNG bytes), written to a
-temporary folder and moved into place when complete.
+shards (prompt, skill, prompt_id, seed, generator, width, height, PNG bytes) that the
+render workers write straight to the run's storage; the manifest lists the shards that count.
 
 A broken image (NaN, all black, one colour) is rendered once more with a seed derived from
 its own and dropped if still broken. Skills in ``images.real_data`` get imported real pairs
@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
-import tempfile
 from itertools import chain
-from pathlib import Path
 from typing import Any
 
 from selma_ray.config import SelmaConfig
 from selma_ray.core import layout
-from selma_ray.core.lineage import Lineage, digest, outputs
-from selma_ray.core.rundir import MANIFEST, RunDir, atomic_write_bytes, replace_dir
+from selma_ray.core.lineage import Lineage, digest
+from selma_ray.core.rundir import RunDir
 from selma_ray.core.seeds import stable_seed
 from selma_ray.core.udf import require_columns
 from selma_ray.diffusion.common import png_bytes, torch_device_and_dtype
@@ -148,9 +145,11 @@ def render_key(cfg: SelmaConfig) -> str:
 
 
 def _reuse_old_rows(
-    run: RunDir, cfg: SelmaConfig, planned: list[dict[str, Any]], out_dir: Path
-) -> set[tuple[str, int]]:
-    """Copy earlier rendered rows that match a planned row into ``out_dir``; returns their keys.
+    run: RunDir, cfg: SelmaConfig, planned: list[dict[str, Any]], tag: str
+) -> tuple[list[str], set[tuple[str, int]]]:
+    """The committed shards of an earlier run that still hold planned rows: a shard whose rows
+    are all wanted is kept as it is (no copy), one with some wanted rows is rewritten filtered.
+    Returns (the shards to list in the new manifest, the reused row keys).
 
     A row matches when the earlier run had the same render key and the row has the same
     prompt id, image index, prompt text and seed (or that seed's retry seed).
@@ -158,10 +157,9 @@ def _reuse_old_rows(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    old = run.path(STAGE, "data")
     manifest = run.read_manifest(STAGE) or {}
-    if manifest.get("render_key") != render_key(cfg) or not old.is_dir():
-        return set()
+    if manifest.get("render_key") != render_key(cfg):
+        return [], set()
     want = {
         (r["prompt_id"], r["image_index"]): (
             r["prompt"],
@@ -170,9 +168,10 @@ def _reuse_old_rows(
         for r in planned
     }
     reused: set[tuple[str, int]] = set()
-    for n, file in enumerate(sorted(old.glob("*.parquet"))):
-        table = pq.read_table(file)
-        keys = table.select(["prompt_id", "image_index", "prompt", "seed", "generator"])
+    kept_files: list[str] = []
+    keys_cols = ["prompt_id", "image_index", "prompt", "seed", "generator"]
+    for n, file in enumerate(layout.images_files(run)):
+        keys = layout.read_table(run, [file], keys_cols)
         mask = []
         for pid, idx, prompt, seed, gen in zip(*(c.to_pylist() for c in keys.columns), strict=True):
             plan = want.get((pid, idx))
@@ -181,14 +180,18 @@ def _reuse_old_rows(
             mask.append(ok)
             if ok:
                 reused.add((pid, idx))
-        kept = table.filter(pa.array(mask, type=pa.bool_()))
-        if kept.num_rows:
-            kept = kept.select(datasets.schema().names).cast(datasets.schema())
-            pq.write_table(kept, out_dir / f"reused-{n:05d}.parquet")
-    return reused
+        if all(mask) and mask:
+            kept_files.append(file)  # immutable: list it again, nothing moves
+        elif any(mask):
+            table = pq.read_table(file, filesystem=run.fs).filter(pa.array(mask, pa.bool_()))
+            out = run.key(layout.IMAGES_DATA, f"reused-{tag}-{n:05d}.parquet")
+            table = table.select(datasets.schema().names).cast(datasets.schema())
+            pq.write_table(table, out, filesystem=run.fs)
+            kept_files.append(out)
+    return kept_files, reused
 
 
-def _render(cfg: SelmaConfig, rows: list[dict[str, Any]], out_dir: Path) -> None:
+def _render(cfg: SelmaConfig, run: RunDir, rows: list[dict[str, Any]]) -> None:
     import ray
 
     ic, res = cfg.images, cfg.resources.images
@@ -208,42 +211,50 @@ def _render(cfg: SelmaConfig, rows: list[dict[str, Any]], out_dir: Path) -> None
         num_gpus=res.num_gpus,
         num_cpus=res.num_cpus,
     )
-    ds.write_parquet(str(out_dir))
+    # Written by the workers straight to the run's storage (whichever node they are on).
+    ds.write_parquet(run.key(layout.IMAGES_DATA), filesystem=run.fs)
 
 
-def _rendered_seeds(out_dir: Path) -> dict[tuple[str, int], int]:
-    import pyarrow.dataset as pads
-
-    if not any(out_dir.glob("*.parquet")):
-        return {}
-    table = pads.dataset(str(out_dir), format="parquet").to_table(
-        columns=["prompt_id", "image_index", "seed"]
-    )
+def _rendered_seeds(run: RunDir, files: list[str]) -> dict[tuple[str, int], int]:
+    table = layout.read_table(run, files, ["prompt_id", "image_index", "seed"])
     return {(p, i): s for p, i, s in zip(*(c.to_pylist() for c in table.columns), strict=True)}
 
 
-def skill_digests(data_dir: Path) -> dict[str, str]:
-    """One digest per skill over its rows (prompt, seed, image content), whatever the
-    sharding: what each skill's expert is trained from."""
+def _hash_images(batch: dict[str, Any]) -> dict[str, Any]:
     import hashlib
 
-    import pyarrow.parquet as pq
+    import numpy as np
 
+    out = {k: batch[k] for k in ("skill", "prompt", "seed")}
+    out["sha"] = np.array([hashlib.sha256(bytes(b)).hexdigest() for b in batch["image"]])
+    return out
+
+
+def skill_digests(run: RunDir, files: list[str]) -> dict[str, str]:
+    """One digest per skill over its rows (prompt, seed, image content), whatever the
+    sharding: what each skill's expert is trained from. The images are hashed on the
+    workers; only the hashes reach the driver."""
+    if not files:
+        return {}
+    ds = layout.read_dataset(run, files, ["skill", "prompt", "seed", "image"])
     rows: dict[str, list[tuple[str, int, str]]] = {}
-    for file in sorted(data_dir.glob("*.parquet")):
-        table = pq.read_table(file, columns=["skill", "prompt", "seed", "image"])
-        for skill, prompt, seed, image in zip(*(c.to_pylist() for c in table.columns), strict=True):
-            rows.setdefault(skill, []).append((prompt, seed, hashlib.sha256(image).hexdigest()))
+    for r in ds.map_batches(_hash_images, batch_format="numpy").iter_rows():
+        rows.setdefault(str(r["skill"]), []).append((str(r["prompt"]), int(r["seed"]), r["sha"]))
     return {skill: digest(sorted(r)) for skill, r in sorted(rows.items())}
 
 
 def run_images(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
-    """Render all accepted prompts into ``images/*.parquet``; returns the stage summary.
+    """Render all accepted prompts into Parquet shards under ``images/data/``; returns the
+    stage summary.
 
     Skills listed in ``images.real_data`` take imported real pairs instead of rendering.
     Images of an earlier run with the same render settings are reused, so adding prompts
-    renders only the new ones.
+    renders only the new ones. New shards get new names and the old ones are never changed,
+    so the earlier manifest stays true until the new one replaces it; shards that no manifest
+    lists (an earlier kill's, or replaced ones) are deleted after the commit.
     """
+    import uuid
+
     fp = lineage.fingerprint
     if run.is_done(fp, STAGE):
         log.info("images: finished earlier with the same inputs, skipping")
@@ -258,61 +269,56 @@ def run_images(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any
             datasets.source_kind(source)  # a missing source fails before any rendering
         if skill not in cfg.prompts.skills:
             log.warning("images: real_data skill %r is not in prompts.skills; no expert", skill)
-    final = run.path(STAGE, "data")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".data.", dir=final.parent))
-    reuse_dir = Path(tempfile.mkdtemp(prefix=".reuse.", dir=final.parent))
-    try:
-        reused = _reuse_old_rows(run, cfg, planned, reuse_dir)
-        todo = [r for r in planned if (r["prompt_id"], r["image_index"]) not in reused]
-        log.info(
-            "images: rendering %d images with %s (%d reused)",
-            len(todo),
-            cfg.models.generator,
-            len(reused),
+    tag = uuid.uuid4().hex[:8]
+    kept, reused = _reuse_old_rows(run, cfg, planned, tag)
+    todo = [r for r in planned if (r["prompt_id"], r["image_index"]) not in reused]
+    log.info(
+        "images: rendering %d images with %s (%d reused)",
+        len(todo),
+        cfg.models.generator,
+        len(reused),
+    )
+    before = set(run.files(layout.IMAGES_DATA, suffix=".parquet"))
+    if todo:
+        _render(cfg, run, todo)
+    new = sorted(set(run.files(layout.IMAGES_DATA, suffix=".parquet")) - before)
+    seeds = _rendered_seeds(run, [run.key(f) for f in new])
+    planned_seed = {(r["prompt_id"], r["image_index"]): r["seed"] for r in todo}
+    dropped = len(todo) - len(seeds)
+    retried = dropped + sum(1 for k, s in seeds.items() if s != planned_seed.get(k, s))
+    skipped: list[tuple[str, str]] = []
+    shards = [run.rel(k) for k in kept] + new
+    for skill, sources in real.items():
+        report = datasets.ImportReport()
+        rows = chain.from_iterable(datasets.read_pairs(s, skill, report) for s in sources)
+        prefix = f"real-{skill}-{tag}"
+        n = datasets.write_shards(rows, run.key(layout.IMAGES_DATA), prefix, run.fs)
+        shards += [
+            f
+            for f in run.files(layout.IMAGES_DATA, suffix=".parquet")
+            if f.rsplit("/", 1)[-1].startswith(f"{prefix}-")
+        ]
+        log.log(
+            logging.INFO if n else logging.WARNING,
+            "images: [%s] %d real pairs imported from %s",
+            skill,
+            n,
+            sources,
         )
-        if todo:
-            _render(cfg, todo, tmp)
-        seeds = _rendered_seeds(tmp)
-        planned_seed = {(r["prompt_id"], r["image_index"]): r["seed"] for r in todo}
-        dropped = len(todo) - len(seeds)
-        retried = dropped + sum(1 for k, s in seeds.items() if s != planned_seed.get(k, s))
-        for file in reuse_dir.iterdir():
-            file.rename(tmp / file.name)
-        skipped: list[tuple[str, str]] = []
-        for skill, sources in real.items():
-            report = datasets.ImportReport()
-            rows = chain.from_iterable(datasets.read_pairs(s, skill, report) for s in sources)
-            n = datasets.write_shards(rows, tmp, f"real-{skill}")
-            log.log(
-                logging.INFO if n else logging.WARNING,
-                "images: [%s] %d real pairs imported from %s",
-                skill,
-                n,
-                sources,
-            )
-            skipped.extend(report.skipped)
-        # The old manifest describes the old data: drop it first, so a kill before the new
-        # manifest is written cannot pair it with the new data (and reuse the wrong rows).
-        run.path(STAGE, MANIFEST).unlink(missing_ok=True)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(reuse_dir, ignore_errors=True)
-    counts = write_contact_sheets(final, run.path(STAGE, "contact_sheets"))
+        skipped.extend(report.skipped)
+    shards = sorted(set(shards))
+    files = [run.key(f) for f in shards]
+    counts = write_contact_sheets(run, files)
     for skill, n in counts.items():
         log.info("images: [%s] %d images, contact sheet in %s", skill, n, STAGE)
-    shards = sorted(final.glob("*.parquet"))
-    return run.write_manifest(
+    manifest = run.write_manifest(
         fp,
         STAGE,
         lineage=lineage.inputs,
-        outputs=outputs(run.root, shards, skill_digests(final)),
+        outputs=run.outputs(shards, skill_digests(run, files)),
         counts=counts,
         total=sum(counts.values()),
-        path=str(final),
+        path=run.url(layout.IMAGES_DATA),
         render_key=render_key(cfg),
         rendered=len(seeds),
         reused=len(reused),
@@ -320,26 +326,39 @@ def run_images(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any
         broken_dropped=dropped,
         real_skipped=[f"{where}: {reason}" for where, reason in skipped],
     )
+    for stray in set(run.files(layout.IMAGES_DATA)) - set(shards):
+        run.delete(stray)  # after the commit: replaced shards and an earlier kill's leftovers
+    return manifest
 
 
-def write_contact_sheets(data_dir: Path, out_dir: Path, per_sheet: int = 16) -> dict[str, int]:
-    """One PNG grid per skill (first ``per_sheet`` images with their prompts); returns counts."""
+def write_contact_sheets(run: RunDir, files: list[str], per_sheet: int = 16) -> dict[str, int]:
+    """One PNG grid per skill (first ``per_sheet`` images with their prompts) in
+    ``images/contact_sheets/``; returns the image count per skill. Only the shown rows' images
+    are read."""
     import pyarrow.dataset as pads
     from PIL import Image, ImageDraw
 
-    table = pads.dataset(str(data_dir), format="parquet").to_table(
-        columns=["skill", "prompt_id", "image_index", "prompt", "image"]
-    )
-    by_skill: dict[str, list[dict[str, Any]]] = {}
-    for row in sorted(table.to_pylist(), key=lambda r: (r["prompt_id"], r["image_index"])):
-        by_skill.setdefault(row["skill"], []).append(row)
+    keys = layout.read_table(run, files, ["skill", "prompt_id", "image_index"]).to_pylist()
+    by_skill: dict[str, list[tuple[str, int]]] = {}
+    for row in sorted(keys, key=lambda r: (r["prompt_id"], r["image_index"])):
+        by_skill.setdefault(row["skill"], []).append((row["prompt_id"], row["image_index"]))
+    shown_ids = sorted({pid for rows in by_skill.values() for pid, _ in rows[:per_sheet]})
+    shown = {
+        (r["prompt_id"], r["image_index"]): r
+        for r in layout.read_table(
+            run,
+            files,
+            ["prompt_id", "image_index", "prompt", "image"],
+            filter=pads.field("prompt_id").isin(shown_ids),
+        ).to_pylist()
+    }
     cell, caption, cols = 128, 44, 4
     for skill, rows in by_skill.items():
-        shown = rows[:per_sheet]
-        n_rows = -(-len(shown) // cols)
+        cells = [shown[k] for k in rows[:per_sheet]]
+        n_rows = -(-len(cells) // cols)
         sheet = Image.new("RGB", (cols * cell, n_rows * (cell + caption)), "white")
         draw = ImageDraw.Draw(sheet)
-        for i, row in enumerate(shown):
+        for i, row in enumerate(cells):
             x, y = (i % cols) * cell, (i // cols) * (cell + caption)
             img = Image.open(io.BytesIO(row["image"])).convert("RGB").resize((cell, cell))
             sheet.paste(img, (x, y))
@@ -351,5 +370,5 @@ def write_contact_sheets(data_dir: Path, out_dir: Path, per_sheet: int = 16) -> 
             draw.multiline_text((x + 2, y + cell + 2), "\n".join(lines[:3]), fill="black")
         buf = io.BytesIO()
         sheet.save(buf, format="PNG")
-        atomic_write_bytes(out_dir / f"{skill}.png", buf.getvalue())
+        run.write_bytes(buf.getvalue(), STAGE, "contact_sheets", f"{skill}.png")
     return {skill: len(rows) for skill, rows in by_skill.items()}

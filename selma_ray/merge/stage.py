@@ -11,16 +11,15 @@ run's images (``selma_ray.merge.validate``).
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from selma_ray.config import SelmaConfig
 from selma_ray.core import layout
-from selma_ray.core.lineage import Lineage, file_sha256, outputs
+from selma_ray.core.lineage import Lineage, file_sha256
 from selma_ray.core.lora_io import WEIGHT_NAME
-from selma_ray.core.rundir import RunDir, replace_dir
+from selma_ray.core.rundir import RunDir
 from selma_ray.merge.files import merge_loaded, read_lora, weight_file
 from selma_ray.merge.validate import validation_scores
 
@@ -30,40 +29,53 @@ MERGES = layout.MERGES
 
 
 def merge_run(job: dict[str, Any]) -> dict[str, Any]:
-    """Write every configured merge of a run and choose ``merged``; returns its manifest info."""
-    run = RunDir(job["run_dir"])
-    inputs, methods = job["inputs"], job["methods"]
-    loaded = {n: read_lora(p) for n, p in inputs.items()}
-    shas = {n: file_sha256(weight_file(p)) for n, p in inputs.items()}
-    done = {}
-    for method in methods:
-        out = run.path(MERGES, method)
-        done[method] = merge_loaded(loaded, shas, method, job["weights"], out, **job["options"])
-        log.info("merge: %s of %d experts -> %s", method, len(inputs), out)
-    del loaded
-    scores: dict[str, float] = {}
-    chosen = job["default"]
-    if job["select"] == "validation":
-        paths = {m: str(run.path(MERGES, m)) for m in methods}
-        images = layout.images_data(run)
-        opts = job["options"]
-        scores = validation_scores(
-            job["base"], images, paths, job["samples"], opts["seed"], opts["device"]
-        )
-        chosen = min(methods, key=lambda m: scores[m])
-        log.info("merge: validation losses %s -> %s", scores, chosen)
-    for method, info in done.items():
-        extra = {"score": scores[method]} if method in scores else {}
-        run.write_manifest(job["fingerprint"], MERGES, method, **info, **extra)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{STAGE}.", dir=run.root))
-    try:
-        shutil.copy2(run.path(MERGES, chosen, WEIGHT_NAME), tmp / WEIGHT_NAME)
-        replace_dir(tmp, run.path(STAGE))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Write every configured merge of a run and choose ``merged``; returns its manifest info.
+
+    Runs wherever the actor lands: the experts are copied from the run's storage into a local
+    scratch folder, merged there, and the merges written back to the run's storage."""
+    run = RunDir.from_spec(job["run"])
+    methods = job["methods"]
+    with tempfile.TemporaryDirectory(prefix="selma-merge-") as scratch:
+        local = Path(scratch)
+        inputs = {
+            s: str(run.get_file(local / "in" / s / WEIGHT_NAME, *parts, WEIGHT_NAME).parent)
+            for s, parts in job["inputs"].items()
+        }
+        loaded = {n: read_lora(p) for n, p in inputs.items()}
+        shas = {n: file_sha256(weight_file(p)) for n, p in inputs.items()}
+        done = {}
+        for method in methods:
+            out = local / "out" / method
+            done[method] = merge_loaded(loaded, shas, method, job["weights"], out, **job["options"])
+            log.info("merge: %s of %d experts -> %s", method, len(inputs), run.url(MERGES, method))
+        del loaded
+        scores: dict[str, float] = {}
+        chosen = job["default"]
+        if job["select"] == "validation":
+            paths = {m: str(local / "out" / m) for m in methods}
+            opts = job["options"]
+            scores = validation_scores(
+                job["base"],
+                (run, job["images"]),
+                paths,
+                job["samples"],
+                opts["seed"],
+                opts["device"],
+            )
+            chosen = min(methods, key=lambda m: scores[m])
+            log.info("merge: validation losses %s -> %s", scores, chosen)
+        for method, info in done.items():
+            extra = {"score": scores[method]} if method in scores else {}
+            run.drop_manifest(MERGES, method)
+            run.put_dir(local / "out" / method, MERGES, method)
+            adapter = run.url(MERGES, method, WEIGHT_NAME)
+            done[method] = {**info, "adapter": adapter}
+            run.write_manifest(job["fingerprint"], MERGES, method, **done[method], **extra)
+        run.put_dir(local / "out" / chosen, STAGE)
     return {
+        "shas": dict(run.written),  # content digests, for the driver's manifest
         **done[chosen],
-        "adapter": str(run.path(STAGE, WEIGHT_NAME)),
+        "adapter": run.url(STAGE, WEIGHT_NAME),
         "selected_by": job["select"],
         "scores": scores,
         "merges": {m: info["adapter"] for m, info in done.items()},
@@ -86,8 +98,9 @@ def merge_job(cfg: SelmaConfig, run: RunDir, fingerprint: str) -> dict[str, Any]
     """What ``merge_run`` needs, as plain data for the actor."""
     mc = cfg.merge
     return {
-        "run_dir": str(run.root),
-        "inputs": {s: str(layout.expert_dir(run, s)) for s in cfg.prompts.skills},
+        "run": run.spec,
+        "inputs": {s: layout.expert_dir(s) for s in cfg.prompts.skills},
+        "images": layout.images_files(run) if mc.select == "validation" else [],
         "methods": list(mc.methods),
         "default": mc.default,
         "select": mc.select,
@@ -113,19 +126,19 @@ def run_merge(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]
     res = cfg.resources.merge
     if cfg.merge.device == "cuda" and res.num_gpus <= 0:
         raise ValueError("merge.device=cuda needs resources.merge.num_gpus > 0")
-    merges_dir = run.path(MERGES)
-    if merges_dir.is_dir():  # merges of methods no longer configured would be served stale
-        for old in merges_dir.iterdir():
-            if old.name not in cfg.merge.methods:
-                shutil.rmtree(old, ignore_errors=True)
+    run.drop_manifest(STAGE)  # un-commit: merged/ is rewritten below
+    for old in run.listdir(MERGES):  # merges of methods no longer configured would be served
+        if old not in cfg.merge.methods:
+            run.delete(MERGES, old)
     actor = ray.remote(MergeActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote()
     try:
         info = ray.get(actor.run.remote(merge_job(cfg, run, fp)))
     finally:
         ray.kill(actor)
+    run.written.update(info.pop("shas"))
     log.info("merge: 'merged' is %s (%s) -> %s", info["method"], cfg.merge.select, info["adapter"])
-    written = [run.path(STAGE, WEIGHT_NAME)]
-    written += [run.path(MERGES, m, WEIGHT_NAME) for m in cfg.merge.methods]
+    written = [f"{STAGE}/{WEIGHT_NAME}"]
+    written += [f"{MERGES}/{m}/{WEIGHT_NAME}" for m in cfg.merge.methods]
     return run.write_manifest(
-        fp, STAGE, **info, lineage=lineage.inputs, outputs=outputs(run.root, written)
+        fp, STAGE, **info, lineage=lineage.inputs, outputs=run.outputs(written)
     )

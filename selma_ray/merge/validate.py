@@ -4,16 +4,22 @@ as the experts' own validation (``selma_ray.diffusion.denoise``), SDXL included.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 from selma_ray.core.lora_io import WEIGHT_NAME
 
 
 def validation_scores(
-    base: str, images_dir: Path, adapters: dict[str, str], samples: int, seed: int, device: str
+    base: str,
+    images: tuple[Any, list[str]],
+    adapters: dict[str, str],
+    samples: int,
+    seed: int,
+    device: str,
 ) -> dict[str, float]:
     """Denoising loss (lower is better) of each adapter, and of ``base`` without one, on a
-    seeded sample of the run's images."""
+    seeded sample of the run's images (``images``: the run directory and its committed
+    shards; only the sampled rows' images are read)."""
     import pyarrow.dataset as pads
     import torch
     from diffusers import DDPMScheduler, DiffusionPipeline
@@ -22,11 +28,15 @@ def validation_scores(
     from selma_ray.diffusion.denoise import FixedNoise, TextConditioner
     from selma_ray.models import resolve
 
-    table = pads.dataset(str(images_dir), format="parquet").to_table(columns=["prompt", "image"])
-    if table.num_rows == 0:
-        raise RuntimeError(f"merge: no images in {images_dir} to score the merges on")
+    run, files = images
+    dataset = pads.dataset(files, format="parquet", filesystem=run.fs) if files else None
+    count = dataset.count_rows() if dataset is not None else 0
+    if count == 0:
+        raise RuntimeError(f"merge: no images in {run.url('images')} to score the merges on")
     gen = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(table.num_rows, generator=gen)[:samples].tolist()
+    rows = sorted(torch.randperm(count, generator=gen)[:samples].tolist())
+    table = dataset.take(rows, columns=["prompt", "image"])
+    rows = list(range(table.num_rows))
     pipe = DiffusionPipeline.from_pretrained(resolve(base)).to(device)
     pipe.set_progress_bar_config(disable=True)
     text = TextConditioner(pipe)

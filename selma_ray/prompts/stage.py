@@ -11,6 +11,7 @@ prompts are persisted after every round, so a killed job resumes at the next rou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,8 +21,8 @@ from typing import Any
 
 from selma_ray.config import SelmaConfig
 from selma_ray.core import layout
-from selma_ray.core.lineage import Lineage, file_sha256, outputs
-from selma_ray.core.rundir import RunDir, atomic_write_json, atomic_write_text
+from selma_ray.core.lineage import Lineage
+from selma_ray.core.rundir import RunDir
 from selma_ray.core.seeds import stable_seed
 from selma_ray.core.skills import Skill, get_skills
 from selma_ray.models.llm_data import PersistentEngines
@@ -72,8 +73,8 @@ def _skills(cfg: SelmaConfig) -> list[Skill]:
     return get_skills(cfg.prompts.skills, cfg.prompts.all_custom_skills())
 
 
-def _write_jsonl(path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+def _write_jsonl(run: RunDir, rel: str, rows: list[dict[str, Any]]) -> None:
+    run.write_text("".join(json.dumps(r) + "\n" for r in rows), rel)
 
 
 def _restore(run: RunDir, lineage: Lineage, cfg: SelmaConfig) -> tuple[dict[str, SkillPool], int]:
@@ -86,12 +87,10 @@ def _restore(run: RunDir, lineage: Lineage, cfg: SelmaConfig) -> tuple[dict[str,
     kept = progress.get("units", {})
     pools, restored = {}, []
     for skill in _skills(cfg):
-        accepted_file = layout.prompts_file(run, skill.name)
-        resume = kept.get(skill.name) == lineage.units[skill.name] and accepted_file.is_file()
-        rows = layout.read_jsonl(accepted_file) if resume else []
-        history = (
-            layout.read_jsonl(run.path(STAGE, f"{skill.name}.candidates.jsonl")) if resume else []
-        )
+        accepted_file = layout.prompts_file(skill.name)
+        resume = kept.get(skill.name) == lineage.units[skill.name] and run.is_file(accepted_file)
+        rows = layout.read_jsonl(run, accepted_file) if resume else []
+        history = layout.read_jsonl(run, _candidates(skill.name)) if resume else []
         pools[skill.name] = SkillPool(skill, cfg.prompts, accepted=rows, history=history)
         restored.append(resume)
     # Rounds are shared by all skills: resume after the last one only if every skill did.
@@ -100,8 +99,8 @@ def _restore(run: RunDir, lineage: Lineage, cfg: SelmaConfig) -> tuple[dict[str,
 
 def _persist(run: RunDir, lineage: Lineage, pools: dict[str, SkillPool], rounds_done: int) -> None:
     for name, pool in pools.items():
-        _write_jsonl(layout.prompts_file(run, name), pool.accepted)
-        _write_jsonl(run.path(STAGE, f"{name}.candidates.jsonl"), pool.history)
+        _write_jsonl(run, layout.prompts_file(name), pool.accepted)
+        _write_jsonl(run, _candidates(name), pool.history)
     run.write_manifest(
         lineage.fingerprint, STAGE, "progress", rounds_done=rounds_done, units=lineage.units
     )
@@ -168,16 +167,20 @@ def _run_rounds(
     if short:
         log.warning("prompts: below target after %d rounds: %s", pc.max_rounds, short)
     stats = {n: prompt_stats(p) for n, p in pools.items()}
-    atomic_write_json(run.path(STAGE, "stats.json"), stats)
+    run.write_json(stats, STAGE, "stats.json")
     total = sum(len(p.accepted) for p in pools.values())
-    files = {name: layout.prompts_file(run, name) for name in pools}
+    files = {name: layout.prompts_file(name) for name in pools}
+    # By content as it is now (an edited file is taken as it is).
+    units = {n: hashlib.sha256(run.read_bytes(f)).hexdigest()[:16] for n, f in files.items()}
     return run.write_manifest(
         lineage.fingerprint,
         STAGE,
         stats=stats,
         total=total,
         lineage=lineage.inputs,
-        outputs=outputs(
-            run.root, files.values(), {n: file_sha256(f)[:16] for n, f in files.items()}
-        ),
+        outputs=run.outputs(files.values(), units),
     )
+
+
+def _candidates(skill: str) -> str:
+    return f"{STAGE}/{skill}.candidates.jsonl"

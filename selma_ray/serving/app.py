@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from selma_ray.config import ServeSection
+from selma_ray.core.rundir import RunDir
 from selma_ray.diffusion.engine import DiffusionService, load_run_config, parse_adapter_spec
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,12 @@ def _json(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload).encode()
 
 
-def resolve_run_dir(run_dir: str) -> str:
-    """An absolute run directory. A relative one resolves against the working directory of
-    the process that builds the app (``serve run`` from the project root, or the job)."""
-    return str(Path(run_dir).expanduser().resolve())
+def run_ref(run_dir: str, storage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run a deployment serves, as plain data every replica rebuilds on its own node: a
+    URI (``s3://...``) or an absolute local path (a relative one resolves against the working
+    directory of the process that builds the app), and how to reach its storage."""
+    run = RunDir(str(run_dir), storage)
+    return run.spec
 
 
 def effective_limits(run_limits: ServeSection, overrides: dict[str, Any] | None) -> ServeSection:
@@ -111,10 +114,11 @@ def replica_info() -> dict[str, Any]:
 
 @serve.deployment
 class Diffusion:
-    def __init__(self, run_dir: str, limits: dict[str, Any] | None = None):
-        self.run_dir = run_dir
-        self.service = DiffusionService(run_dir)
+    def __init__(self, run: dict[str, Any], limits: dict[str, Any] | None = None):
+        self.run = run
+        self.service = DiffusionService(run)
         self.reloads = 0
+        self.reload_error: str | None = None
         # What batching really did, for clients and tests: how many requests each
         # @serve.batch call received, and how many images each forward pass rendered.
         self.requests_per_batch: Counter[int] = Counter()
@@ -129,14 +133,22 @@ class Diffusion:
         self.max_batch_size = limits.max_batch_size
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Hot reload: ``user_config: {run_dir: ..., limits: {...}}`` swaps in another run's
-        adapters (same base model) in this replica, without a restart."""
-        run_dir = user_config.get("run_dir")
-        if run_dir and resolve_run_dir(run_dir) != self.run_dir:
-            self.service.reload(resolve_run_dir(run_dir))
-            self.run_dir = resolve_run_dir(run_dir)
-            self.reloads += 1
-            log.info("hot reload %d: now serving %s", self.reloads, self.run_dir)
+        """Hot reload: ``user_config: {run_dir: ..., storage: {...}, limits: {...}}`` swaps in
+        another run's adapters (same base model) in this replica, without a restart. The new
+        set loads in full before the old one goes; a reload that fails keeps the old set
+        serving and reports why in ``/v1/adapters`` (``replica.reload_error``)."""
+        if user_config.get("run_dir"):
+            try:
+                run = run_ref(user_config["run_dir"], user_config.get("storage"))
+                if run != self.run:
+                    self.service.reload(run)
+                    self.run = run
+                    self.reloads += 1
+                    log.info("hot reload %d: now serving %s", self.reloads, run["uri"])
+                self.reload_error = None
+            except Exception as e:
+                self.reload_error = f"{type(e).__name__}: {e}"
+                log.error("hot reload failed; still serving %s: %s", self.run["uri"], e)
         self._overrides = user_config.get("limits", self._overrides)
         self._apply_limits(self._overrides)
 
@@ -146,8 +158,9 @@ class Diffusion:
     def status(self) -> dict[str, Any]:
         return {
             **replica_info(),
-            "run": self.run_dir,
+            "run": self.run["uri"],
             "reloads": self.reloads,
+            "reload_error": self.reload_error,
             "max_batch_size": self.max_batch_size,
             "batching": {
                 "requests_per_batch": {
@@ -208,23 +221,32 @@ class Diffusion:
 @serve.ingress(api)
 class Ingress:
     def __init__(
-        self, diffusion: DeploymentHandle, run_dir: str, limits: dict[str, Any] | None = None
+        self,
+        diffusion: DeploymentHandle,
+        run: dict[str, Any],
+        limits: dict[str, Any] | None = None,
     ):
         self.diffusion = diffusion
         self._overrides = limits
-        self.limits = effective_limits(load_run_config(run_dir).serve, limits)
+        self.limits = effective_limits(load_run_config(run).serve, limits)
         self._served: tuple[set[str], int] | None = None  # adapter names, native size
-        self.run_dir = run_dir
+        self.run = run
         self.api_key = os.environ.get(self.limits.api_key_env, "")
         if self.api_key:
             log.info("API key required (from $%s)", self.limits.api_key_env)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Hot reload: follow the diffusion deployment to another run's limits."""
-        if user_config.get("run_dir"):
-            self.run_dir = resolve_run_dir(user_config["run_dir"])
+        """Hot reload: follow the diffusion deployment to another run's limits (keeping the
+        current ones when that run cannot be read)."""
         overrides = user_config.get("limits", self._overrides)
-        self.limits = effective_limits(load_run_config(self.run_dir).serve, overrides)
+        try:
+            run = self.run
+            if user_config.get("run_dir"):
+                run = run_ref(user_config["run_dir"], user_config.get("storage"))
+            self.limits = effective_limits(load_run_config(run).serve, overrides)
+            self.run = run
+        except Exception as e:
+            log.error("hot reload: keeping %s: %s", self.run["uri"], e)
         self._served = None
 
     def _authorize(self, request: Request) -> None:
@@ -261,7 +283,7 @@ class Ingress:
         answered (its pid and id stay the same across a hot reload)."""
         self._authorize(request)
         return {
-            "run": self.run_dir,
+            "run": self.run["uri"],
             "adapters": await self.diffusion.adapters.remote(),
             "replica": await self.diffusion.status.remote(),
         }
@@ -348,21 +370,29 @@ class Ingress:
 
 
 def build_app(args: dict[str, Any]):
-    """Serve application builder. ``args``: ``run_dir`` (a finished run directory) and
-    optionally ``limits`` (overrides of the run's ``serve`` limits, e.g. ``max_n``).
+    """Serve application builder. ``args``: ``run_dir`` (a finished run directory: a local
+    path or a URI such as ``s3://bucket/runs/x``), optionally ``storage`` (``run.storage``:
+    endpoint, region, anonymous) and ``limits`` (overrides of the run's ``serve`` limits, e.g.
+    ``max_n``). Each replica copies the adapters it serves from the run's storage to a
+    node-local cache keyed by their content digest.
 
     Replica resources and autoscaling default to the run's ``resources.serve``; the
     ``deployments:`` section of a Serve config file overrides them."""
-    unknown = set(args) - {"run_dir", "limits"}
+    unknown = set(args) - {"run_dir", "storage", "limits"}
     if unknown:
         raise ValueError(
             f"unknown args {sorted(unknown)} for selma_ray.serving.app:build_app; "
-            "it takes run_dir and limits"
+            "it takes run_dir, storage and limits"
         )
     if "run_dir" not in args:
         raise ValueError("the selma_ray Serve app needs args.run_dir (a finished run directory)")
-    run_dir = resolve_run_dir(str(args["run_dir"]))
-    cfg = load_run_config(run_dir)
+    storage = args.get("storage") or None
+    if storage is not None and not isinstance(storage, dict):
+        raise ValueError(
+            f"args.storage must be a mapping (endpoint, region, anonymous): {storage!r}"
+        )
+    run = run_ref(str(args["run_dir"]), storage)
+    cfg = load_run_config(run)
     limits = args.get("limits") or None
     if limits is not None and not isinstance(limits, dict):
         raise ValueError(f"args.limits must be a mapping of serve limits, got {limits!r}")
@@ -376,9 +406,9 @@ def build_app(args: dict[str, Any]):
             "max_replicas": res.max_replicas,
             "target_ongoing_requests": 2,
         },
-    ).bind(run_dir, limits)
+    ).bind(run, limits)
     # The ingress only validates and forwards: many requests in flight, so the diffusion
     # replicas' batches can fill.
     return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64).bind(
-        diffusion, run_dir, limits
+        diffusion, run, limits
     )
