@@ -48,7 +48,7 @@ def make_run(
         "tiny", [f"run.dir={root}", f"prompts.skills=[{', '.join(skills)}]", *(overrides or [])]
     )
     run = RunDir(root)
-    (root / "config.yaml").write_text(cfg.to_yaml())
+    run.write_text(cfg.to_yaml(), "config.yaml")
     unet = UNet2DConditionModel.from_pretrained(resolve(TINY_SD), subfolder="unet")
     config = LoraConfig(
         r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
@@ -91,6 +91,7 @@ def serve_app_config(
     user_config: dict[str, Any] | None = None,
     ingress_env: dict[str, str] | None = None,
     replicas: int | None = None,
+    storage: dict[str, Any] | None = None,
 ) -> dict:
     """``serve/config.yaml``'s application, pointed at ``run_dir`` with ``limits`` replacing
     its limits; ``user_config`` goes on both deployments (a hot reload), ``ingress_env`` into
@@ -99,6 +100,8 @@ def serve_app_config(
     spec = yaml.safe_load(SERVE_CONFIG.read_text())
     app = copy.deepcopy(spec["applications"][0])
     app["args"] = {**app.get("args", {}), "run_dir": str(run_dir)}
+    if storage is not None:
+        app["args"]["storage"] = dict(storage)
     if limits is not None:
         app["args"]["limits"] = dict(limits)
     by_name = {d["name"]: d for d in app.setdefault("deployments", [])}
@@ -270,3 +273,15 @@ class SeededLLM:
                 )
             out.append({**r, "generated_text": "\n".join(lines), "error": ""})
         return out
+
+
+def commit_images(root: str | Path, stage: str = "images") -> Any:
+    """Commit hand-written ``<stage>/data/*.parquet`` shards as the images stage does (a
+    manifest listing them), so that downstream stages, which read only committed shards,
+    see them. Returns the run directory."""
+    from selma_ray.core.rundir import RunDir
+
+    run = RunDir(root)
+    shards = run.files(stage, "data", suffix=".parquet")
+    run.write_manifest("test", stage, outputs=run.outputs(shards))
+    return run

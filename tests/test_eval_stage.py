@@ -197,9 +197,9 @@ def test_prompts_without_parseable_questions_are_counted_per_variant_in_metrics_
     scorers = evaluate.scorer_status(cfg)
     metrics = eval_stats.aggregate(table, ["dsg"], {p.id: p.category for p in prompts}, n_boot=100)
     doc = evaluate.build_doc(cfg, run, prompts, [], scorers, ["base", "merged"], table, metrics)
-    out = evaluate.write_outputs(run, doc, table, prompts, [])
+    evaluate.write_outputs(run, doc, table, prompts, [])
 
-    saved = json.loads((out / "metrics.json").read_text())
+    saved = run.read_json("eval", "metrics.json")
     dsg_metrics = saved["metrics"]["dsg"]  # the key stays "dsg"
     zero = {"from_file": 0, "no_questions": 0}
     assert dsg_metrics["base"]["questions"] == {
@@ -353,10 +353,12 @@ def test_eval_stage_renders_scores_and_reports_every_variant(tmp_path):
 def test_adapters_with_the_same_weights_are_evaluated_once(tmp_path):
     from selma_ray.diffusion.engine import AdapterInfo
 
+    run = RunDir(tmp_path)
+
     def adapter(name: str, data: bytes) -> AdapterInfo:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "pytorch_lora_weights.safetensors").write_bytes(data)
-        return AdapterInfo(name, "merged", None, 4, str(tmp_path / name))
+        rel = f"{name}/pytorch_lora_weights.safetensors"
+        run.write_bytes(data, rel)
+        return AdapterInfo(name, "merged", None, 4, rel)
 
     found = {
         "base": AdapterInfo("base", "base", None, None, None),
@@ -365,4 +367,4 @@ def test_adapters_with_the_same_weights_are_evaluated_once(tmp_path):
         "merged-paper": adapter("merged-paper", b"paper merge"),  # merged is a copy of it
         "merged-ties": adapter("merged-ties", b"ties merge"),
     }
-    assert evaluate._distinct(found) == ["base", "counting", "merged", "merged-ties"]
+    assert evaluate._distinct(run, found) == ["base", "counting", "merged", "merged-ties"]

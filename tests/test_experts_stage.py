@@ -22,10 +22,12 @@ import torch
 from PIL import Image
 
 from selma_ray.config import load_config
+from selma_ray.core import layout
 from selma_ray.core.rundir import RunDir
 from selma_ray.experts import stage as experts_stage
 from selma_ray.experts.stage import FAULT_DRILL_ENV
 from selma_ray.pipeline import lineage, run_stage
+from selma_ray.testing import commit_images
 
 pytestmark = pytest.mark.slow
 SKILLS = ["counting", "everyday_scenes"]
@@ -45,6 +47,7 @@ def write_images(root: Path, skills: list[str], per_skill: int = 5) -> None:
             rows["skill"].append(skill)
     (root / "images" / "data").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), root / "images" / "data" / "part-0.parquet")
+    commit_images(root)
 
 
 def stage_config(root: Path, *overrides: str):
@@ -242,7 +245,8 @@ def test_two_ddp_workers_train_disjoint_rows_into_one_lora_of_the_mean_gradient(
     from selma_ray.experts import data as train_data
 
     write_images(tmp_path, ["counting"], per_skill=6)
-    rows = experts_stage.skill_table(str(tmp_path / "images" / "data"), "counting")
+    run = RunDir(tmp_path)
+    rows = experts_stage.skill_table(run, layout.images_files(run), "counting")
     train, val = train_data.split_rows(rows, 0, "counting", 0.0, 2)
     loop = {
         **load_config("tiny", []).experts.model_dump(),

@@ -8,12 +8,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
 from selma_ray.config import SelmaConfig, load_config
-from selma_ray.core.lineage import file_sha256, outputs
+from selma_ray.core import layout
 from selma_ray.core.rundir import RunDir
 from selma_ray.images.stage import STAGE
 from selma_ray.pipeline import lineage, run_stage
@@ -58,20 +57,20 @@ def setup_run(root: Path, n_prompts: int, *overrides: str) -> tuple[SelmaConfig,
         skill = SKILLS[i % 2]
         row = {"id": f"{skill}-{i:05d}", "skill": skill, "prompt": prompt}
         by_skill[skill].append(json.dumps(row) + "\n")
-    files = {}
-    for skill, lines in by_skill.items():
-        files[skill] = run.path("prompts", f"{skill}.jsonl")
-        files[skill].parent.mkdir(parents=True, exist_ok=True)
-        files[skill].write_text("".join(lines))
+    files = {skill: f"prompts/{skill}.jsonl" for skill in by_skill}
+    units = {skill: run.write_text("".join(by_skill[skill]), f) for skill, f in files.items()}
     # As the prompts stage does: a manifest listing what it wrote (lineage reads only that).
-    units = {s: file_sha256(f) for s, f in files.items()}
-    run.write_manifest("test", "prompts", outputs=outputs(run.root, files.values(), units))
+    run.write_manifest("test", "prompts", outputs=run.outputs(files.values(), units))
     return cfg, run
 
 
+def committed_rows(run: RunDir) -> list[dict]:
+    """The rows of the shards the images manifest lists (what downstream stages read)."""
+    return layout.read_table(run, layout.images_files(run), None).to_pylist()
+
+
 def images_by_key(run: RunDir) -> dict[tuple[str, int], bytes]:
-    table = pads.dataset(str(run.path(STAGE, "data")), format="parquet").to_table()
-    rows = table.to_pylist()
+    rows = committed_rows(run)
     keys = {(r["prompt_id"], r["image_index"]): r["image"] for r in rows}
     assert len(keys) == len(rows)
     return keys
@@ -113,7 +112,7 @@ def test_real_data_replaces_rendering_for_its_skill(tmp_path: Path) -> None:
     (src / "nocaption.png").write_bytes((src / "0.png").read_bytes())
     cfg, run = setup_run(tmp_path / "run", 2, f"images.real_data={{counting: [{src}]}}")
     summary = run_stage("images", cfg, run)
-    rows = pads.dataset(str(run.path(STAGE, "data")), format="parquet").to_table().to_pylist()
+    rows = committed_rows(run)
     real = sorted((r for r in rows if r["skill"] == "counting"), key=lambda r: r["prompt"])
     assert [r["prompt"] for r in real] == ["real picture 0", "real picture 1"]
     assert {r["generator"] for r in real} == {f"real:{src}"}
@@ -135,3 +134,15 @@ def test_missing_real_data_source_fails_before_rendering(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="no such file or folder"):
         run_stage("images", cfg, run)
     assert not run.path(STAGE, "data").exists()
+
+
+def test_a_rerun_lists_only_committed_shards_and_clears_strays(tmp_path: Path) -> None:
+    cfg, run = setup_run(tmp_path / "run", 3)
+    run_stage("images", cfg, run)
+    stray = run.path(STAGE, "data", "killed-attempt-00000.parquet")  # a kill's leftover
+    stray.write_bytes(b"PAR1 half written")
+    assert len(images_by_key(run)) == 3  # never read: no manifest lists it
+    cfg, run = setup_run(tmp_path / "run", 4)
+    assert run_stage("images", cfg, run)["reused"] == 3
+    assert not stray.exists()  # cleared after the new commit
+    assert set(run.files(STAGE, "data")) == set(run.read_manifest(STAGE)["outputs"]["files"])

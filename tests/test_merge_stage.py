@@ -18,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from selma_ray.config import load_config
+from selma_ray.core import layout
 from selma_ray.core.lora_io import WEIGHT_NAME, save_adapter
 from selma_ray.core.rundir import RunDir
 from selma_ray.diffusion.engine import find_adapters
@@ -25,6 +26,7 @@ from selma_ray.merge import stage as merge_stage
 from selma_ray.merge.validate import validation_scores
 from selma_ray.models import TINY_SD, TINY_SDXL, resolve
 from selma_ray.pipeline import lineage, run_stage
+from selma_ray.testing import commit_images
 
 SKILLS = ["counting", "everyday_scenes"]
 
@@ -36,7 +38,7 @@ def make_run(root: Path, *overrides: str, base: str = TINY_SD):
         + list(overrides),
     )
     run = RunDir(root)
-    (root / "config.yaml").write_text(cfg.to_yaml())
+    run.write_text(cfg.to_yaml(), "config.yaml")
     unet = UNet2DConditionModel.from_pretrained(resolve(base), subfolder="unet")
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     unet.add_adapter(config)
@@ -58,6 +60,7 @@ def make_run(root: Path, *overrides: str, base: str = TINY_SD):
     )
     (root / "images" / "data").mkdir(parents=True)
     pq.write_table(table, root / "images" / "data" / "part-0.parquet")
+    commit_images(root)
     return cfg, run
 
 
@@ -96,14 +99,14 @@ def test_validation_selection_picks_the_lowest_score_and_records_scores(tmp_path
     assert info["method"] == "cat" and info["selected_by"] == "validation"
     assert info["scores"] == fake
     assert seen["base"] == "tiny-sd" and seen["samples"] == cfg.merge.val_samples
-    assert seen["images"] == run.path("images", "data")
+    assert seen["images"][1] == layout.images_files(run)
     assert set(seen["adapters"]) == {"paper", "cat", "ties"}
     assert run.read_manifest("merges", "ties")["score"] == 0.9
     merged_bytes = run.path("merged", WEIGHT_NAME).read_bytes()
     assert merged_bytes == run.path("merges", "cat", WEIGHT_NAME).read_bytes()
 
     run.write_manifest("fp", "merged", **info)
-    found = find_adapters(run.root)
+    found = find_adapters(run)
     assert {"merged", "merged-paper", "merged-cat", "merged-ties"} <= set(found)
     assert found["merged-cat"].kind == "merged" and found["merged-cat"].rank == 8
 
@@ -123,7 +126,7 @@ def test_real_validation_scores_on_tiny_sd_pick_the_lowest_and_are_deterministic
     assert info["method"] == min(["paper", "cat"], key=scores.get)
     adapters = {m: str(run.path("merges", m)) for m in ("paper", "cat")}
     again = validation_scores(
-        TINY_SD, run.path("images", "data"), adapters, 3, cfg.merge.seed, "cpu"
+        TINY_SD, (run, layout.images_files(run)), adapters, 3, cfg.merge.seed, "cpu"
     )
     assert again == scores
 
@@ -138,7 +141,7 @@ def test_merge_validation_scores_with_the_experts_own_validation_objective(tmp_p
     cfg, run = make_run(tmp_path / "run", "merge.methods=[paper, cat]", base=base)
     adapters = {m: str(run.path("merges", m)) for m in ("paper", "cat")}
     merge_stage.merge_run(merge_stage.merge_job(cfg, run, "fp-test"))
-    scores = validation_scores(base, run.path("images", "data"), adapters, 4, 7, "cpu")
+    scores = validation_scores(base, (run, layout.images_files(run)), adapters, 4, 7, "cpu")
     assert all(math.isfinite(v) and v > 0 for v in scores.values())
     assert len(set(scores.values())) == 3  # each merge changes the loss
 

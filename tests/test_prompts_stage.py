@@ -282,10 +282,11 @@ def vllm_engine():
 def test_vllm_generator_answers_each_request(vllm_engine):
     out = vllm_engine({"instruction": ["List 2 colors.", "Name a fruit."], "seed": [1, 2]})
     assert len(out["generated_text"]) == 2 and all(t.strip() for t in out["generated_text"])
-    # Per-request seeds make a repeated batch repeat itself (vLLM is not batch-invariant on
-    # CPU, so only the same batch composition is expected to match exactly).
-    again = vllm_engine({"instruction": ["List 2 colors.", "Name a fruit."], "seed": [1, 2]})
-    assert again["generated_text"].tolist() == out["generated_text"].tolist()
+    # Per-request seeds make a repeated request repeat itself. Asked one at a time: vLLM is
+    # not batch-invariant on CPU, and under load it may schedule a repeated batch's requests
+    # into different steps, so only a request on its own is expected to match exactly.
+    alone = [vllm_engine({"instruction": ["Name a fruit."], "seed": [2]}) for _ in range(2)]
+    assert alone[0]["generated_text"].tolist() == alone[1]["generated_text"].tolist()
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ import pytest
 
 from selma_ray.core import rundir as rundir
 from selma_ray.core.rundir import (
+    KILL_ENV,
     MANIFEST,
+    KilledBeforeCommit,
     RunDir,
     atomic_write_bytes,
     atomic_write_json,
@@ -18,6 +20,7 @@ from selma_ray.core.rundir import (
     replace_dir,
     safe_child,
 )
+from selma_ray.core.storage import StorageError
 
 
 def _entries(folder: Path) -> list[str]:
@@ -166,19 +169,28 @@ def test_safe_child_accepts_plain_names(tmp_path, name):
 # ---------------------------------------------------------------- RunDir
 
 
-@pytest.mark.parametrize("uri", ["s3://bucket/run", "gs://bucket/run", "file:///tmp/run"])
-def test_rundir_rejects_cloud_uris_with_clear_message(uri):
-    with pytest.raises(ValueError) as err:
-        RunDir(uri)
-    msg = str(err.value)
-    assert uri in msg
-    assert "not supported" in msg
-
-
-def test_rundir_creates_root_and_resolves_paths(tmp_path, monkeypatch):
+def test_rundir_resolves_local_paths_and_creates_folders_only_on_write(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = RunDir("runs/x")
-    assert run.root == (tmp_path / "runs" / "x").resolve()
-    assert run.root.is_dir()
+    assert run.root == (tmp_path / "runs" / "x").resolve() and run.local
+    assert not run.root.exists()  # naming a run directory creates nothing
     assert run.path("a", "b.txt") == run.root / "a" / "b.txt"
     assert os.path.isabs(run.path())
+    run.write_text("hi", "a", "b.txt")
+    assert (run.root / "a" / "b.txt").read_text() == "hi"
+
+
+def test_object_storage_runs_have_no_local_paths():
+    run = RunDir("s3://bucket/run", {"endpoint": "http://127.0.0.1:9"})
+    assert not run.local and run.uri == "s3://bucket/run" and run.key("a") == "bucket/run/a"
+    with pytest.raises(StorageError, match="object storage"):
+        run.path("a")
+
+
+def test_a_killed_commit_leaves_the_outputs_without_a_manifest(tmp_path, monkeypatch):
+    run = RunDir(tmp_path)
+    run.write_text("out", "merged", "f.txt")
+    monkeypatch.setenv(KILL_ENV, "merged")
+    with pytest.raises(KilledBeforeCommit):
+        run.write_manifest("fp", "merged", outputs=run.outputs(["merged/f.txt"]))
+    assert run.read_manifest("merged") is None and not run.is_done("fp", "merged")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from selma_ray.serving.app import GenerationRequest, authorized, resolve_run_dir
+from selma_ray.serving.app import GenerationRequest, authorized, run_ref
 
 
 @pytest.mark.parametrize(
@@ -27,8 +27,15 @@ def test_api_key_is_enforced_when_set(key, path, headers, ok):
 
 def test_relative_run_dirs_resolve_against_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert resolve_run_dir("runs/tiny") == str((tmp_path / "runs" / "tiny").resolve())
-    assert resolve_run_dir("/data/run") == str(Path("/data/run"))
+    assert run_ref("runs/tiny")["uri"] == str((tmp_path / "runs" / "tiny").resolve())
+    assert run_ref("/data/run")["uri"] == str(Path("/data/run"))
+    assert not (tmp_path / "runs").exists()  # naming a run creates nothing
+
+
+def test_object_storage_runs_keep_their_uri_and_storage_settings():
+    ref = run_ref("s3://bucket/runs/x/", {"endpoint": "http://127.0.0.1:9"})
+    assert ref["uri"] == "s3://bucket/runs/x"
+    assert ref["storage"]["endpoint"] == "http://127.0.0.1:9"
 
 
 def test_request_schema_rejects_unknown_fields_and_bad_sizes():

@@ -37,7 +37,7 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serving") / "run"
     cfg = load_config("tiny", [f"run.dir={root}", "prompts.skills=[counting, everyday_scenes]"])
     run = RunDir(root)
-    (root / "config.yaml").write_text(cfg.to_yaml())
+    run.write_text(cfg.to_yaml(), "config.yaml")
     for i, skill in enumerate(cfg.prompts.skills):
         _random_adapter(run.path("experts", skill), seed=i)
         run.write_manifest("fp", "experts", skill)
@@ -152,7 +152,7 @@ def test_reload_swaps_adapters_without_rebuilding_the_pipeline(run_dir, tmp_path
     other = tmp_path / "other"
     cfg = load_config("tiny", [f"run.dir={other}", "prompts.skills=[counting]"])
     run = RunDir(other)
-    (other / "config.yaml").write_text(cfg.to_yaml())
+    run.write_text(cfg.to_yaml(), "config.yaml")
     _random_adapter(run.path("experts", "counting"), seed=42)
     run.write_manifest("fp", "experts", "counting")
     service = DiffusionService(run_dir)

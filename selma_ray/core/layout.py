@@ -53,7 +53,7 @@ def expert_dir(skill: str) -> tuple[str, str]:
     return (EXPERTS, skill)
 
 
-def read_table(run: RunDir, files: list[str], columns: list[str], filter: Any = None) -> Any:
+def read_table(run: RunDir, files: list[str], columns: list[str] | None, filter: Any = None) -> Any:
     """Only ``columns`` (and the rows ``filter`` keeps) of Parquet ``files`` in ``run.fs``, as
     one Arrow table: for the small reads a driver does (keys, a sample, a contact sheet)."""
     import pyarrow.dataset as pads
@@ -61,7 +61,7 @@ def read_table(run: RunDir, files: list[str], columns: list[str], filter: Any = 
     if not files:
         import pyarrow as pa
 
-        return pa.table({c: [] for c in columns})
+        return pa.table({c: [] for c in columns or []})
     dataset = pads.dataset(files, format="parquet", filesystem=run.fs)
     return dataset.to_table(columns=columns, filter=filter)
 

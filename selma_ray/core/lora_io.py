@@ -74,11 +74,16 @@ def load_adapter(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, config
 
 
-def adapter_config(path: Path) -> dict[str, Any]:
-    """An adapter's LoRA config (rank, alpha, targets) from its file's metadata alone."""
-    from safetensors import safe_open
+MAX_HEADER = 100 << 20  # the safetensors format's own limit on its JSON header
 
-    with safe_open(str(adapter_file(path)), framework="pt") as f:
-        meta = f.metadata() or {}
+
+def header_config(stream: Any) -> dict[str, Any]:
+    """The LoRA config in a safetensors file's header, read from a binary ``stream`` (a local
+    file or a ranged read from object storage): only the header's bytes are read."""
+    size = int.from_bytes(stream.read(8), "little")
+    if not 0 < size <= MAX_HEADER:
+        raise ValueError("not a safetensors file (bad header size)")
+    header = json.loads(stream.read(size))
+    meta = header.get("__metadata__") or {}
     config = json.loads(meta.get(_META_KEY, "{}"))
     return {k.removeprefix("unet."): v for k, v in config.items()}

@@ -38,6 +38,13 @@ from selma_ray.core.storage import (
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
+# Test hook, never a config key: ``SELMA_KILL_BEFORE_COMMIT=merged`` makes the commit of
+# ``merged/`` fail after its outputs are written and before its manifest is, like a kill there.
+KILL_ENV = "SELMA_KILL_BEFORE_COMMIT"
+
+
+class KilledBeforeCommit(RuntimeError):
+    """Raised by the ``SELMA_KILL_BEFORE_COMMIT`` test hook."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -295,6 +302,8 @@ class RunDir:
         self.delete(*parts, MANIFEST)
 
     def write_manifest(self, fingerprint: str, *parts: str, **info: Any) -> dict[str, Any]:
+        if os.environ.get(KILL_ENV) and os.environ[KILL_ENV] == "/".join(parts):
+            raise KilledBeforeCommit(f"{KILL_ENV}: killed before committing {self.url(*parts)}")
         manifest = {"fingerprint": fingerprint, "completed_at": time.time(), **info}
         self.write_json(manifest, *parts, MANIFEST)
         return manifest

@@ -122,19 +122,44 @@ def _reachable(endpoint: str, timeout: float = 3.0) -> None:
         ) from e
 
 
-def explain(uri: str, error: BaseException, action: str) -> StorageError:
+CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",  # IRSA on EKS
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",  # ECS / EKS pod identity
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+
+
+def visible_credentials() -> list[str]:
+    """Credential sources this process can see without a request (an instance role cannot
+    be seen this way, so an empty list only makes missing credentials likely)."""
+    found = [name for name in CREDENTIAL_ENV if os.environ.get(name)]
+    files = [
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+        os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"),
+    ]
+    return found + [f for f in files if Path(f).expanduser().is_file()]
+
+
+HOW_TO_CREDENTIALS = (
+    "give the nodes an instance profile or IRSA role, or set AWS_ACCESS_KEY_ID/"
+    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in their environment; never in the config"
+)
+
+
+def explain(uri: str, error: BaseException, action: str, anonymous: bool = False) -> StorageError:
     """A storage failure as a message that says what to fix."""
     text = str(error)
-    low = text.lower()
+    low = text.lower().replace("_", "")
     bucket = uri.partition("://")[2].split("/", 1)[0]
-    if "nosuchbucket" in low or "bucket does not exist" in low or "no_such_bucket" in low:
+    if "nosuchbucket" in low or "bucket does not exist" in low:
         why = f"the bucket {bucket!r} does not exist: create it or fix run.dir"
     elif any(
         k in low
         for k in (
             "invalidaccesskeyid",
             "signaturedoesnotmatch",
-            "no credentials",
             "unable to locate credentials",
             "missing authentication",
             "invalidtoken",
@@ -142,11 +167,10 @@ def explain(uri: str, error: BaseException, action: str) -> StorageError:
             "credentials",
         )
     ):
-        why = (
-            "no valid credentials: give the nodes an instance profile or IRSA role, or set "
-            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in their environment"
-        )
-    elif "accessdenied" in low or "access denied" in low or "access_denied" in low:
+        why = f"no valid credentials: {HOW_TO_CREDENTIALS}"
+    elif not anonymous and not is_local(uri) and not visible_credentials():
+        why = f"no credentials found ({text.strip() or 'the request failed'}): {HOW_TO_CREDENTIALS}"
+    elif "accessdenied" in low or "access denied" in low:
         why = (
             f"access denied while trying to {action}: the credentials need s3:PutObject, "
             f"s3:GetObject, s3:DeleteObject and s3:ListBucket on {bucket!r}"
@@ -171,8 +195,8 @@ def probe(fs: Any, path: str, uri: str, options: StorageOptions) -> None:
         with fs.open_output_stream(key) as f:
             f.write(b"selma_ray write probe\n")
     except Exception as e:  # pyarrow raises OSError subclasses with the service's message
-        raise explain(uri, e, "write a probe object") from e
+        raise explain(uri, e, "write a probe object", options.anonymous) from e
     try:
         fs.delete_file(key)
     except Exception as e:
-        raise explain(uri, e, "delete the probe object") from e
+        raise explain(uri, e, "delete the probe object", options.anonymous) from e

@@ -17,7 +17,7 @@ import yaml
 
 from selma_ray.config import SelmaConfig, validate
 from selma_ray.core import layout
-from selma_ray.core.lora_io import WEIGHT_NAME
+from selma_ray.core.lora_io import WEIGHT_NAME, header_config
 from selma_ray.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,13 @@ def find_adapters(run: RunRef) -> dict[str, AdapterInfo]:
             continue
         rel = "/".join([*parts, WEIGHT_NAME])
         listed = (manifest.get("outputs") or {}).get("files", {}).get(rel) or {}
-        found[name] = AdapterInfo(name, kind, skill, None, rel, listed.get("sha256"))
+        try:  # the header only: a ranged read on object storage, never the weights
+            with run.fs.open_input_file(run.key(rel)) as f:
+                rank = header_config(f).get("r")
+        except (OSError, ValueError) as e:
+            log.warning("skipping adapter %s: %s: %s", name, run.url(rel), e)
+            continue
+        found[name] = AdapterInfo(name, kind, skill, rank, rel, listed.get("sha256"))
     return found
 
 
@@ -157,8 +163,6 @@ class DiffusionService:
     def _load_set(self, run: RunDir) -> tuple[dict[str, AdapterInfo], dict[str, str]]:
         """Fetch and load every adapter of ``run`` under new internal names; on any failure,
         unload what this call loaded and raise (the current set is untouched)."""
-        from selma_ray.core.lora_io import adapter_config
-
         self._generation += 1
         found, internal, loaded = find_adapters(run), {}, []
         try:
@@ -170,8 +174,7 @@ class DiffusionService:
                 self.pipe.load_lora_weights(str(local), weight_name=WEIGHT_NAME, adapter_name=name)
                 loaded.append(name)
                 internal[info.name] = name
-                rank = adapter_config(local).get("r")
-                found[info.name] = replace(info, rank=rank, path=run.url(info.path))
+                found[info.name] = replace(info, path=run.url(info.path))
         except Exception:
             if loaded:
                 self.pipe.delete_adapters(loaded)

@@ -70,7 +70,10 @@ def merge_run(job: dict[str, Any]) -> dict[str, Any]:
             run.put_dir(local / "out" / method, MERGES, method)
             adapter = run.url(MERGES, method, WEIGHT_NAME)
             done[method] = {**info, "adapter": adapter}
-            run.write_manifest(job["fingerprint"], MERGES, method, **done[method], **extra)
+            written = run.outputs([f"{MERGES}/{method}/{WEIGHT_NAME}"])
+            run.write_manifest(
+                job["fingerprint"], MERGES, method, **done[method], **extra, outputs=written
+            )
         run.put_dir(local / "out" / chosen, STAGE)
     return {
         "shas": dict(run.written),  # content digests, for the driver's manifest

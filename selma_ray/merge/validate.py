@@ -34,8 +34,8 @@ def validation_scores(
     if count == 0:
         raise RuntimeError(f"merge: no images in {run.url('images')} to score the merges on")
     gen = torch.Generator().manual_seed(seed)
-    rows = sorted(torch.randperm(count, generator=gen)[:samples].tolist())
-    table = dataset.take(rows, columns=["prompt", "image"])
+    picked = torch.randperm(count, generator=gen)[:samples].tolist()
+    table = dataset.take(picked, columns=["prompt", "image"])  # in the order picked
     rows = list(range(table.num_rows))
     pipe = DiffusionPipeline.from_pretrained(resolve(base)).to(device)
     pipe.set_progress_bar_config(disable=True)
