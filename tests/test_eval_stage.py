@@ -218,13 +218,13 @@ def test_prompts_without_parseable_questions_are_counted_per_variant_in_metrics_
     scorer = saved["scorers"]["dsg"]
     assert scorer["label"] == "DSG-style" and "not the published DSG-1K" in scorer["protocol"]
     assert scorer["holistic_fallback_prompts"] == [ids[1], ids[3]]
-    written = [json.loads(x) for x in (out / "questions.jsonl").read_text().splitlines()]
+    written = [json.loads(x) for x in run.read_text("eval", "questions.jsonl").splitlines()]
     assert [r["id"] for r in written if r["questions"][0]["source"] == "holistic"] == [
         ids[1],
         ids[3],
     ]
 
-    html = (out / "report.html").read_text()
+    html = run.read_text("eval", "report.html")
     assert "<h2>DSG-style</h2>" in html and "<h2>DSG</h2>" not in html
     rows = dict(re.findall(r"<tr><th>(base|merged)</th>(.*?)</tr>", html))
     assert rows["base"].endswith("<td>3 LLM-written · <b class='warn'>2 holistic fallback</b></td>")
