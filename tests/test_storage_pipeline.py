@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import ray
@@ -63,6 +64,8 @@ def finished(s3, tmp_path_factory):
     work = tmp_path_factory.mktemp("cwd")
     scratch = tmp_path_factory.mktemp("scratch")
     old_cwd, old_tmp = os.getcwd(), tempfile.tempdir
+    system_tmp = Path(tempfile.gettempdir())  # where the Ray workers' scratch goes
+    before = set(system_tmp.glob("selma-*"))
     os.chdir(work)
     tempfile.tempdir = str(scratch)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -93,6 +96,7 @@ def finished(s3, tmp_path_factory):
         "again": again,
         "cwd": work,
         "scratch": scratch,
+        "worker_scratch": sorted(set(system_tmp.glob("selma-*")) - before),
     }
 
 
@@ -140,8 +144,10 @@ def test_a_kill_before_the_manifest_leaves_nothing_that_is_trusted(finished):
 
 def test_local_disk_holds_nothing_but_caches(finished):
     assert list(finished["cwd"].iterdir()) == []
-    leftovers = [p.name for p in finished["scratch"].iterdir() if not p.name.startswith("ray")]
+    caches = ("ray", "torchinductor_")  # Ray's session files, torch's compile cache
+    leftovers = [p.name for p in finished["scratch"].iterdir() if not p.name.startswith(caches)]
     assert leftovers == [], leftovers
+    assert finished["worker_scratch"] == []  # exports, merges, logs: all cleaned up
 
 
 def test_serve_from_the_run_uri_serves_every_adapter(s3, finished):

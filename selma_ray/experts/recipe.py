@@ -476,65 +476,70 @@ def train_expert(config: dict[str, Any]) -> None:
         # After a resume, TensorBoard hides the failed attempt's steps past the checkpoint.
         writer = SummaryWriter(str(log_dir), purge_step=trainer.step + 1 if trainer.step else None)
 
-    per_step = config["batch_size"] * config["gradient_accumulation"]
-    batches = endless_batches(
-        ray.train.get_dataset_shard("train"),
-        config["batch_size"],
-        (config["max_steps"] - trainer.step) * per_step if fixed_inputs(config) else None,
-    )
-    losses: list[float] = []
-    start, start_step = time.perf_counter(), trainer.step
-    last, step_seconds = start, []  # wall time per step, data fetch and reports included
-    while trainer.step < config["max_steps"]:
-        out = trainer.train_step([next(batches) for _ in range(config["gradient_accumulation"])])
-        now = time.perf_counter()
-        step_seconds.append(now - last)
-        last = now
-        losses.append(out["loss"])
-        if writer:
-            writer.add_scalar("train/loss", out["loss"], trainer.step)
-            writer.add_scalar("train/grad_norm", out["grad_norm"], trainer.step)
-            writer.add_scalar("train/lr", trainer.lr_scheduler.get_last_lr()[0], trainer.step)
-        if rank == 0:
-            _fault_drill(config, trainer.step)
-        if trainer.step % config["checkpoint_every"] and trainer.step < config["max_steps"]:
-            continue
-        metrics = {
-            "step": trainer.step,
-            "loss": sum(losses) / len(losses),
-            "grad_norm": out["grad_norm"],
-            "lr": trainer.lr_scheduler.get_last_lr()[0],
-            "resumed_from": resumed_from,
-            "workers": ctx.get_world_size(),
-            "steps_per_second": (trainer.step - start_step) / (time.perf_counter() - start),
-            "median_step_seconds": statistics.median(step_seconds),
-            "skill": config["skill"],
-        }
-        val_loss = trainer.validation_loss()
-        if val_loss is not None:
-            metrics["val_loss"] = val_loss
-        if writer:
-            if val_loss is not None:
-                writer.add_scalar("val/loss", val_loss, trainer.step)
-            writer.flush()
-            _upload_logs(*where, log_dir)
-        if where and config.get("sample_prompts"):
-            png = trainer.render_samples(config["sample_prompts"])
-            where[0].write_bytes(png, where[1], "samples", f"step-{trainer.step:06d}.png")
-        log.info(
-            "experts: [%s] step %d/%d loss %.4f%s",
-            config["skill"],
-            trainer.step,
-            config["max_steps"],
-            metrics["loss"],
-            f" val {val_loss:.4f}" if val_loss is not None else "",
+    try:
+        per_step = config["batch_size"] * config["gradient_accumulation"]
+        batches = endless_batches(
+            ray.train.get_dataset_shard("train"),
+            config["batch_size"],
+            (config["max_steps"] - trainer.step) * per_step if fixed_inputs(config) else None,
         )
-        _report(trainer, metrics, rank)
-        losses.clear()
-    if writer:
-        writer.close()
-        _upload_logs(*where, log_dir)
-        shutil.rmtree(log_dir, ignore_errors=True)
+        losses: list[float] = []
+        start, start_step = time.perf_counter(), trainer.step
+        last, step_seconds = start, []  # wall time per step, data fetch and reports included
+        while trainer.step < config["max_steps"]:
+            out = trainer.train_step(
+                [next(batches) for _ in range(config["gradient_accumulation"])]
+            )
+            now = time.perf_counter()
+            step_seconds.append(now - last)
+            last = now
+            losses.append(out["loss"])
+            if writer:
+                writer.add_scalar("train/loss", out["loss"], trainer.step)
+                writer.add_scalar("train/grad_norm", out["grad_norm"], trainer.step)
+                writer.add_scalar("train/lr", trainer.lr_scheduler.get_last_lr()[0], trainer.step)
+            if rank == 0:
+                _fault_drill(config, trainer.step)
+            if trainer.step % config["checkpoint_every"] and trainer.step < config["max_steps"]:
+                continue
+            metrics = {
+                "step": trainer.step,
+                "loss": sum(losses) / len(losses),
+                "grad_norm": out["grad_norm"],
+                "lr": trainer.lr_scheduler.get_last_lr()[0],
+                "resumed_from": resumed_from,
+                "workers": ctx.get_world_size(),
+                "steps_per_second": (trainer.step - start_step) / (time.perf_counter() - start),
+                "median_step_seconds": statistics.median(step_seconds),
+                "skill": config["skill"],
+            }
+            val_loss = trainer.validation_loss()
+            if val_loss is not None:
+                metrics["val_loss"] = val_loss
+            if writer:
+                if val_loss is not None:
+                    writer.add_scalar("val/loss", val_loss, trainer.step)
+                writer.flush()
+                _upload_logs(*where, log_dir)
+            if where and config.get("sample_prompts"):
+                png = trainer.render_samples(config["sample_prompts"])
+                where[0].write_bytes(png, where[1], "samples", f"step-{trainer.step:06d}.png")
+            log.info(
+                "experts: [%s] step %d/%d loss %.4f%s",
+                config["skill"],
+                trainer.step,
+                config["max_steps"],
+                metrics["loss"],
+                f" val {val_loss:.4f}" if val_loss is not None else "",
+            )
+            _report(trainer, metrics, rank)
+            losses.clear()
+    finally:  # a failing attempt still leaves its curves on storage, and no local scratch
+        if writer:
+            writer.close()
+            _upload_logs(*where, log_dir)
+        if log_dir is not None:
+            shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def _report(trainer: ExpertTrainer, metrics: dict[str, Any], rank: int) -> None:
