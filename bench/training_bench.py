@@ -52,10 +52,14 @@ def synthetic_table(skills: list[str], per_skill: int, size=(40, 56)):
 
 
 def write_images(root: Path, skills: list[str], per_skill: int) -> None:
+    """An images-stage output (one committed shard) for the experts stage to train from."""
     import pyarrow.parquet as pq
+
+    from selma_ray.testing import commit_images
 
     (root / "images" / "data").mkdir(parents=True, exist_ok=True)
     pq.write_table(synthetic_table(skills, per_skill), root / "images" / "data" / "part-0.parquet")
+    commit_images(root)
 
 
 def loop_config(steps: int, checkpoint_every: int) -> dict:

@@ -415,3 +415,22 @@ def test_hot_reload_swaps_adapters_without_restarting_the_replica(live, runs):
     assert detail.status_code == 200, detail.text
     assert detail.content != gen(live, "counting").content
     assert gen(live, "merged").content != merged_before  # the merge of three experts now
+
+
+def test_a_failed_hot_reload_keeps_serving_the_old_run_and_says_why(live, runs, tmp_path):
+    """Runs after the successful reload above: now pointed at a run that cannot be read."""
+    before = adapters(live)
+    missing = tmp_path / "not-a-run"
+    live.deploy(
+        serve_app_config(
+            runs["a"], limits=LIMITS, replicas=1, user_config={"run_dir": str(missing)}
+        )
+    )
+    deadline = time.monotonic() + 120
+    while not (after := adapters(live))["replica"]["reload_error"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "config.yaml not found" in after["replica"]["reload_error"]
+    assert after["run"] == before["run"] == str(runs["b"])
+    assert after["adapters"] == before["adapters"]
+    assert after["replica"]["replica_id"] == before["replica"]["replica_id"]
+    assert gen(live, "dense_detail").status_code == 200  # still the old run's adapters

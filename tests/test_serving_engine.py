@@ -171,3 +171,51 @@ def test_reload_refuses_a_run_of_another_base_model(run_dir, tmp_path):
     (other / "config.yaml").write_text(load_config("sd14").to_yaml())
     with pytest.raises(ValueError, match="deploy a new application"):
         DiffusionService(run_dir).reload(other)
+
+
+def test_a_failed_reload_keeps_the_old_adapters_serving(run_dir, tmp_path, monkeypatch):
+    """The new set loads in full before the old one goes: an adapter that fails its check
+    part-way through a reload leaves the old set loaded, serving the same images."""
+    monkeypatch.setenv("SELMA_CACHE", str(tmp_path / "cache"))  # nothing cached yet
+    other = tmp_path / "broken"
+    cfg = load_config("tiny", [f"run.dir={other}", "prompts.skills=[counting, dense_detail]"])
+    run = RunDir(other)
+    run.write_text(cfg.to_yaml(), "config.yaml")
+    for i, skill in enumerate(cfg.prompts.skills):
+        _random_adapter(run.path("experts", skill), seed=50 + i)
+        rel = f"experts/{skill}/pytorch_lora_weights.safetensors"
+        run.write_manifest("fp", "experts", skill, outputs=run.outputs([rel]))
+    # dense_detail's file no longer matches the SHA-256 its manifest recorded.
+    manifest = run.read_manifest("experts", "dense_detail")
+    manifest["outputs"]["files"]["experts/dense_detail/pytorch_lora_weights.safetensors"][
+        "sha256"
+    ] = "0" * 64
+    run.write_json(manifest, "experts", "dense_detail", "manifest.json")
+
+    service = DiffusionService(run_dir)
+    before = {a: _png(service, a) for a in ("counting", "merged")}
+    loaded = set(service.pipe.get_list_adapters()["unet"])
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        service.reload(other)
+    assert set(service.pipe.get_list_adapters()["unet"]) == loaded  # nothing half-loaded
+    assert {a["name"] for a in service.describe()} == {
+        "base",
+        "counting",
+        "everyday_scenes",
+        "merged",
+    }
+    assert {a: _png(service, a) for a in ("counting", "merged")} == before
+
+
+def test_adapters_are_fetched_once_into_a_cache_keyed_by_content(run_dir, tmp_path, monkeypatch):
+    from selma_ray.diffusion.engine import fetch_adapter
+
+    monkeypatch.setenv("SELMA_CACHE", str(tmp_path / "cache"))
+    run = RunDir(run_dir)
+    info = find_adapters(run)["counting"]
+    first = fetch_adapter(run, info)
+    stamp = (first / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
+    again = fetch_adapter(run, info)
+    assert again == first and first.parent == tmp_path / "cache" / "adapters"
+    assert (again / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == stamp
+    assert (first / "pytorch_lora_weights.safetensors").read_bytes() == run.read_bytes(info.path)
