@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from selma_ray.core.lineage import file_sha256, outputs, verify
 from selma_ray.core.storage import (
     StorageError,
     StorageOptions,
@@ -37,7 +38,6 @@ from selma_ray.core.storage import (
 )
 
 MANIFEST = "manifest.json"
-CHUNK = 1 << 20
 # Test hook, never a config key: ``SELMA_KILL_BEFORE_COMMIT=merged`` makes the commit of
 # ``merged/`` fail after its outputs are written and before its manifest is, like a kill there.
 KILL_ENV = "SELMA_KILL_BEFORE_COMMIT"
@@ -272,7 +272,7 @@ class RunDir:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             for p in files:
-                shas["/".join([*parts, p.relative_to(local).as_posix()])] = _file_sha256(p)
+                shas["/".join([*parts, p.relative_to(local).as_posix()])] = file_sha256(p)
         else:
             self.delete(*parts)
             for p in files:
@@ -290,8 +290,6 @@ class RunDir:
 
     def is_done(self, fingerprint: str, *parts: str) -> bool:
         """The manifest matches ``fingerprint`` and every output it lists is intact."""
-        from selma_ray.core.lineage import verify
-
         manifest = self.read_manifest(*parts)
         if manifest is None or manifest.get("fingerprint") != fingerprint:
             return False
@@ -309,14 +307,5 @@ class RunDir:
         return manifest
 
     def outputs(self, files: Iterable[str], units: dict[str, str] | None = None) -> dict:
-        from selma_ray.core.lineage import outputs
-
+        """The ``outputs`` record of a manifest for ``files`` (run-relative paths)."""
         return outputs(self, files, units)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
