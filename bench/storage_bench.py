@@ -6,8 +6,10 @@ a new ``s3://selma/bench-<n>`` prefix on a local S3-compatible server (moto's
 ``ThreadedMotoServer``, real HTTP on loopback, ``selma_ray.testing.LocalS3``). Same config,
 same seeds; only ``run.dir`` differs. One local Ray cluster (``--cpus`` CPUs) and one S3
 server serve the whole bench. The timed figure of an arm is the wall time of the five stage
-calls (``open_run``'s storage probe is outside). Order: a warm-up run of each arm (untimed),
-then local, s3, s3, local.
+calls (``open_run``'s storage probe and the ``config.yaml`` that ``run_pipeline`` writes
+first are outside). Order: a warm-up run of each arm (untimed, at a smaller size: the first
+``--warmup-skills`` skills; it starts Ray's workers and fills the OS's file cache with the
+models), then local, s3, s3, local.
 
 The prompts come from ``selma_ray.testing.SeededLLM`` (a scripted stand-in) in both arms, not
 from a vLLM engine: the bench measures storage, and the engine's start-up (about 40 s, the
@@ -17,14 +19,16 @@ runs without LLM-written questions (``eval.questions=none``).
 Every byte the S3 arm moves, from the driver and from every Ray worker (they all reach S3
 through ``run.storage.endpoint``), goes through a counting TCP proxy (``_s3proxy.py``) in
 front of the server; the bench prints the bytes uploaded and downloaded per stage (HTTP
-headers included) from the last S3 run, and checks that the local arm moved none.
+headers included) from the last S3 run, the spread of those bytes over the two timed S3 runs
+(Ray Tune syncs its experiment state on a timer and its result files hold timings, so the
+experts stage's bytes vary by a few percent), and checks that the local arm moved none.
 
 Goal (from the issue): the pipeline on S3 at most 1.3x the wall time of the pipeline on local
 disk. A loopback server has no network latency or bandwidth limit, so this bounds what the
 project's own storage code adds (copies through temp folders, probes, manifests, digests), not
 what a remote bucket would cost.
 
-    python bench/storage_bench.py [--skills 2] [--per-skill 4] [--cpus 2]
+    python bench/storage_bench.py [--skills 2] [--per-skill 4] [--cpus 2] [--warmup-skills 1]
 
 Its last line of output (the headline ratio, from ``_common.ratio_line``)::
 
@@ -36,7 +40,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,8 +73,7 @@ def overrides(skills: list[str], per_skill: int) -> list[str]:
 class Arms:
     """Runs the pipeline in fresh run directories and keeps per-stage walls and bytes."""
 
-    def __init__(self, shared: list[str], s3, proxy: CountingProxy, scratch: Path):
-        self.shared = shared
+    def __init__(self, s3, proxy: CountingProxy, scratch: Path):
         self.s3 = s3
         self.proxy = proxy
         self.scratch = scratch
@@ -77,7 +82,7 @@ class Arms:
         self.moved: dict[str, list[dict[str, tuple[int, int, int]]]] = {"local": [], "s3": []}
         self.s3_prefixes: list[str] = []
 
-    def run(self, arm: str, record: bool = True) -> float:
+    def run(self, arm: str, shared: list[str], record: bool = True) -> float:
         """Seconds of the five stages of one pipeline run in a fresh ``arm`` run directory."""
         from selma_ray.config import load_config
         from selma_ray.pipeline import ORDER, open_run, run_stage
@@ -90,8 +95,9 @@ class Arms:
         else:
             run_dir = str(self.scratch / f"run-{n}")
         storage = [f"run.storage.endpoint={self.proxy.endpoint}", "run.storage.region=us-east-1"]
-        cfg = load_config("tiny", [f"run.dir={run_dir}", *storage, *self.shared])
+        cfg = load_config("tiny", [f"run.dir={run_dir}", *storage, *shared])
         run = open_run(cfg, check=True)
+        run.write_text(cfg.to_yaml(), "config.yaml")  # as run_pipeline does; eval reads it
         walls: dict[str, float] = {}
         moved: dict[str, tuple[int, int, int]] = {}
         for name in ORDER:
@@ -105,9 +111,9 @@ class Arms:
             if result.get("skipped"):
                 raise RuntimeError(f"{arm} run {n}: stage {name} skipped in a fresh run dir")
             progress(f"{arm} run {n}: {name} {walls[name]:.1f} s")
-        self.moved[arm].append(moved)
         if record:
             self.walls[arm].append(walls)
+            self.moved[arm].append(moved)
         if arm == "local":
             shutil.rmtree(run_dir, ignore_errors=True)
         return sum(walls.values())
@@ -130,6 +136,7 @@ def main() -> None:
     parser.add_argument("--skills", type=int, default=2, choices=range(1, len(SKILLS) + 1))
     parser.add_argument("--per-skill", type=int, default=4)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--warmup-skills", type=int, default=1, choices=range(1, len(SKILLS) + 1))
     args = parser.parse_args()
     skills = SKILLS[: args.skills]
 
@@ -146,6 +153,7 @@ def main() -> None:
             "eval prompts": EVAL_PROMPTS,
             "prompts": "SeededLLM (no LLM engine)",
             "Ray CPUs": args.cpus,
+            "warm-up": f"{args.warmup_skills} skill(s) per arm",
         },
         torch.get_num_threads(),
         ("torch", "ray", "diffusers", "pyarrow"),
@@ -161,15 +169,22 @@ def main() -> None:
     s3 = LocalS3().start()  # before Ray starts: its workers inherit the credentials
     proxy = CountingProxy("127.0.0.1", s3.port).start()
     scratch = Path(tempfile.mkdtemp(prefix="storage-bench-"))
-    arms = Arms(overrides(skills, args.per_skill), s3, proxy, scratch)
+    arms = Arms(s3, proxy, scratch)
+    shared = overrides(skills, args.per_skill)
+    small = overrides(skills[: args.warmup_skills], args.per_skill)
+    # Ray Tune's tables and Ray's own warnings print to stdout (from this process and from
+    # the Ray processes it starts, which inherit fd 1): send them to stderr while Ray runs.
+    sys.stdout.flush()
+    stdout = os.dup(1)
+    os.dup2(2, 1)
     try:
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
             result = abba(
-                {"local": lambda: arms.run("local"), "s3": lambda: arms.run("s3")},
+                {"local": lambda: arms.run("local", shared), "s3": lambda: arms.run("s3", shared)},
                 warmup={
-                    "local": lambda: arms.run("local", record=False),
-                    "s3": lambda: arms.run("s3", record=False),
+                    "local": lambda: arms.run("local", small, record=False),
+                    "s3": lambda: arms.run("s3", small, record=False),
                 },
                 log=progress,
             )
@@ -177,6 +192,9 @@ def main() -> None:
             ray.shutdown()
         objects, stored = stored_bytes(s3, arms.s3_prefixes[-1])
     finally:
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
+        os.close(stdout)
         proxy.stop()
         s3.stop()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -189,7 +207,10 @@ def main() -> None:
     ratios = show(result, ".1f", lambda m: m["s3"] / m["local"], "s3 vs local (time) by order")
 
     last = arms.moved["s3"][-1]
-    same = all(m == last for m in arms.moved["s3"])
+    spread = {}  # (largest - smallest) / largest of uploaded + downloaded, over the S3 runs
+    for name in ORDER:
+        moved = [m[name][0] + m[name][1] for m in arms.moved["s3"]]
+        spread[name] = (max(moved) - min(moved)) / max(max(moved), 1)
     head = (
         f"{'stage':<8} {'local s':>8} {'s3 s':>8} {'s3/local':>9} "
         f"{'uploaded KiB':>13} {'downloaded KiB':>15} {'connections':>12}"
@@ -213,10 +234,10 @@ def main() -> None:
         f"{'total':<8} {local:>8.1f} {remote:>8.1f} {remote / local:>8.2f}x "
         f"{up / 1024:>13.1f} {down / 1024:>15.1f} {conns:>12}"
     )
+    print(f"stored under the last S3 run's prefix: {objects} objects, {stored / 1024:.1f} KiB")
     print(
-        f"stored under the last S3 run's prefix: {objects} objects, {stored / 1024:.1f} KiB; "
-        f"per-stage bytes {'equal' if same else 'NOT equal'} in all "
-        f"{len(arms.moved['s3'])} S3 runs (warm-up included)"
+        "bytes moved (uploaded + downloaded), spread over the timed S3 runs: "
+        + ", ".join(f"{name} {spread[name]:.2%}" for name in ORDER)
     )
     local_bytes = sum(u + d for m in arms.moved["local"] for u, d, _ in m.values())
     print(f"bytes through the S3 proxy during the local runs: {local_bytes}")

@@ -157,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     started_here = connect(args.address)
-    summary = run_pipeline(cfg, deploy=args.deploy)
+    try:
+        summary = run_pipeline(cfg, deploy=args.deploy)
+    except StorageError as e:  # e.g. a local run.dir that some nodes cannot see
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print_summary(summary)
     if started_here and summary.get("endpoint"):
         # Serve lives only as long as the Ray cluster this script started.

@@ -22,6 +22,7 @@ import yaml
 from selma_ray.config import SelmaConfig
 from selma_ray.core import layout
 from selma_ray.core.lineage import Lineage, content_digest, digest, output_digest
+from selma_ray.core.preflight import check_shared_run_dir
 from selma_ray.core.rundir import RunDir
 from selma_ray.core.skills import get_skills
 from selma_ray.core.storage import is_local
@@ -310,6 +311,7 @@ def deploy_serve(cfg: SelmaConfig, run: RunDir) -> str:
 def run_pipeline(cfg: SelmaConfig, deploy: bool | None = None) -> dict[str, Any]:
     """Run every stage (skipping finished ones); returns the run summary."""
     run = open_run(cfg, check=True)
+    check_shared_run_dir(run)  # a local run.dir on a multi-node cluster stops here
     run.write_text(cfg.to_yaml(), "config.yaml")
     summary: dict[str, Any] = {"run_dir": run.uri, "stages": {}}
     for name in ORDER:

@@ -9,10 +9,11 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -436,9 +437,31 @@ class EvalSection(_Section):
         return v
 
 
+def _check_custom(v: dict[str, float]) -> dict[str, float]:
+    reserved = sorted(set(v) & {"CPU", "GPU", "memory", "object_store_memory"})
+    if reserved:
+        raise ValueError(f"{reserved} are not custom resources; use num_cpus/num_gpus")
+    bad = {k: x for k, x in v.items() if x <= 0}
+    if bad:
+        raise ValueError(f"custom resource amounts must be > 0, got {bad}")
+    return v
+
+
+CustomResources = Annotated[
+    dict[str, float],
+    AfterValidator(_check_custom),
+    Field(
+        default_factory=dict,
+        description="Custom Ray resources each task, actor or worker asks for, e.g. "
+        "{node_a: 0.01} to place it on nodes started with --resources='{\"node_a\": 1}'.",
+    ),
+]
+
+
 class TaskResources(_Section):
     num_gpus: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(1.0, gt=0.0)
+    custom: CustomResources
 
 
 class ActorPool(TaskResources):
@@ -452,6 +475,7 @@ class ExpertResources(_Section):
     workers_per_expert: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    custom: CustomResources
     max_concurrent: int = Field(5, ge=1, description="Experts training at once; the rest queue.")
 
 

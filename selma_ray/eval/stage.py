@@ -139,6 +139,7 @@ def _pool(cfg: SelmaConfig) -> dict[str, Any]:
         "compute": ray.data.ActorPoolStrategy(min_size=res.min_size, max_size=res.max_size),
         "num_gpus": res.num_gpus,
         "num_cpus": res.num_cpus,
+        "resources": res.custom,
         "batch_size": cfg.eval.batch_size,
     }
 

@@ -122,7 +122,7 @@ def _train_one(
     work = work_dir(skill, fp)
     log.info("experts: [%s] training starts", skill)
     res = job["resources"]
-    resources = {"CPU": res["cpus_per_worker"]}
+    resources = {"CPU": res["cpus_per_worker"], **res["custom"]}
     if res["use_gpu"]:
         resources["GPU"] = 1
     best = loop["select"] == "best"

@@ -210,6 +210,7 @@ def _render(cfg: SelmaConfig, run: RunDir, rows: list[dict[str, Any]]) -> None:
         batch_size=ic.batch_size,
         num_gpus=res.num_gpus,
         num_cpus=res.num_cpus,
+        resources=res.custom,
     )
     # Written by the workers straight to the run's storage (whichever node they are on).
     ds.write_parquet(run.key(layout.IMAGES_DATA), filesystem=run.fs)

@@ -133,7 +133,11 @@ def run_merge(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]
     for old in run.listdir(MERGES):  # merges of methods no longer configured would be served
         if old not in cfg.merge.methods:
             run.delete(MERGES, old)
-    actor = ray.remote(MergeActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote()
+    actor = (
+        ray.remote(MergeActor)
+        .options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.custom)
+        .remote()
+    )
     try:
         info = ray.get(actor.run.remote(merge_job(cfg, run, fp)))
     finally:

@@ -74,6 +74,7 @@ def generate_with_ray_data(
         batch_size=cfg.prompts.batch_size,
         num_gpus=res.num_gpus if cfg.prompts.backend == "vllm" else 0,
         num_cpus=res.num_cpus,
+        resources=res.custom,
     )
     return ds.take_all()
 
@@ -101,7 +102,9 @@ class PersistentEngines:
 
         res = self.cfg.resources.prompts
         _, kwargs = backend_udf(self.cfg)
-        actor = ray.remote(VLLMGenerator).options(num_gpus=res.num_gpus, num_cpus=res.num_cpus)
+        actor = ray.remote(VLLMGenerator).options(
+            num_gpus=res.num_gpus, num_cpus=res.num_cpus, resources=res.custom
+        )
         self.engines = [actor.remote(**kwargs) for _ in range(res.max_size)]
         self.starts += 1
         log.info("prompts: started %d %s engine(s) for the stage", res.max_size, "vLLM")

@@ -399,7 +399,11 @@ def build_app(args: dict[str, Any]):
     effective_limits(cfg.serve, limits)  # fail at deploy time, not in the replicas
     res = cfg.resources.serve
     diffusion = Diffusion.options(
-        ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
+        ray_actor_options={
+            "num_cpus": res.num_cpus,
+            "num_gpus": res.num_gpus,
+            "resources": res.custom,
+        },
         max_ongoing_requests=res.max_ongoing_requests,
         autoscaling_config={
             "min_replicas": res.min_replicas,

@@ -1,0 +1,281 @@
+"""A real multi-node Ray cluster on one machine, with no shared filesystem between nodes.
+
+The head starts with ``--num-cpus=0`` (it runs drivers only, as Ray recommends for real
+clusters). Each worker node starts with ``ray start --address ...`` inside its own Linux mount
+namespace (``unshare --mount --propagation private``) with a private tmpfs over the run path,
+and its own ``HOME``, ``SELMA_CACHE``, ``--temp-dir`` and custom resources (``{"node_a": 1}``),
+so a file one node writes there is invisible to the others, as on a cloud cluster, and tests
+can pin work to a node. Every node runs ``ray start --block`` in its own process group; stop
+and ``kill_node`` end them by process id, never with ``ray stop`` (which would stop every Ray
+cluster on the machine). Needs root (CI runs as root). Reusable by benches:
+``sys.path.insert(0, "tests"); from multinode import MultiNodeCluster``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+HEAD_PORTS = (
+    "port",
+    "dashboard-port",
+    "node-manager-port",
+    "object-manager-port",
+    "ray-client-server-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env(**extra: str) -> dict[str, str]:
+    """This environment with the virtualenv first on PATH, token auth on, and no RAY_ADDRESS
+    pointing our commands at another cluster."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {
+        **env,
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        **extra,
+    }
+
+
+@dataclass
+class Node:
+    name: str
+    proc: subprocess.Popen
+    temp_dir: Path
+    home: Path | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    node_id: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class MultiNodeCluster:
+    """``workers``: name -> logical CPUs of that worker node; each also gets the custom
+    resource ``{name: 1}`` plus ``extra_resources[name]``. ``private``: the path each worker
+    mounts a private tmpfs over (created if missing)."""
+
+    def __init__(
+        self,
+        workers: dict[str, float],
+        private: str | Path,
+        extra_resources: dict[str, dict[str, float]] | None = None,
+        env: dict[str, str] | None = None,
+        cache: str | Path | None = None,
+    ):
+        self.workers = workers
+        self.private = Path(private)
+        self.extra = extra_resources or {}
+        self.env = env or {}
+        self.cache = Path(cache) if cache else None
+        # Short: Ray's unix sockets live under the temp dirs (108-byte path limit).
+        self.root = Path(tempfile.mkdtemp(prefix="selma-mn-", dir="/tmp"))
+        self.ports = {name: free_port() for name in HEAD_PORTS}
+        self.gcs = f"127.0.0.1:{self.ports['port']}"
+        self.dashboard = f"http://127.0.0.1:{self.ports['dashboard-port']}"
+        self.nodes: dict[str, Node] = {}
+
+    # ---- start --------------------------------------------------------------------------
+    def __enter__(self) -> MultiNodeCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 240) -> None:
+        self.private.mkdir(parents=True, exist_ok=True)
+        head_tmp = self.root / "head"
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=0",
+            f"--temp-dir={head_tmp}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            *(f"--{name}={port}" for name, port in self.ports.items()),
+        ]
+        self.nodes["head"] = Node("head", self._popen(cmd, ray_env(**self.env)), head_tmp)
+        self._wait_for(lambda: self._status_ok(), timeout, "the head's GCS")
+        token = Path.home() / ".ray" / "auth_token"
+        for name, cpus in self.workers.items():
+            self._start_worker(name, cpus, token)
+        self.wait_for_nodes(len(self.workers) + 1, timeout)
+        self._wait_for(self._dashboard_ok, timeout, "the head's dashboard (jobs API)")
+        self._record_node_ids()
+
+    def _start_worker(self, name: str, cpus: float, token: Path) -> None:
+        home = self.root / f"home-{name}"
+        (home / ".ray").mkdir(parents=True)
+        if token.is_file():  # token auth: a node with another HOME needs the head's token
+            shutil.copy2(token, home / ".ray" / "auth_token")
+        cache = self.root / f"cache-{name}"
+        if self.cache and self.cache.is_dir():  # its own copy, so no build races between nodes
+            shutil.copytree(self.cache, cache, symlinks=True)
+        temp = self.root / name
+        resources = {name: 1.0, **self.extra.get(name, {})}
+        start = [
+            str(BIN / "ray"),
+            "start",
+            f"--address={self.gcs}",
+            "--block",
+            f"--num-cpus={cpus}",
+            f"--resources={json.dumps(resources)}",
+            f"--temp-dir={temp}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--disable-usage-stats",
+        ]
+        script = f"mount -t tmpfs tmpfs {shlex.quote(str(self.private))} && exec " + " ".join(
+            shlex.quote(a) for a in start
+        )
+        cmd = ["unshare", "--mount", "--propagation", "private", "bash", "-c", script]
+        env = ray_env(HOME=str(home), SELMA_CACHE=str(cache), **self.env)
+        node = Node(name, self._popen(cmd, env), temp, home, resources)
+        self.nodes[name] = node
+
+    def _popen(self, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.root / f"{len(self.nodes)}.log", "w")  # noqa: SIM115 (closed with the node)
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def _status_ok(self) -> bool:
+        head = self.nodes["head"]
+        if not head.alive:
+            raise RuntimeError(f"the head exited: {self.log('head')}")
+        out = subprocess.run(
+            [str(BIN / "ray"), "status", f"--address={self.gcs}"],
+            capture_output=True,
+            text=True,
+            env=ray_env(),
+            timeout=60,
+        )
+        return out.returncode == 0
+
+    def _dashboard_ok(self) -> bool:
+        import requests
+
+        try:
+            return requests.get(f"{self.dashboard}/api/version", timeout=10).status_code < 500
+        except requests.ConnectionError:
+            return False
+
+    def _wait_for(self, ok, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ok():
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
+
+    def alive_nodes(self) -> list[dict[str, Any]]:
+        """Ray's view of the alive nodes (from the state API, through the dashboard)."""
+        import requests
+
+        resp = requests.get(
+            f"{self.dashboard}/api/v0/nodes",
+            params={"limit": 100, "detail": "true"},
+            headers=self.auth_headers(),
+            timeout=30,
+        )
+        resp.raise_for_status()
+        nodes = resp.json()["data"]["result"]["result"]
+        return [n for n in nodes if n["state"] == "ALIVE"]
+
+    def auth_headers(self) -> dict[str, str]:
+        token = Path.home() / ".ray" / "auth_token"
+        return {"Authorization": f"Bearer {token.read_text().strip()}"} if token.is_file() else {}
+
+    def wait_for_nodes(self, count: int, timeout: float = 240) -> None:
+        for name, node in self.nodes.items():
+            if not node.alive:
+                raise RuntimeError(f"node {name} exited: {self.log(name)}")
+
+        def enough() -> bool:
+            try:
+                return len(self.alive_nodes()) >= count
+            except Exception:
+                return False
+
+        self._wait_for(enough, timeout, f"{count} alive nodes")
+
+    def _record_node_ids(self) -> None:
+        for n in self.alive_nodes():
+            res = n.get("resources_total", {})
+            for name, node in self.nodes.items():
+                if (name == "head" and n.get("is_head_node")) or res.get(name):
+                    node.node_id = n["node_id"]
+
+    def node_of(self, node_id: str) -> str | None:
+        """Our name of the node with Ray id ``node_id``."""
+        return next((n for n, node in self.nodes.items() if node.node_id == node_id), None)
+
+    def log(self, name: str) -> str:
+        index = list(self.nodes).index(name)
+        path = self.root / f"{index}.log"
+        return path.read_text()[-4000:] if path.is_file() else ""
+
+    # ---- stop ---------------------------------------------------------------------------
+    def kill_node(self, name: str) -> float:
+        """Lose a worker node at once (SIGKILL to its raylet and everything it started);
+        returns the time it happened (``time.monotonic()``)."""
+        node = self.nodes[name]
+        when = time.monotonic()
+        _killpg(node.proc, signal.SIGKILL)
+        node.proc.wait(timeout=30)
+        return when
+
+    def stop(self) -> None:
+        for name in reversed(list(self.nodes)):  # workers first, the head last
+            node = self.nodes[name]
+            if node.alive:
+                _killpg(node.proc, signal.SIGTERM)
+                try:
+                    node.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+            _killpg(node.proc, signal.SIGKILL)
+            try:
+                node.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _killpg(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(os.getpgid(proc.pid), sig)
+    except (ProcessLookupError, PermissionError):
+        pass
