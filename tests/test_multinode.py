@@ -107,8 +107,7 @@ def green(cluster, s3):
         "images.steps=2",
         "experts.max_steps=4",
         "experts.checkpoint_every=2",
-        "eval.questions=none",
-        "eval.max_prompts=4",
+        "eval.enabled=false",  # eval on S3 is covered by test_storage_pipeline.py
         "resources.images.custom={node_a: 0.01}",
         "resources.experts.custom={node_b: 0.01}",
         "resources.serve.custom={node_c: 0.01}",
@@ -167,6 +166,6 @@ def test_the_run_is_in_the_bucket_and_no_node_kept_a_local_copy(cluster, s3, gre
     keys = s3.keys("multinode")
     for skill in SKILLS:
         assert f"multinode/experts/{skill}/manifest.json" in keys
-    assert "multinode/merged/manifest.json" in keys and "multinode/eval/metrics.json" in keys
+    assert "multinode/merged/manifest.json" in keys and "multinode/summary.json" in keys
     for name in ("node_a", "node_b", "node_c"):
         assert private_files(cluster, name) == [], name
