@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from multinode import BIN, MultiNodeCluster, free_port, ray_env
+
 from selma_ray.testing import TEST_CREDENTIALS, LocalS3
 
 pytestmark = pytest.mark.slow
