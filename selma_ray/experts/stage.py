@@ -294,6 +294,9 @@ def run_experts(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, An
                 name="experts",
                 storage_path=run.key("ray_results"),
                 storage_filesystem=run.fs,
+                # A trial whose process or Train controller was lost with its node runs
+                # again and resumes from the expert's latest checkpoint in storage.
+                failure_config=tune.FailureConfig(max_failures=ec.max_failures),
                 verbose=1,
             ),
         )
