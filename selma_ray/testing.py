@@ -183,6 +183,19 @@ TEST_CREDENTIALS = {
 }
 
 
+def small_run(skills: list[str]) -> list[str]:
+    """Config overrides for the smallest whole run that still trains and merges: four prompts
+    per skill, two denoising steps, four training steps with a checkpoint every two."""
+    return [
+        f"prompts.skills=[{', '.join(skills)}]",
+        "prompts.per_skill=4",
+        "prompts.requests_per_round=2",
+        "images.steps=2",
+        "experts.max_steps=4",
+        "experts.checkpoint_every=2",
+    ]
+
+
 class LocalS3:
     """An S3-compatible server on loopback (moto's ``ThreadedMotoServer``, real HTTP), for
     tests and benches: the project's own S3 client code talks to it like to AWS.

@@ -200,19 +200,22 @@ class MultiNodeCluster:
             time.sleep(1)
         raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
 
-    def alive_nodes(self) -> list[dict[str, Any]]:
-        """Ray's view of the alive nodes (from the state API, through the dashboard)."""
+    def state(self, kind: str) -> list[dict[str, Any]]:
+        """Ray's state API (``nodes``, ``actors``...) through the head's dashboard; dead
+        actors and nodes are included (check ``state``)."""
         import requests
 
         resp = requests.get(
-            f"{self.dashboard}/api/v0/nodes",
-            params={"limit": 100, "detail": "true"},
+            f"{self.dashboard}/api/v0/{kind}",
+            params={"limit": 10000, "detail": "true"},
             headers=self.auth_headers(),
-            timeout=30,
+            timeout=60,
         )
         resp.raise_for_status()
-        nodes = resp.json()["data"]["result"]["result"]
-        return [n for n in nodes if n["state"] == "ALIVE"]
+        return resp.json()["data"]["result"]["result"]
+
+    def alive_nodes(self) -> list[dict[str, Any]]:
+        return [n for n in self.state("nodes") if n["state"] == "ALIVE"]
 
     def auth_headers(self) -> dict[str, str]:
         token = Path.home() / ".ray" / "auth_token"

@@ -22,7 +22,7 @@ import pytest
 import requests
 from multinode import BIN, MultiNodeCluster, free_port, ray_env
 
-from selma_ray.testing import TEST_CREDENTIALS, LocalS3
+from selma_ray.testing import TEST_CREDENTIALS, LocalS3, small_run
 
 pytestmark = pytest.mark.slow
 
@@ -107,12 +107,7 @@ def green(cluster, s3):
     overrides = [
         f"run.dir={s3.uri('multinode')}",
         *s3.overrides(),
-        f"prompts.skills=[{', '.join(SKILLS)}]",
-        "prompts.per_skill=4",
-        "prompts.requests_per_round=2",
-        "images.steps=2",
-        "experts.max_steps=4",
-        "experts.checkpoint_every=2",
+        *small_run(SKILLS),
         "eval.enabled=false",  # eval on S3 is covered by test_storage_pipeline.py
         "resources.images.custom={node_a: 0.01}",
         "resources.experts.custom={node_b: 0.01}",
@@ -128,15 +123,8 @@ def green(cluster, s3):
 
 def actors_by_class(cluster: MultiNodeCluster) -> dict[str, set[str]]:
     """Node names each actor class ran on (dead actors included), from Ray's state API."""
-    resp = requests.get(
-        f"{cluster.dashboard}/api/v0/actors",
-        params={"limit": 10000, "detail": "true"},
-        headers=cluster.auth_headers(),
-        timeout=60,
-    )
-    resp.raise_for_status()
     placed: dict[str, set[str]] = {}
-    for actor in resp.json()["data"]["result"]["result"]:
+    for actor in cluster.state("actors"):
         node = cluster.node_of(actor.get("node_id") or "")
         if node:
             placed.setdefault(actor["class_name"], set()).add(node)

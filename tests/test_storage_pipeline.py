@@ -22,7 +22,7 @@ from selma_ray.config import load_config
 from selma_ray.core.rundir import KILL_ENV, KilledBeforeCommit
 from selma_ray.diffusion.engine import find_adapters
 from selma_ray.pipeline import open_run, run_pipeline, run_stage
-from selma_ray.testing import LocalS3, LocalServe, SeededLLM, serve_app_config
+from selma_ray.testing import LocalS3, LocalServe, SeededLLM, serve_app_config, small_run
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +43,7 @@ def tiny_on(s3: LocalS3, name: str, *overrides: str):
         [
             f"run.dir={s3.uri(name)}",
             *s3.overrides(),
-            f"prompts.skills=[{', '.join(SKILLS)}]",
-            "prompts.per_skill=4",
-            "prompts.requests_per_round=2",
-            "images.steps=2",
-            "experts.max_steps=4",
-            "experts.checkpoint_every=2",
+            *small_run(SKILLS),
             "eval.questions=none",  # LLM-written questions are covered elsewhere
             "eval.max_prompts=4",
             *overrides,
