@@ -21,3 +21,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, where nothing the suite needs may skip: {reason}"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A local S3-compatible server over real HTTP (moto), one per test module. Start it
+    before Ray: it puts test credentials into the environment that Ray's workers inherit."""
+    from selma_ray.testing import LocalS3
+
+    server = LocalS3().start()
+    yield server
+    server.stop()

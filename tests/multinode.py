@@ -277,6 +277,20 @@ class MultiNodeCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def start_cluster(
+    workers: dict[str, float], private: Path, extra_resources: dict[str, dict[str, float]]
+) -> MultiNodeCluster:
+    """A cluster for the tests: the nodes get this process's AWS credentials (a local S3
+    server's) and a copy of its model cache. Fails (never skips) without root."""
+    if os.geteuid() != 0:
+        raise RuntimeError("the multi-node tests need root for mount namespaces (CI runs as root)")
+    from selma_ray.testing import TEST_CREDENTIALS
+
+    cache = Path(os.environ.get("SELMA_CACHE", Path.home() / ".cache" / "selma_ray"))
+    env = {k: os.environ[k] for k in TEST_CREDENTIALS}  # the nodes' AWS credential chain
+    return MultiNodeCluster(workers, private, extra_resources, env=env, cache=cache)
+
+
 def _killpg(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(os.getpgid(proc.pid), sig)

@@ -13,16 +13,15 @@ no two nodes share a disk there.
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from multinode import BIN, MultiNodeCluster, free_port, ray_env
+from multinode import BIN, MultiNodeCluster, free_port, ray_env, start_cluster
 
-from selma_ray.testing import TEST_CREDENTIALS, LocalS3, small_run
+from selma_ray.testing import small_run
 
 pytestmark = pytest.mark.slow
 
@@ -32,27 +31,8 @@ SKILLS = ["counting", "everyday_scenes"]
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = LocalS3().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(s3):
-    if os.geteuid() != 0:
-        pytest.fail("the multi-node tests need root for mount namespaces (CI runs as root)")
-    cache = Path(os.environ.get("SELMA_CACHE", Path.home() / ".cache" / "selma_ray"))
-    env = {k: os.environ[k] for k in TEST_CREDENTIALS}  # the nodes' AWS credential chain
-    # Trainers may use node_b or node_c (the node-loss test needs a survivor for them).
-    trainer = {"node_b": {"trainer": 1}, "node_c": {"trainer": 1}}
-    with MultiNodeCluster(
-        {"node_a": 1, "node_b": 1, "node_c": 1},
-        PRIVATE,
-        extra_resources=trainer,
-        env=env,
-        cache=cache,
-    ) as c:
+def cluster(s3):  # after s3: the nodes inherit the credentials it puts in the environment
+    with start_cluster({"node_a": 1, "node_b": 1, "node_c": 1}, PRIVATE, {}) as c:
         yield c
 
 

@@ -20,13 +20,6 @@ from selma_ray.core.storage import StorageError, StorageOptions, filesystem
 from selma_ray.testing import LocalS3, free_port
 
 
-@pytest.fixture(scope="module")
-def s3():
-    server = LocalS3().start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):

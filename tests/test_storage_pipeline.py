@@ -30,13 +30,6 @@ SKILLS = ["counting", "everyday_scenes"]
 LIMITS = {"default_steps": 2, "max_steps": 2, "max_size": 32, "max_n": 1}
 
 
-@pytest.fixture(scope="module")
-def s3():
-    server = LocalS3().start()  # before Ray starts: its workers inherit the credentials
-    yield server
-    server.stop()
-
-
 def tiny_on(s3: LocalS3, name: str, *overrides: str):
     return load_config(
         "tiny",
