@@ -168,13 +168,13 @@ def explain(uri: str, error: BaseException, action: str, anonymous: bool = False
         )
     ):
         why = f"no valid credentials: {HOW_TO_CREDENTIALS}"
-    elif not anonymous and not is_local(uri) and not visible_credentials():
-        why = f"no credentials found ({text.strip() or 'the request failed'}): {HOW_TO_CREDENTIALS}"
     elif "accessdenied" in low or "access denied" in low:
         why = (
             f"access denied while trying to {action}: the credentials need s3:PutObject, "
             f"s3:GetObject, s3:DeleteObject and s3:ListBucket on {bucket!r}"
         )
+    elif not anonymous and not is_local(uri) and not visible_credentials():
+        why = f"no credentials found ({text.strip() or 'the request failed'}): {HOW_TO_CREDENTIALS}"
     elif "curl" in low or "connect" in low or "resolve host" in low or "timed out" in low:
         why = "the endpoint is unreachable: check run.storage.endpoint or AWS_ENDPOINT_URL"
     else:
