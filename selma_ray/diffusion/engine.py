@@ -86,6 +86,16 @@ def find_adapters(run: RunRef) -> dict[str, AdapterInfo]:
     return found
 
 
+def _listing_key(run: RunDir, info: AdapterInfo) -> str:
+    """A cache key for an adapter whose manifest recorded no digest: its URI, size and time."""
+    import hashlib
+
+    stat = run.info(info.path)
+    if stat.size is None:
+        raise FileNotFoundError(f"adapter {info.name}: {run.url(info.path)} is missing")
+    return hashlib.sha256(f"{run.url(info.path)}:{stat.size}:{stat.mtime_ns}".encode()).hexdigest()
+
+
 def fetch_adapter(run: RunDir, info: AdapterInfo) -> Path:
     """A node-local copy of an adapter's safetensors file, cached by content digest (so a
     replica or renderer downloads each adapter once, and a later rewrite of the run cannot
@@ -98,13 +108,7 @@ def fetch_adapter(run: RunDir, info: AdapterInfo) -> Path:
 
     if info.path is None:
         raise ValueError(f"{info.name} has no adapter file")
-    stat = run.info(info.path)
-    if stat.size is None:
-        raise FileNotFoundError(f"adapter {info.name}: {run.url(info.path)} is missing")
-    key = (
-        info.sha256
-        or hashlib.sha256(f"{run.url(info.path)}:{stat.size}:{stat.mtime_ns}".encode()).hexdigest()
-    )
+    key = info.sha256 or _listing_key(run, info)  # a known digest needs no request at all
     folder = cache_dir() / "adapters" / key[:32]
     if (folder / WEIGHT_NAME).is_file():
         return folder
