@@ -286,8 +286,10 @@ def deploy_serve(cfg: SelmaConfig, run: RunDir) -> str:
 
     from selma_ray.serving.app import build_app
 
+    http_options = {"host": cfg.serve.host, "port": cfg.serve.port}
     serve_config = {
-        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
+        "proxy_location": cfg.serve.proxy_location,
+        "http_options": http_options,
         "applications": [
             {
                 "name": cfg.serve.app_name,
@@ -298,7 +300,7 @@ def deploy_serve(cfg: SelmaConfig, run: RunDir) -> str:
         ],
     }
     run.write_text(yaml.safe_dump(serve_config, sort_keys=False), "serve.yaml")
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(proxy_location=cfg.serve.proxy_location, http_options=http_options)
     serve.run(
         build_app(serve_args(run)),
         name=cfg.serve.app_name,

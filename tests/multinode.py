@@ -128,16 +128,38 @@ class MultiNodeCluster:
         ]
         self.nodes["head"] = Node("head", self._popen(cmd, ray_env(**self.env)), head_tmp)
         self._wait_for(lambda: self._status_ok(), timeout, "the head's GCS")
-        token = Path.home() / ".ray" / "auth_token"
         for name, cpus in self.workers.items():
-            self._start_worker(name, cpus, token)
+            self._start_worker(name, cpus)
         self.wait_for_nodes(len(self.workers) + 1, timeout)
         self._wait_for(self._dashboard_ok, timeout, "the head's dashboard (jobs API)")
         self._record_node_ids()
 
-    def _start_worker(self, name: str, cpus: float, token: Path) -> None:
+    def add_node(
+        self,
+        name: str,
+        cpus: float,
+        resources: dict[str, float] | None = None,
+        timeout: float = 240,
+    ) -> None:
+        """Start one more worker node, as an autoscaler brings one in for a lost node, and
+        wait until Ray counts it alive."""
+        if name in self.nodes:
+            raise ValueError(f"node {name} already exists")
+        self.extra[name] = resources or {}
+        self._start_worker(name, cpus)
+
+        def alive() -> bool:
+            if not self.nodes[name].alive:
+                raise RuntimeError(f"node {name} exited: {self.log(name)}")
+            return any(n.get("resources_total", {}).get(name) for n in self.alive_nodes())
+
+        self._wait_for(alive, timeout, f"node {name}")
+        self._record_node_ids()
+
+    def _start_worker(self, name: str, cpus: float) -> None:
         home = self.root / f"home-{name}"
         (home / ".ray").mkdir(parents=True)
+        token = Path.home() / ".ray" / "auth_token"
         if token.is_file():  # token auth: a node with another HOME needs the head's token
             shutil.copy2(token, home / ".ray" / "auth_token")
         cache = self.root / f"cache-{name}"

@@ -1,12 +1,17 @@
-"""The HTTP layer's own logic: API key checks and run-directory resolution."""
+"""The HTTP layer's own logic: API key checks, run-directory resolution, and how a lost or
+missing diffusion replica reaches the client."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
+from fastapi import HTTPException
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from selma_ray.serving.app import GenerationRequest, authorized, run_ref
+from selma_ray.config import ServeSection
+from selma_ray.serving.app import GenerationRequest, authorized, forward, run_ref
 
 
 @pytest.mark.parametrize(
@@ -58,3 +63,50 @@ def test_playground_page_is_self_contained_and_uses_the_api():
     assert PLAYGROUND.startswith("<!doctype html>")
     assert "/v1/adapters" in PLAYGROUND and "/v1/images/generations" in PLAYGROUND
     assert "<script src" not in PLAYGROUND  # no build step, no external assets
+
+
+class FakeResponse:
+    """Stands in for a DeploymentResponse: resolves to ``outcome``, raises it, or (None)
+    never resolves, like a request waiting for a replica that is not there yet."""
+
+    def __init__(self, outcome=None):
+        self.outcome = outcome
+        self.cancelled = False
+
+    def __await__(self):
+        if self.outcome is None:
+            yield from asyncio.sleep(3600).__await__()
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+    def cancel(self):
+        self.cancelled = True
+
+
+LIMITS = ServeSection(request_timeout_s=0.2, retry_after_s=7)
+
+
+@pytest.mark.parametrize("error", [ActorDiedError(), ActorUnavailableError("gone", None)])
+def test_a_replica_lost_mid_request_is_a_503_with_retry_after(error):
+    with pytest.raises(HTTPException) as e:
+        asyncio.run(forward(FakeResponse(error), LIMITS))
+    assert e.value.status_code == 503
+    assert e.value.headers == {"Retry-After": "7"}
+    assert "lost" in e.value.detail
+
+
+def test_no_replica_within_the_timeout_is_a_503_and_the_call_is_cancelled():
+    response = FakeResponse(None)
+    with pytest.raises(HTTPException) as e:
+        asyncio.run(forward(response, LIMITS))
+    assert e.value.status_code == 503
+    assert e.value.headers == {"Retry-After": "7"}
+    assert "within 0.2 s" in e.value.detail
+    assert response.cancelled
+
+
+def test_answers_and_other_errors_pass_through_unchanged():
+    assert asyncio.run(forward(FakeResponse(["png"]), LIMITS)) == ["png"]
+    with pytest.raises(KeyError):  # unknown adapter: the caller turns it into a 404
+        asyncio.run(forward(FakeResponse(KeyError("nope")), LIMITS))

@@ -369,6 +369,12 @@ class ServeSection(_Section):
     deploy: bool = Field(True, description="Deploy Serve at the end of the pipeline job.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
+        "EveryNode",
+        description="Where Serve runs HTTP proxies: EveryNode (behind a load balancer; a lost "
+        "node drops the connections its proxy held) or HeadOnly (one entry point that "
+        "outlives worker nodes; what a port-forward to the head reaches).",
+    )
     app_name: str = "selma"
     default_steps: int = Field(30, ge=1)
     max_steps: int = Field(100, ge=1)
@@ -380,6 +386,15 @@ class ServeSection(_Section):
     batch_wait_timeout_s: float = Field(0.02, ge=0.0, description="Wait to fill a batch.")
     api_key_env: str = Field(
         "SELMA_API_KEY", description="If this env var is set on the replicas, requests need it."
+    )
+    request_timeout_s: float = Field(
+        120.0,
+        gt=0.0,
+        description="A request no diffusion replica has answered by then (none alive, e.g. "
+        "while Serve replaces one on a lost node) gets 503 with Retry-After, never a hang.",
+    )
+    retry_after_s: int = Field(
+        5, ge=1, description="Retry-After of a 503 when a diffusion replica is lost or missing."
     )
 
     ORDERED = (("default_steps", "max_steps"), ("min_size", "max_size"))
@@ -480,6 +495,11 @@ class ExpertResources(_Section):
 
 
 class ServeResources(TaskResources):
+    ingress_custom: CustomResources = Field(
+        default_factory=dict,
+        description="Custom resources of the ingress replica (0 CPUs, it only validates and "
+        "forwards), e.g. to keep it off nodes that may be lost with the diffusion replicas.",
+    )
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(8, ge=1)

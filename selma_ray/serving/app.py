@@ -24,7 +24,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from selma_ray.config import ServeSection
 from selma_ray.core.rundir import RunDir
@@ -65,6 +67,11 @@ class InvalidRequest(BaseModel):
 
 
 ERROR_401 = {"model": ErrorDetail, "description": "Missing or wrong API key."}
+ERROR_503 = {
+    "model": ErrorDetail,
+    "description": "No image replica could answer (one was lost or is starting); "
+    "retry after the Retry-After header's seconds.",
+}
 
 
 # Helpers the ingress uses must be defined above it: serve.ingress pickles the FastAPI
@@ -101,6 +108,35 @@ def effective_limits(run_limits: ServeSection, overrides: dict[str, Any] | None)
         return ServeSection.model_validate({**run_limits.model_dump(), **overrides})
     except ValueError as e:
         raise ValueError(f"invalid serve limits {overrides}: {e}") from None
+
+
+async def forward(response: DeploymentResponse, limits: ServeSection) -> Any:
+    """Await a call to the diffusion deployment. A replica lost mid-request (its node went
+    away), or none free to take the request within ``request_timeout_s`` (Serve still
+    replacing it), is a 503 with ``Retry-After``: a client sees a clear answer to retry,
+    never a hang or a dropped connection."""
+    retry = {"Retry-After": str(limits.retry_after_s)}
+    try:
+        return await asyncio.wait_for(_result(response), limits.request_timeout_s)
+    except TimeoutError:
+        response.cancel()
+        raise HTTPException(
+            503,
+            f"no image replica answered within {limits.request_timeout_s:g} s "
+            "(replicas are starting or being replaced); retry later",
+            headers=retry,
+        ) from None
+    except (RayActorError, RayServeException) as e:
+        log.warning("diffusion replica unavailable: %s", e)
+        raise HTTPException(
+            503,
+            f"the image replica was lost ({type(e).__name__}); Serve is replacing it, retry later",
+            headers=retry,
+        ) from None
+
+
+async def _result(response: DeploymentResponse) -> Any:
+    return await response
 
 
 def replica_info() -> dict[str, Any]:
@@ -266,10 +302,10 @@ class Ingress:
         """Adapter names and native size, asked of the diffusion deployment once (not per
         request); a hot reload clears them."""
         if self._served is None:
-            adapters = await self.diffusion.adapters.remote()
+            adapters = await forward(self.diffusion.adapters.remote(), self.limits)
             self._served = (
                 {a["name"] for a in adapters},
-                await self.diffusion.native_size.remote(),
+                await forward(self.diffusion.native_size.remote(), self.limits),
             )
         return self._served
 
@@ -277,15 +313,15 @@ class Ingress:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/v1/adapters", responses={401: ERROR_401})
+    @api.get("/v1/adapters", responses={401: ERROR_401, 503: ERROR_503})
     async def adapters(self, request: Request) -> dict[str, Any]:
         """Every adapter a request may name; ``replica`` says which diffusion replica
         answered (its pid and id stay the same across a hot reload)."""
         self._authorize(request)
         return {
             "run": self.run["uri"],
-            "adapters": await self.diffusion.adapters.remote(),
-            "replica": await self.diffusion.status.remote(),
+            "adapters": await forward(self.diffusion.adapters.remote(), self.limits),
+            "replica": await forward(self.diffusion.status.remote(), self.limits),
         }
 
     def _size(self, size: str | None, native: int) -> tuple[int, int]:
@@ -311,6 +347,7 @@ class Ingress:
                 "model": InvalidRequest,
                 "description": "Invalid request; the message says what is allowed.",
             },
+            503: ERROR_503,
         },
     )
     async def generate(self, req: GenerationRequest, request: Request) -> Response:
@@ -350,7 +387,7 @@ class Ingress:
             "negative_prompt": req.negative_prompt,
         }
         try:
-            images = await self.diffusion.generate.remote(job)
+            images = await forward(self.diffusion.generate.remote(job), self.limits)
         except KeyError as e:  # a hot reload removed the adapter after it was checked here
             self._served = None
             cause = getattr(e, "cause", e)  # Ray wraps the replica's exception
@@ -413,6 +450,7 @@ def build_app(args: dict[str, Any]):
     ).bind(run, limits)
     # The ingress only validates and forwards: many requests in flight, so the diffusion
     # replicas' batches can fill.
-    return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64).bind(
-        diffusion, run, limits
-    )
+    return Ingress.options(
+        ray_actor_options={"num_cpus": 0, "resources": res.ingress_custom},
+        max_ongoing_requests=64,
+    ).bind(diffusion, run, limits)
