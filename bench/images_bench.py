@@ -104,7 +104,8 @@ def plain_loop(cfg: Any, rows: list[dict], threads: int) -> tuple[float, float]:
     import torch
     from diffusers import AutoPipelineForText2Image
 
-    from selma_ray.diffusion.common import png_bytes, torch_device_and_dtype
+    from selma_ray.core.devices import torch_device_and_dtype
+    from selma_ray.diffusion.common import png_bytes
     from selma_ray.models import resolve
 
     ic = cfg.images

@@ -15,6 +15,7 @@ from typing import Any
 
 from selma_ray.config import SelmaConfig
 from selma_ray.models import TINY_SD
+from selma_ray.models.llm_data import engine_bundles
 
 PIPELINES = {
     "sd1": "StableDiffusionPipeline",
@@ -69,6 +70,14 @@ def _local_info(model: str, index: Path) -> DiffusionModelInfo:
     return DiffusionModelInfo(model, family, pipeline, native, "local folder")
 
 
+def engine_gpus(cfg: SelmaConfig) -> float:
+    """GPUs one LLM engine reserves: its placement group's with tensor parallelism."""
+    bundles = engine_bundles(cfg)
+    if bundles is None:
+        return cfg.resources.prompts.num_gpus if cfg.prompts.backend == "vllm" else 0.0
+    return sum(b["GPU"] for b in bundles)
+
+
 def _gpus(n: float) -> str:
     return f"{n:g} GPU" if n else "CPU"
 
@@ -107,7 +116,7 @@ def build_plan(cfg: SelmaConfig) -> dict[str, Any]:
                 "total": pc.per_skill * len(skills),
                 "rouge_threshold": pc.rouge_threshold,
                 "actors": f"{res.prompts.min_size}-{res.prompts.max_size} x "
-                f"{_gpus(res.prompts.num_gpus * pc.tensor_parallel_size)}",
+                f"{_gpus(engine_gpus(cfg))}",
             },
             "images": {
                 "generator": asdict(gen),

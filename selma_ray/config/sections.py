@@ -500,9 +500,18 @@ class ServeResources(TaskResources):
         description="Custom resources of the ingress replica (0 CPUs, it only validates and "
         "forwards), e.g. to keep it off nodes that may be lost with the diffusion replicas.",
     )
-    min_replicas: int = Field(1, ge=0)
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        description="0 = scale to zero when idle: no GPU held, and the first request after "
+        "waits a cold start (a node if none is free, then the model and adapters).",
+    )
     max_replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(8, ge=1)
+    max_ongoing_requests: int = Field(
+        8, ge=1, description="Requests a replica holds at once; at least serve.max_batch_size."
+    )
+    upscale_delay_s: float = Field(30.0, ge=0.0, description="Load must last this long to add.")
+    downscale_delay_s: float = Field(600.0, ge=0.0, description="Idle this long to remove one.")
 
     ORDERED = (("min_replicas", "max_replicas"),)
 

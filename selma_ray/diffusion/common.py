@@ -1,19 +1,9 @@
-"""Diffusion pieces every stage shares: device and dtype from resources, PNG encoding, and
-encoded images to model pixels (resize, crop, optional flip)."""
+"""Diffusion pieces every stage shares: PNG encoding, and encoded images to model pixels
+(resize, crop, optional flip)."""
 
 from __future__ import annotations
 
 import io
-
-
-def torch_device_and_dtype(num_gpus: float, dtype: str):
-    """Pick the device from the resources and the dtype from config (auto: fp16 on GPU)."""
-    import torch
-
-    on_gpu = num_gpus > 0 and torch.cuda.is_available()
-    if dtype == "auto":
-        return ("cuda" if on_gpu else "cpu"), (torch.float16 if on_gpu else torch.float32)
-    return ("cuda" if on_gpu else "cpu"), getattr(torch, dtype)
 
 
 def png_bytes(array) -> bytes:

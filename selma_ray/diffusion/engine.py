@@ -132,19 +132,22 @@ class DiffusionService:
 
     Adapters load under internal names (``g<generation>_<n>``), so a hot reload loads the whole
     new set beside the old one and only then drops the old: a reload that fails part-way
-    leaves the old set serving."""
+    leaves the old set serving.
 
-    def __init__(self, run: RunRef):
+    The device follows the GPUs Ray assigned to the calling replica or actor; ``num_gpus``
+    (default: the run's ``resources.serve.num_gpus``) decides only outside a Ray worker."""
+
+    def __init__(self, run: RunRef, num_gpus: float | None = None):
         import torch
         from diffusers import AutoPipelineForText2Image
 
-        from selma_ray.diffusion.common import torch_device_and_dtype
+        from selma_ray.core.devices import torch_device_and_dtype
         from selma_ray.models import resolve
 
         self.run = as_run(run)
         self.config = load_run_config(self.run)
-        res = self.config.resources.serve
-        self.device, dtype = torch_device_and_dtype(res.num_gpus, "auto")
+        configured = self.config.resources.serve.num_gpus if num_gpus is None else num_gpus
+        self.device, dtype = torch_device_and_dtype(configured, "auto")
         pipe = AutoPipelineForText2Image.from_pretrained(
             resolve(self.config.models.base), dtype=dtype
         )

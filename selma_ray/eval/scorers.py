@@ -48,9 +48,9 @@ def unavailable(name: str) -> str | None:
 
 
 def _device(num_gpus: float) -> str:
-    import torch
+    from selma_ray.core.devices import use_cuda
 
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return "cuda" if use_cuda(num_gpus) else "cpu"
 
 
 class ClipScore:

@@ -91,16 +91,12 @@ class EvalRenderer:
     """Ray Data UDF: renders each row's prompt with its variant's adapter and its seed."""
 
     def __init__(self, run: dict[str, Any], num_gpus: float, steps: int, guidance_scale: float):
-        import torch
-
         from selma_ray.core.logs import setup_logging
         from selma_ray.diffusion.engine import DiffusionService
 
         setup_logging()
-        self.svc = DiffusionService(run)  # adapters copied from the run's storage
-        if num_gpus > 0 and torch.cuda.is_available() and self.svc.device != "cuda":
-            self.svc.pipe.to("cuda")
-            self.svc.device = "cuda"
+        # Adapters copied from the run's storage; the device follows the actor's GPUs.
+        self.svc = DiffusionService(run, num_gpus)
         self.steps, self.guidance = steps, guidance_scale
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -20,11 +20,12 @@ from typing import Any
 
 from selma_ray.config import SelmaConfig
 from selma_ray.core import layout
+from selma_ray.core.devices import torch_device_and_dtype
 from selma_ray.core.lineage import Lineage, digest
 from selma_ray.core.rundir import RunDir
 from selma_ray.core.seeds import stable_seed
 from selma_ray.core.udf import require_columns
-from selma_ray.diffusion.common import png_bytes, torch_device_and_dtype
+from selma_ray.diffusion.common import png_bytes
 from selma_ray.images import real_data as datasets
 from selma_ray.images import set_scheduler
 

@@ -40,6 +40,9 @@ def backend_udf(cfg: SelmaConfig) -> tuple[type, dict[str, Any]]:
         "tensor_parallel_size": pc.tensor_parallel_size,
         "seed": cfg.run.seed,
     }
+    if pc.tensor_parallel_size > 1:
+        # The ranks are Ray actors vLLM starts inside the engine's placement group.
+        engine_kwargs["distributed_executor_backend"] = "ray"
     if not on_gpu:
         # vLLM's CPU runner cannot rewind a per-request seeded generator when chunked prefill
         # splits a prompt ("CPU Generator does not use offset"); prefill whole prompts instead.
@@ -48,6 +51,45 @@ def backend_udf(cfg: SelmaConfig) -> tuple[type, dict[str, Any]]:
         "model": cfg.models.llm,
         "engine_kwargs": engine_kwargs,
         "sampling": sampling,
+    }
+
+
+def engine_bundles(cfg: SelmaConfig) -> list[dict[str, float]] | None:
+    """What one vLLM engine with ``prompts.tensor_parallel_size`` > 1 reserves: a placement
+    group of one bundle per rank (``resources.prompts.num_gpus`` GPUs each, and the stage's
+    custom resources), the first also holding the engine actor's CPUs. None for one rank,
+    where the engine actor reserves its GPUs itself. Both ways, an engine holds
+    ``num_gpus x tensor_parallel_size`` GPUs, as ``--plan`` says."""
+    res, tp = cfg.resources.prompts, cfg.prompts.tensor_parallel_size
+    if tp == 1 or cfg.prompts.backend != "vllm":
+        return None
+    if res.num_gpus <= 0:
+        raise ValueError(
+            f"prompts.tensor_parallel_size={tp} splits the LLM over GPUs: set "
+            "resources.prompts.num_gpus (GPUs per rank, usually 1)"
+        )
+    rank = {"GPU": res.num_gpus, **res.custom}
+    return [{"CPU": res.num_cpus, **rank}] + [dict(rank) for _ in range(tp - 1)]
+
+
+def engine_options(cfg: SelmaConfig) -> dict[str, Any]:
+    """Ray options of one vLLM engine actor. With tensor parallelism the GPUs are reserved by
+    a new STRICT_PACK placement group (every rank on one node), the actor sits in its first
+    bundle, and vLLM's rank actors are captured into the group, as ``ray.data.llm`` does."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    res = cfg.resources.prompts
+    bundles = engine_bundles(cfg)
+    if bundles is None:
+        return {"num_gpus": res.num_gpus, "num_cpus": res.num_cpus, "resources": res.custom}
+    group = ray.util.placement_group(bundles, strategy="STRICT_PACK")
+    return {
+        "num_gpus": 0,
+        "num_cpus": res.num_cpus,
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+        ),
     }
 
 
@@ -67,14 +109,24 @@ def generate_with_ray_data(
         kwargs["sampling"] = sampling
     if model:
         kwargs["model"] = model
+    pool = ray.data.ActorPoolStrategy(min_size=res.min_size, max_size=res.max_size)
+    if cfg.prompts.backend != "vllm":
+        placement: dict[str, Any] = {"num_cpus": res.num_cpus, "resources": res.custom}
+    elif engine_bundles(cfg) is None:
+        placement = engine_options(cfg)
+    else:  # a placement group of its own for each engine actor the pool starts
+        placement = {
+            "num_cpus": res.num_cpus,
+            "ray_remote_args_fn": lambda: {
+                "scheduling_strategy": engine_options(cfg)["scheduling_strategy"]
+            },
+        }
     ds = ray.data.from_items(requests).map_batches(
         udf,
         fn_constructor_kwargs=kwargs,
-        compute=ray.data.ActorPoolStrategy(min_size=res.min_size, max_size=res.max_size),
+        compute=pool,
         batch_size=cfg.prompts.batch_size,
-        num_gpus=res.num_gpus if cfg.prompts.backend == "vllm" else 0,
-        num_cpus=res.num_cpus,
-        resources=res.custom,
+        **placement,
     )
     return ds.take_all()
 
@@ -93,6 +145,7 @@ class PersistentEngines:
     def __init__(self, cfg: SelmaConfig):
         self.cfg = cfg
         self.engines: list[Any] = []
+        self.groups: list[Any] = []  # the engines' placement groups (tensor parallelism)
         self.starts = 0
 
     def _start(self) -> None:
@@ -102,10 +155,12 @@ class PersistentEngines:
 
         res = self.cfg.resources.prompts
         _, kwargs = backend_udf(self.cfg)
-        actor = ray.remote(VLLMGenerator).options(
-            num_gpus=res.num_gpus, num_cpus=res.num_cpus, resources=res.custom
-        )
-        self.engines = [actor.remote(**kwargs) for _ in range(res.max_size)]
+        actor = ray.remote(VLLMGenerator)
+        for _ in range(res.max_size):
+            options = engine_options(self.cfg)
+            if "scheduling_strategy" in options:
+                self.groups.append(options["scheduling_strategy"].placement_group)
+            self.engines.append(actor.options(**options).remote(**kwargs))
         self.starts += 1
         log.info("prompts: started %d %s engine(s) for the stage", res.max_size, "vLLM")
 
@@ -135,4 +190,6 @@ class PersistentEngines:
 
         for engine in self.engines:
             ray.kill(engine)
-        self.engines = []
+        for group in self.groups:
+            ray.util.remove_placement_group(group)
+        self.engines, self.groups = [], []

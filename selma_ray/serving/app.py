@@ -413,8 +413,9 @@ def build_app(args: dict[str, Any]):
     ``max_n``). Each replica copies the adapters it serves from the run's storage to a
     node-local cache keyed by their content digest.
 
-    Replica resources and autoscaling default to the run's ``resources.serve``; the
-    ``deployments:`` section of a Serve config file overrides them."""
+    Replica resources and autoscaling default to the run's ``resources.serve``, scaling on
+    one full batch (``max_batch_size``) per replica; the ``deployments:`` section of a Serve
+    config file overrides them."""
     unknown = set(args) - {"run_dir", "storage", "limits"}
     if unknown:
         raise ValueError(
@@ -433,8 +434,14 @@ def build_app(args: dict[str, Any]):
     limits = args.get("limits") or None
     if limits is not None and not isinstance(limits, dict):
         raise ValueError(f"args.limits must be a mapping of serve limits, got {limits!r}")
-    effective_limits(cfg.serve, limits)  # fail at deploy time, not in the replicas
+    lim = effective_limits(cfg.serve, limits)  # fail at deploy time, not in the replicas
     res = cfg.resources.serve
+    if res.max_ongoing_requests < lim.max_batch_size:
+        raise ValueError(
+            f"resources.serve.max_ongoing_requests={res.max_ongoing_requests} is below "
+            f"serve.max_batch_size={lim.max_batch_size}: a replica could never fill a batch; "
+            "raise max_ongoing_requests or lower max_batch_size"
+        )
     diffusion = Diffusion.options(
         ray_actor_options={
             "num_cpus": res.num_cpus,
@@ -445,7 +452,10 @@ def build_app(args: dict[str, Any]):
         autoscaling_config={
             "min_replicas": res.min_replicas,
             "max_replicas": res.max_replicas,
-            "target_ongoing_requests": 2,
+            # A replica is busy, not overloaded, while it holds one full batch.
+            "target_ongoing_requests": lim.max_batch_size,
+            "upscale_delay_s": res.upscale_delay_s,
+            "downscale_delay_s": res.downscale_delay_s,
         },
     ).bind(run, limits)
     # The ingress only validates and forwards: many requests in flight, so the diffusion
