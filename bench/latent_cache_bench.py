@@ -6,16 +6,15 @@ then the VAE encoder and the text encoder. With the cache, a step only reads the
 latent mean/std (both orientations) and text embeddings and samples the latents; the one-time
 cache build is timed and printed separately.
 
-Every arm is built by ``train_data.training_datasets`` and consumed the way ``train_expert``
-feeds a worker (``training.endless_batches``; inputs that are the same every epoch are
-repeated to cover the run, the streaming arm makes one Ray Data pass per epoch) for exactly
-``--epochs`` x ``--images`` / batch size steps, so each arm prepares the same rows in the
-same steps. Rows are counted
-and printed. Arms, on a local Ray cluster, the encoders on one torch thread in this process,
-in ABC-CBA order after a one-epoch warm-up of each:
-- off, random flips (the pipeline re-runs every epoch),
-- off, no flips (preprocessing materialized once; encoders still run every step),
-- on (cache with flips).
+Every arm is built by ``feed.training_datasets`` and consumed the way ``train_expert`` feeds
+a worker (``feed.Feed`` in the mode ``experts.feed=auto`` picks: these small shards are read
+once into the worker, then reshuffled and augmented every epoch) for exactly ``--epochs`` x
+``--images`` / batch size steps, so each arm prepares the same rows in the same steps. Rows
+are counted and printed. Arms, on a local Ray cluster, the encoders on one torch thread in
+this process, in ABC-CBA order after a one-epoch warm-up of each:
+- off, random flips (decoded uint8 pixels, flipped per row per epoch; encoders every step),
+- off, no flips (the same without flips),
+- on (cache with flips: the worker picks plain or flipped latents per row per epoch).
 
 Goal (chosen here, none was set): cache on vs off (random flips, the same augmentation)
 >= 1.0x, i.e. the cache must never make the per-step input preparation slower.
@@ -46,18 +45,17 @@ BATCH = 16
 
 def consume(trainer: Any, ds: Any, loop: dict[str, Any], batches: int) -> tuple[float, int]:
     """Seconds and rows for ``batches`` batches of ``ds``, fed the way ``train_expert`` feeds a
-    worker (``endless_batches``, repeating inputs that are the same every epoch), each turned
-    into latents and text conditioning (no UNet)."""
+    worker (``feed.Feed``, in the mode ``auto`` picks), each turned into latents and text
+    conditioning (no UNet)."""
     import torch
 
-    from selma_ray.experts.data import fixed_inputs
-    from selma_ray.experts.recipe import endless_batches
+    from selma_ray.experts import feed
 
-    bs = loop["batch_size"]
+    mode = feed.feed_mode(loop, ds.count(), 1, 32)
     rows = 0
     start = time.perf_counter()
-    feed = endless_batches(ds, bs, batches * bs if fixed_inputs(loop) else None)
-    for batch in itertools.islice(feed, batches):
+    batches_fed = feed.Feed(ds, loop, rank=0, mode=mode)
+    for batch in itertools.islice(iter(batches_fed), batches):
         with torch.no_grad():
             trainer.conditioning(batch, trainer.latents(batch).shape[-1] * 2)
         rows += len(batch["prompt"])
@@ -82,13 +80,13 @@ def main() -> None:
             "steps per arm": steps,
             "dtype": "float32",
         },
-        "1 (encoders in the driver), Ray preprocessing tasks num_cpus=1",
+        "1 (encoders in the driver), Ray decode tasks num_cpus=0.1",
         ("torch", "ray", "diffusers", "transformers"),
     )
     import ray
     import torch
 
-    from selma_ray.experts import data as train_data
+    from selma_ray.experts import feed
     from selma_ray.experts.recipe import ExpertTrainer
 
     torch.set_num_threads(1)
@@ -100,25 +98,20 @@ def main() -> None:
     }
     flip = {**loop, "random_flip": True}
     cached = {**flip, "cache_latents": True}
-    table = synthetic_table(["bench"], args.images, size=SIZE).select(["prompt", "image"])
-    empty = table.slice(0, 0)
+    table = synthetic_table(["bench"], args.images, size=SIZE).drop(["skill"])
     trainer = ExpertTrainer(loop)
     rows: dict[str, list[int]] = {}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            source = ray.data.from_arrow(table)
             datasets = {
-                "off, random flips": (
-                    flip,
-                    train_data.training_datasets(table, empty, flip, None, 1.0),
-                ),
-                "off, no flips": (
-                    loop,
-                    train_data.training_datasets(table, empty, loop, None, 1.0),
-                ),
+                "off, random flips": (flip, feed.training_datasets(source, [], flip)),
+                "off, no flips": (loop, feed.training_datasets(source, [], loop)),
             }
             start = time.perf_counter()
-            on = train_data.training_datasets(table, empty, cached, (RunDir(tmp), "latents"), 1.0)
+            on = feed.training_datasets(source, [], cached, (RunDir(tmp), "latents"))
+            on["train"].count()  # the cache is written by the first read
             build = time.perf_counter() - start
             datasets["on"] = (cached, on)
 

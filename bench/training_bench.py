@@ -24,7 +24,6 @@ Its last line of output (the headline ratio, from ``_common.ratio_line``)::
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import tempfile
 import time
@@ -34,32 +33,18 @@ from _common import abba, by_order, finish, header, paired, progress, ratio_line
 
 
 def synthetic_table(skills: list[str], per_skill: int, size=(40, 56)):
-    """Image-stage rows (prompt, PNG bytes, skill) with random pixels of a non-native size."""
-    import numpy as np
-    import pyarrow as pa
-    from PIL import Image
+    """Image-stage rows (keys, prompt, PNG bytes, skill) with random pixels of a non-native
+    size."""
+    from selma_ray.testing import synthetic_images
 
-    rng = np.random.default_rng(0)
-    rows = {"prompt": [], "image": [], "skill": []}
-    for skill in skills:
-        for i in range(per_skill):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
-            rows["prompt"].append(f"{i + 1} {skill.replace('_', ' ')} on a table")
-            rows["image"].append(buf.getvalue())
-            rows["skill"].append(skill)
-    return pa.table(rows)
+    return synthetic_images(skills, per_skill, size)
 
 
 def write_images(root: Path, skills: list[str], per_skill: int) -> None:
     """An images-stage output (one committed shard) for the experts stage to train from."""
-    import pyarrow.parquet as pq
+    from selma_ray import testing
 
-    from selma_ray.testing import commit_images
-
-    (root / "images" / "data").mkdir(parents=True, exist_ok=True)
-    pq.write_table(synthetic_table(skills, per_skill), root / "images" / "data" / "part-0.parquet")
-    commit_images(root)
+    testing.write_images(root, skills, per_skill)
 
 
 def loop_config(steps: int, checkpoint_every: int) -> dict:
@@ -107,16 +92,18 @@ def plain_steps_per_second(loop: dict, table) -> tuple[float, float]:
 
 def ray_steps_per_second(loop: dict, table, storage: Path) -> tuple[float, float]:
     """(steps/s, median step seconds) reported by a one-worker TorchTrainer (Ray running)."""
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from selma_ray.experts import data as train_data
+    from selma_ray.experts import feed
     from selma_ray.experts.recipe import train_expert
 
-    datasets = train_data.training_datasets(table, table.slice(0, 0), loop, None, 1.0)
+    datasets = feed.training_datasets(ray.data.from_arrow(table), [], loop)
+    mode = feed.feed_mode(loop, table.num_rows, 1, 32)  # auto: held in the worker
     result = TorchTrainer(
         train_expert,
-        train_loop_config=loop,
+        train_loop_config={**loop, "feed_mode": mode},
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"training-bench-{time.time_ns()}", storage_path=str(storage)),
         datasets=datasets,
@@ -153,7 +140,7 @@ def main() -> None:
         f"(gradient accumulation {loop['gradient_accumulation']}), dtype "
         f"{loop['mixed_precision']} mixed precision, a checkpoint every {args.checkpoint_every}"
     )
-    table = synthetic_table(["bench"], args.images).select(["prompt", "image"])
+    table = synthetic_table(["bench"], args.images).drop(["skill"])
     medians: dict[str, list[float]] = {"plain": [], "ray": []}
 
     def arm(name: str, fn, storage: Path) -> float:

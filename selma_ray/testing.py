@@ -11,6 +11,7 @@ reconfigures the running replicas instead of replacing them.
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import socket
 import time
@@ -286,6 +287,39 @@ class SeededLLM:
                 )
             out.append({**r, "generated_text": "\n".join(lines), "error": ""})
         return out
+
+
+def synthetic_images(skills: list[str], per_skill: int, size: tuple[int, int] = (40, 56)) -> Any:
+    """Images-stage rows (``prompt_id``, ``image_index``, ``prompt``, PNG ``image``,
+    ``skill``) with seeded random pixels of a non-native size (height, width)."""
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows: dict[str, list] = {k: [] for k in ("prompt_id", "image_index", "prompt", "image")}
+    rows["skill"] = []
+    for skill in skills:
+        for i in range(per_skill):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
+            rows["prompt_id"].append(f"{skill}-{i:06d}")
+            rows["image_index"].append(0)
+            rows["prompt"].append(f"{i + 1} {skill.replace('_', ' ')} on a table")
+            rows["image"].append(buf.getvalue())
+            rows["skill"].append(skill)
+    return pa.table(rows)
+
+
+def write_images(root: str | Path, skills: list[str], per_skill: int = 5) -> Any:
+    """A committed images-stage output of ``synthetic_images`` (one shard) for the experts
+    stage to train from; returns the run directory."""
+    import pyarrow.parquet as pq
+
+    data = Path(root) / "images" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    pq.write_table(synthetic_images(skills, per_skill), data / "part-0.parquet")
+    return commit_images(root)
 
 
 def commit_images(root: str | Path, stage: str = "images") -> Any:

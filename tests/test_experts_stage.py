@@ -6,7 +6,6 @@ disjoint rows and keep identical LoRAs (UNet and text encoder) that follow the m
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -14,40 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from PIL import Image
 
 from selma_ray.config import load_config
 from selma_ray.core import layout
 from selma_ray.core.rundir import RunDir
 from selma_ray.experts import stage as experts_stage
+from selma_ray.experts.recipe import read_attempt_records
 from selma_ray.experts.stage import FAULT_DRILL_ENV
 from selma_ray.pipeline import lineage, run_stage
-from selma_ray.testing import commit_images
+from selma_ray.testing import write_images
 
 pytestmark = pytest.mark.slow
 SKILLS = ["counting", "everyday_scenes"]
-
-
-def write_images(root: Path, skills: list[str], per_skill: int = 5) -> None:
-    """A tiny image-stage output: random non-square PNGs (another size than the model's)."""
-    rng = np.random.default_rng(0)
-    rows = {"prompt": [], "image": [], "skill": []}
-    for skill in skills:
-        for i in range(per_skill):
-            buf = io.BytesIO()
-            pixels = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(buf, format="PNG")
-            rows["prompt"].append(f"{i + 1} {skill.replace('_', ' ')} on a table")
-            rows["image"].append(buf.getvalue())
-            rows["skill"].append(skill)
-    (root / "images" / "data").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(rows), root / "images" / "data" / "part-0.parquet")
-    commit_images(root)
 
 
 def stage_config(root: Path, *overrides: str):
@@ -112,6 +92,11 @@ def test_rerun_skips_finished_experts_and_resumes_unfinished_ones(trained):
     resumed = run.read_manifest("experts", "everyday_scenes")
     # attempts: fresh start, driver re-run from the step-2 checkpoint, worker retry from 4.
     assert resumed["attempts"] == [0, 2, 4]
+    # ...and each resumed attempt's data feed started where the checkpoint's had stopped:
+    # 3 training rows, batches of 4, one batch a step, so one batch an epoch.
+    fp = lineage("experts", trained["cfg"], run).units["everyday_scenes"]
+    records = read_attempt_records(run, experts_stage.work_dir("everyday_scenes", fp))
+    assert [r["data_position"] for r in records] == [[0, 0], [1, 1], [3, 1]]
     assert resumed["metrics"]["step"] == 6 and resumed["metrics"]["resumed_from"] == 4
     assert (run.path("experts", "everyday_scenes", "logs")).is_dir()
 
@@ -242,12 +227,12 @@ def test_two_ddp_workers_train_disjoint_rows_into_one_lora_of_the_mean_gradient(
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from selma_ray.experts import data as train_data
+    from selma_ray.experts import feed
 
     write_images(tmp_path, ["counting"], per_skill=6)
     run = RunDir(tmp_path)
-    rows = experts_stage.skill_table(run, layout.images_files(run), "counting")
-    train, val = train_data.split_rows(rows, 0, "counting", 0.0, 2)
+    rows = feed.read_rows(run, layout.images_files(run), "counting")
+    held_out, _, _ = feed.split_validation(rows, 0, "counting", 0.0, 2)
     loop = {
         **load_config("tiny", []).experts.model_dump(),
         **{"base": "tiny-sd", "seed": 0, "skill": "counting", "learning_rate": 1e-2},
@@ -265,7 +250,7 @@ def test_two_ddp_workers_train_disjoint_rows_into_one_lora_of_the_mean_gradient(
             train_loop_config={**loop, "record_dir": str(tmp_path / "ranks")},
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
             run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "ray_results")),
-            datasets=train_data.training_datasets(train, val, loop, None, 0.25),
+            datasets=feed.training_datasets(rows, held_out, loop),
             dataset_config=DataConfig(datasets_to_split=["train"]),  # as the experts stage
         ).fit()
     finally:
@@ -280,7 +265,8 @@ def test_two_ddp_workers_train_disjoint_rows_into_one_lora_of_the_mean_gradient(
         for rec in ranks
     ]
     assert seen[0] and seen[1] and not seen[0] & seen[1], seen
-    assert seen[0] | seen[1] == set(train.column("prompt").to_pylist())
+    train = feed.training_datasets(rows, held_out, loop)["train"].take_all()
+    assert seen[0] | seen[1] == {r["prompt"] for r in train} and len(train) == 4
     assert [len(rec["steps"]) for rec in ranks] == [3, 3]
 
     for part in ("unet.", "text_encoder."):
@@ -318,3 +304,26 @@ def test_training_curves_are_tensorboard_event_files(trained):
     assert sorted(steps["train/loss"]) == [1, 2, 3, 4, 5, 6]
     assert sorted(steps["val/loss"]) == [2, 4, 6]
     assert {"train/lr", "train/grad_norm"} <= set(steps)
+
+
+def test_five_experts_streaming_their_data_on_two_cpus_all_finish(tmp_path, ray_cluster):
+    """Five fractional trainers on a 2-CPU cluster, each streaming its rows from storage every
+    epoch: the feed's small read and decode tasks still get CPUs, so none deadlocks."""
+    skills = ["dense_detail", "counting", "user_prompts", "commonsense_defying", "everyday_scenes"]
+    write_images(tmp_path, skills, per_skill=4)
+    cfg = load_config(
+        "tiny",
+        [
+            f"run.dir={tmp_path}",
+            f"prompts.skills=[{', '.join(skills)}]",
+            "experts.feed=stream",
+            "experts.max_steps=2",
+            "experts.checkpoint_every=2",
+            "experts.select=last",
+            "experts.validation_fraction=0",
+        ],
+    )
+    result = run_stage("experts", cfg, RunDir(tmp_path))
+    assert sorted(result["trained"]) == sorted(skills)
+    for skill in skills:
+        assert result["experts"][skill]["step"] == 2, skill

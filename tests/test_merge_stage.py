@@ -150,7 +150,7 @@ def test_merge_validation_scores_with_the_experts_own_validation_objective(tmp_p
     rows = {k: [table.column(k)[i].as_py() for i in order] for k in ("prompt", "image")}
     loop = {**cfg.experts.model_dump(), "base": base, "seed": 7, "lora_init": "gaussian"}
     trainer = ExpertTrainer(loop)
-    trainer.set_validation(preprocess_batch(rows, base, 32, "center", False))
+    trainer.set_validation([preprocess_batch(rows, base, 32, "center", False)])
     assert trainer.validation_loss() == pytest.approx(scores["base"], rel=1e-5)
 
 

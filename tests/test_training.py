@@ -98,7 +98,7 @@ def snr(trainer, t: torch.Tensor) -> torch.Tensor:
 
 def test_loss_decreases_on_a_fixed_batch(batch):
     t = ExpertTrainer(loop_config(learning_rate=1e-2, max_grad_norm=10.0))
-    t.set_validation(batch)
+    t.set_validation([batch])
     before = t.validation_loss()
     assert t.validation_loss() == before  # fixed timesteps and noise: repeatable
     for i in range(10):
@@ -123,6 +123,15 @@ def test_gradient_clipping_is_effective(trainer, batch):
     assert applied.item() == pytest.approx(max_norm, rel=1e-3)
 
 
+def test_validation_set_up_in_mini_batches_scores_like_one_batch(batch):
+    whole = ExpertTrainer(loop_config())
+    whole.set_validation([batch])
+    parts = ExpertTrainer(loop_config())
+    parts.set_validation({k: v[i : i + 1] for k, v in batch.items()} for i in range(4))
+    assert parts.val["fixed"].n == 4
+    assert abs(parts.validation_loss() - whole.validation_loss()) < 1e-6
+
+
 def test_checkpoint_round_trip(tmp_path, batch):
     from peft.utils import get_peft_model_state_dict
 
@@ -130,10 +139,12 @@ def test_checkpoint_round_trip(tmp_path, batch):
     for i in range(2):
         torch.manual_seed(i)
         a.train_step([batch])
+    a.data_position = (3, 1)  # where the feed stood: epoch 3, one batch into it
     a.save(tmp_path / "ckpt")
     b = ExpertTrainer(loop_config(lr_scheduler="linear"))
     b.load(tmp_path / "ckpt")
     assert b.step == a.step == 2
+    assert b.data_position == (3, 1)
     sa, sb = get_peft_model_state_dict(a.unet), get_peft_model_state_dict(b.unet)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
@@ -331,7 +342,7 @@ def test_sdxl_conditioning_trains_from_pixels_and_from_cached_latents(tmp_path):
     assert hidden.shape == (4, 77, 64) and added["text_embeds"].shape == (4, 32)
     # time ids: original (h, w), crop (top, left) in the 32x45 resize, target (h, w)
     assert added["time_ids"][0].tolist() == [40, 56, 0, 6, 32, 32]
-    t.set_validation(batch)
+    t.set_validation([batch])
     before = t.validation_loss()
     for i in range(8):
         torch.manual_seed(i)

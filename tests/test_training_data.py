@@ -1,6 +1,6 @@
 """Training inputs: resize + crop to the trained model's resolution from any image size
-(weak-to-strong), flips, tokenizing, the deterministic validation split, and the Ray Data
-path with its latent cache."""
+(weak-to-strong), flips, tokenizing, and the latent cache on the Ray Data feed (the feed's
+split, order and seeds: tests/test_feed.py)."""
 
 from __future__ import annotations
 
@@ -70,88 +70,44 @@ def test_native_resolution_of_tiny_sd():
     assert train_data.native_resolution("tiny-sd") == 32
 
 
-def table(n: int):
-    return pa.table(
-        {"prompt": [f"p{i}" for i in range(n)], "image": [bytes([i]) for i in range(n)]}
-    )
-
-
-def test_validation_split_is_deterministic_disjoint_and_sized():
-    t = table(20)
-    train, val = train_data.split_rows(t, 0, "counting", 0.1, None)
-    again = train_data.split_rows(t, 0, "counting", 0.1, None)
-    assert val.num_rows == 2 and train.num_rows == 18
-    assert val.column("prompt").to_pylist() == again[1].column("prompt").to_pylist()
-    assert not set(val.column("prompt").to_pylist()) & set(train.column("prompt").to_pylist())
-    other = train_data.split_rows(t, 1, "counting", 0.1, None)[1]
-    assert other.column("prompt").to_pylist() != val.column("prompt").to_pylist()
-    assert train_data.split_rows(t, 0, "counting", 0.1, 5)[1].num_rows == 5  # count wins
-    assert train_data.split_rows(t, 0, "counting", 0.0, None)[1].num_rows == 0
-    assert train_data.split_rows(table(3), 0, "x", 0.01, None)[1].num_rows == 1  # at least one
-    with pytest.raises(ValueError, match="leaves none to train on"):
-        train_data.split_rows(table(2), 0, "x", 0.5, 2)
-
-
-def test_data_hash_follows_the_rows():
-    t = table(4)
-    assert train_data.data_hash(t) == train_data.data_hash(table(4))
-    one_image = t.set_column(1, "image", pa.array([b"\x00", b"\x01", b"\x02", b"\x04"]))
-    one_prompt = t.set_column(0, "prompt", pa.array(["p0", "p1", "p2", "p4"]))
-    # the prompt/image boundary counts: "p0" + b"1" is not "p" + b"01"
-    moved = pa.table({"prompt": ["p"], "image": [b"01"]})
-    joined = pa.table({"prompt": ["p0"], "image": [b"1"]})
-    hashes = [train_data.data_hash(x) for x in (t, one_image, one_prompt, table(5), moved, joined)]
-    assert len(set(hashes)) == len(hashes) and all(len(h) == 16 for h in hashes)
-
-
 @pytest.mark.slow
-def test_ray_data_feed_and_latent_cache(tmp_path):
-    import collections
-    import itertools
-    from concurrent.futures import ThreadPoolExecutor
-
+def test_the_latent_cache_is_written_once_and_streamed_back(tmp_path):
     import ray
 
     from selma_ray.config import load_config
-    from selma_ray.experts.recipe import endless_batches
+    from selma_ray.experts import feed
 
     loop = {**load_config("tiny", []).experts.model_dump(), "base": "tiny-sd", "seed": 0}
+    loop.update(skill="s", random_flip=True, cache_latents=True)
     rows = pa.table(
-        {"prompt": ["a cat", "two dogs", "a red car"], "image": [png(48, 80, i) for i in range(3)]}
+        {
+            "prompt_id": ["a", "b", "c"],
+            "image_index": [0, 0, 0],
+            "prompt": ["a cat", "two dogs", "a red car"],
+            "image": [png(48, 80, i) for i in range(3)],
+        }
     )
-    train, val = train_data.split_rows(rows, 0, "s", 0.0, 1)
+    cache = (RunDir(tmp_path), "latents")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        plain = train_data.training_datasets(train, val, {**loop, "random_flip": True}, None, 0.5)
-        batch = plain["train"].take_batch(8)
-        assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["input_ids"].shape[0] == 2
+        source = ray.data.from_arrow(rows)
+        plain = feed.training_datasets(source, ["c/0"], {**loop, "cache_latents": False})
+        batch = plain["train"].take_batch(8)  # decoded, not yet cropped: uint8, as stored
+        assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, 32, 32, 3)
         assert plain["validation"].count() == 1
-        cache = (RunDir(tmp_path), "latents")
-        cached = train_data.training_datasets(train, val, {**loop, "random_flip": True}, cache, 0.5)
-        # Not repeated here: Ray Train would split whole copies among its workers.
-        assert cached["train"].count() == 2
+        cached = feed.training_datasets(source, ["c/0"], loop, cache)
         batch = cached["train"].take_batch(2)
         assert batch["latent_mean"].shape == (2, 4, 16, 16) == batch["latent_mean_flip"].shape
-        assert batch["hidden"].shape == (2, 77, 32) and "pixel_values" not in batch
+        assert batch["hidden"].shape == (2, 77, 32) and "image" not in batch
         assert not np.allclose(batch["latent_mean"], batch["latent_mean_flip"])
         assert "latent_mean_flip" not in cached["validation"].take_batch(1)
+        # the worker picks plain or flipped latents per row, seeded
+        picked = feed.augment(batch, 0, "s", 0, 32, "center", True)
+        assert "latent_mean_flip" not in picked
+        again = feed.augment(batch, 0, "s", 0, 32, "center", True)
+        assert np.array_equal(picked["latent_mean"], again["latent_mean"])
         stamp = (tmp_path / "latents" / "train" / MANIFEST).stat().st_mtime_ns
-        train_data.training_datasets(train, val, {**loop, "random_flip": True}, cache, 0.5)
+        feed.training_datasets(source, ["c/0"], loop, cache)["train"].count()
         assert (tmp_path / "latents" / "train" / MANIFEST).stat().st_mtime_ns == stamp  # reused
-
-        # Each worker repeats its own split instead (training.endless_batches): two readers
-        # of a 2-way streaming split get disjoint rows, each cycled to cover the run.
-        rows = ray.data.from_items([{"prompt": f"p{i}"} for i in range(4)]).materialize()
-        assert train_data.repeated(rows, 10).count() == 12  # whole copies, to cover 10 rows
-
-        def read(split) -> collections.Counter:
-            batches = endless_batches(split, 1, rows_needed=6)
-            return collections.Counter(str(b["prompt"][0]) for b in itertools.islice(batches, 6))
-
-        with ThreadPoolExecutor(2) as pool:  # a streaming split is read by all at once
-            got = list(pool.map(read, rows.streaming_split(2, equal=True)))
-        assert [sorted(c.values()) for c in got] == [[3, 3], [3, 3]], got
-        assert not set(got[0]) & set(got[1])
-        assert set(got[0]) | set(got[1]) == {f"p{i}" for i in range(4)}
     finally:
         ray.shutdown()

@@ -283,6 +283,21 @@ class ExpertsSection(_Section):
         0, ge=0, description="Validation prompts rendered at every checkpoint (0 = none)."
     )
     max_failures: int = Field(2, ge=0, description="Worker failures retried from a checkpoint.")
+    feed: Literal["auto", "stream", "memory"] = Field(
+        "auto",
+        description="How a trainer reads its rows: stream (Ray Data from storage every epoch, "
+        "a seeded shuffle buffer), memory (its shard read once into the worker, a full seeded "
+        "shuffle every epoch), or auto (memory when the shard fits feed_memory_mb).",
+    )
+    feed_memory_mb: int = Field(
+        512, ge=1, description="auto: largest decoded shard (uint8 / latents) held in a worker."
+    )
+    shuffle_buffer: int = Field(
+        64, ge=1, description="stream: rows in the local shuffle buffer (seeded per epoch)."
+    )
+    validation_batch_size: int = Field(
+        8, ge=1, description="Held-out images VAE-encoded at once when validation is set up."
+    )
 
     @model_validator(mode="after")
     def _cache_compatible(self) -> ExpertsSection:

@@ -67,12 +67,30 @@ def read_table(run: RunDir, files: list[str], columns: list[str] | None, filter:
 
 
 def read_dataset(
-    run: RunDir, files: list[str], columns: list[str] | None, filter: Any = None
+    run: RunDir,
+    files: list[str],
+    columns: list[str] | None,
+    filter: Any = None,
+    num_cpus: float | None = None,
 ) -> Any:
     """Parquet ``files`` in ``run.fs`` as a Ray Dataset read on the cluster's workers, with
     column projection and, when given, a ``filter`` (a ``ray.data.expressions`` predicate,
-    which Ray Data pushes down into the Parquet scan)."""
-    import ray
+    which Ray Data pushes down into the Parquet scan); ``num_cpus`` per read task (Ray's
+    default: 1).
 
-    ds = ray.data.read_parquet(files, filesystem=run.fs, columns=columns)
+    With ``num_cpus``, the read is planned as one operator whose every task takes that
+    reservation. Ray Data's newer file source adds a listing task that always asks for a
+    whole CPU, and a feed read while trainers hold most CPUs would wait for it forever."""
+    import ray
+    from ray.data import DataContext
+
+    if num_cpus is None:
+        ds = ray.data.read_parquet(files, filesystem=run.fs, columns=columns)
+    else:
+        ctx = DataContext.get_current()
+        v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+        try:
+            ds = ray.data.read_parquet(files, filesystem=run.fs, columns=columns, num_cpus=num_cpus)
+        finally:
+            ctx.use_datasource_v2 = v2
     return ds if filter is None else ds.filter(expr=filter)

@@ -21,7 +21,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +117,7 @@ class ExpertTrainer:
         self.model = self.unet  # replaced by the DDP wrapper when there are several workers
         self.synced: list[torch.nn.Parameter] = []  # trained outside DDP, averaged by hand
         self.step = 0
+        self.data_position = (0, 0)  # the feed's (epoch, batches taken in it)
         self.val: dict[str, Any] | None = None
 
     # ---- inputs ----------------------------------------------------------------------------
@@ -144,10 +144,6 @@ class ExpertTrainer:
         if "latent_mean" in batch:
             mean = self._tensor(batch["latent_mean"], self.dtype)
             std = self._tensor(batch["latent_std"], self.dtype)
-            if sample and "latent_mean_flip" in batch:  # cached flips: pick one per image
-                pick = (torch.rand(mean.shape[0], device=self.device) < 0.5).view(-1, 1, 1, 1)
-                mean = torch.where(pick, self._tensor(batch["latent_mean_flip"], mean.dtype), mean)
-                std = torch.where(pick, self._tensor(batch["latent_std_flip"], std.dtype), std)
             latents = mean + std * torch.randn_like(mean) if sample else mean
         else:
             with torch.no_grad():
@@ -278,11 +274,24 @@ class ExpertTrainer:
         return {"loss": loss, "grad_norm": self.apply_gradients()}
 
     # ---- validation --------------------------------------------------------------------------
-    def set_validation(self, batch: dict[str, Any]) -> None:
-        """Fix the validation inputs: VAE means, and seeded noise at fixed timesteps."""
-        latents = self.latents(batch, sample=False).detach()
-        fixed = FixedNoise(self.noise_scheduler, latents, self.config["seed"], self.device)
-        self.val = {"batch": batch, "fixed": fixed}
+    def set_validation(self, batches) -> None:
+        """Fix the validation inputs from an iterable of mini-batches (each VAE-encoded on
+        its own, so no more than one mini-batch of pixels is ever in memory): VAE means, and
+        seeded noise at fixed timesteps."""
+        import numpy as np
+        import torch
+
+        latents, kept = [], []
+        for batch in batches:
+            latents.append(self.latents(batch, sample=False).detach())
+            kept.append({k: v for k, v in batch.items() if k != "pixel_values"})
+        if not latents:
+            return
+        joined = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
+        fixed = FixedNoise(
+            self.noise_scheduler, torch.cat(latents), self.config["seed"], self.device
+        )
+        self.val = {"batch": joined, "fixed": fixed}
 
     def validation_loss(self) -> float | None:
         """Denoising loss on the held-out images; comparable across checkpoints."""
@@ -345,6 +354,7 @@ class ExpertTrainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "data_position": list(self.data_position),
         }
         torch.save(state, out / STATE_FILE)
 
@@ -363,36 +373,8 @@ class ExpertTrainer:
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         self.step = int(saved["step"])
-
-
-def endless_batches(
-    shard, batch_size: int, rows_needed: int | None = None
-) -> Iterator[dict[str, Any]]:
-    """Batches of a Ray Data shard (a ``Dataset``, or a worker's ``DataIterator``), epoch after
-    epoch. With ``rows_needed`` (inputs that are the same every epoch: materialized by
-    ``train_data.training_datasets``), the shard is materialized once (block references in
-    the object store) and repeated to cover that many rows, so the worker iterates one long
-    epoch instead of paying Ray Data's per-epoch start each pass. Repeating after the split
-    keeps every worker on its own rows; a data set repeated before Ray Train splits it hands
-    each worker whole copies, i.e. the same rows."""
-    from selma_ray.experts.data import repeated
-
-    if rows_needed is not None:
-        shard = repeated(shard.materialize(), rows_needed)
-    while True:
-        seen = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            seen += 1
-            yield batch
-        if not seen:
-            raise RuntimeError("this worker's training shard is empty; use fewer workers")
-
-
-def _whole(shard) -> dict[str, Any]:
-    import numpy as np
-
-    parts = list(shard.iter_batches(batch_size=None, batch_format="numpy"))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        epoch, taken = saved.get("data_position", (0, 0))
+        self.data_position = (int(epoch), int(taken))
 
 
 def _work(config: dict[str, Any]) -> tuple[RunDir, str] | None:
@@ -403,17 +385,23 @@ def _work(config: dict[str, Any]) -> tuple[RunDir, str] | None:
     return RunDir.from_spec(config["work"]["run"]), config["work"]["prefix"]
 
 
-def _record_attempt(run: RunDir, work: str, step: int) -> None:
-    """Record the step this worker group starts from (0, or a checkpoint's step): one object
-    per attempt, since object stores cannot append."""
-    record = {"start_step": step, "time": time.time()}
+def _record_attempt(run: RunDir, work: str, step: int, position: tuple[int, int]) -> None:
+    """Record the step this worker group starts from (0, or a checkpoint's step) and where
+    its data feed starts (epoch, batches taken in it): one object per attempt, since object
+    stores cannot append."""
+    record = {"start_step": step, "data_position": list(position), "time": time.time()}
     run.write_json(record, work, "attempts", f"{time.time_ns()}-{step}.json")
 
 
 def read_attempts(run: RunDir, work: str) -> list[int]:
     """Start steps of every attempt at training an expert (driver re-runs and retries)."""
-    names = run.listdir(work, "attempts")
-    return [run.read_json(work, "attempts", n)["start_step"] for n in names]
+    return [a["start_step"] for a in read_attempt_records(run, work)]
+
+
+def read_attempt_records(run: RunDir, work: str) -> list[dict[str, Any]]:
+    """Every attempt's record (start step, data position, time), oldest first."""
+    names = sorted(run.listdir(work, "attempts"))
+    return [run.read_json(work, "attempts", n) for n in names]
 
 
 def _fault_drill(config: dict[str, Any], step: int) -> None:
@@ -445,7 +433,7 @@ def train_expert(config: dict[str, Any]) -> None:
     import torch
 
     from selma_ray.core.logs import setup_logging
-    from selma_ray.experts.data import fixed_inputs
+    from selma_ray.experts.feed import Feed, validation_batches
 
     setup_logging()
     ctx = ray.train.get_context()
@@ -457,17 +445,24 @@ def train_expert(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt:
             trainer.load(Path(ckpt))
         resumed_from = trainer.step
-        log.info("experts: [%s] resumed at step %d", config["skill"], trainer.step)
+        log.info(
+            "experts: [%s] resumed at step %d (data: epoch %d, batch %d)",
+            config["skill"],
+            trainer.step,
+            *trainer.data_position,
+        )
     where = _work(config) if rank == 0 else None
     if where:
-        _record_attempt(*where, trainer.step)
+        _record_attempt(*where, trainer.step, trainer.data_position)
     torch.manual_seed(config["seed"] * 1_000_003 + rank * 7919 + trainer.step)
     if ctx.get_world_size() > 1:
         trainer.distribute()
     try:
-        trainer.set_validation(_whole(ray.train.get_dataset_shard("validation")))
+        held_out = ray.train.get_dataset_shard("validation")
     except KeyError:
-        pass  # nothing held out (select=last)
+        held_out = None  # nothing held out (select=last)
+    if held_out is not None:
+        trainer.set_validation(validation_batches(held_out, config))
     writer, log_dir = None, None
     if where:
         from tensorboardX import SummaryWriter
@@ -477,12 +472,14 @@ def train_expert(config: dict[str, Any]) -> None:
         writer = SummaryWriter(str(log_dir), purge_step=trainer.step + 1 if trainer.step else None)
 
     try:
-        per_step = config["batch_size"] * config["gradient_accumulation"]
-        batches = endless_batches(
+        feed = Feed(
             ray.train.get_dataset_shard("train"),
-            config["batch_size"],
-            (config["max_steps"] - trainer.step) * per_step if fixed_inputs(config) else None,
+            config,
+            rank,
+            trainer.data_position,
+            config.get("feed_mode", "stream"),
         )
+        batches = iter(feed)
         losses: list[float] = []
         start, start_step = time.perf_counter(), trainer.step
         last, step_seconds = start, []  # wall time per step, data fetch and reports included
@@ -490,6 +487,7 @@ def train_expert(config: dict[str, Any]) -> None:
             out = trainer.train_step(
                 [next(batches) for _ in range(config["gradient_accumulation"])]
             )
+            trainer.data_position = feed.position
             now = time.perf_counter()
             step_seconds.append(now - last)
             last = now

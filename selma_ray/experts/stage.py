@@ -44,20 +44,6 @@ def fault_drill() -> dict[str, int]:
     return drill
 
 
-def skill_table(run: RunDir, files: list[str], skill: str):
-    """This skill's image-text pairs as an Arrow table, read by Ray Data from the committed
-    shards with column projection and the skill filter pushed down."""
-    import pyarrow as pa
-    import ray
-    from ray.data.expressions import col
-
-    ds = layout.read_dataset(run, files, ["prompt", "image", "skill"], filter=col("skill") == skill)
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    if not tables:
-        raise RuntimeError(f"experts: no images for skill {skill!r} in {run.url(layout.IMAGES)}")
-    return pa.concat_tables(tables)
-
-
 def select_checkpoint(
     candidates: list[tuple[Any, dict]], latest: tuple[Any, dict], select: str
 ) -> tuple[Any, dict]:
@@ -78,30 +64,35 @@ def work_dir(skill: str, fp: str) -> str:
 
 
 def prepare_data(job: dict[str, Any], skill: str) -> dict[str, Any]:
-    """One skill's train/validation split as Ray Datasets of model inputs, prepared by the
-    driver: deterministic preprocessing runs once here on warm Ray workers, not per trial."""
-    from selma_ray.experts import data as train_data
+    """One skill's training and validation sets as lazy Ray Datasets streamed from the run's
+    storage (``selma_ray.experts.feed``). The driver receives the held-out keys and prompts,
+    a row count and one hash per block, never the images; with ``cache_latents`` the latents
+    are encoded once here, storage to storage."""
+    from selma_ray.experts import feed
+    from selma_ray.experts.data import native_resolution
 
     loop, run = job["loop"], RunDir.from_spec(job["run"])
     work = work_dir(skill, job["fingerprints"][skill])
-    table = skill_table(run, job["images"], skill)
-    train, val = train_data.split_rows(
-        table, loop["seed"], skill, loop["validation_fraction"], loop["validation_count"]
+    rows = feed.read_rows(run, job["images"], skill)
+    held_out, prompts, count = feed.split_validation(
+        rows, loop["seed"], skill, loop["validation_fraction"], loop["validation_count"]
     )
+    size = loop["resolution"] or native_resolution(loop["base"])
+    workers = job["resources"]["workers_per_expert"]
+    mode = feed.feed_mode(loop, count - len(held_out), workers, size)
     log.info(
-        "experts: [%s] %d training and %d validation images", skill, train.num_rows, val.num_rows
+        "experts: [%s] %d training and %d validation images (feed: %s)",
+        skill,
+        count - len(held_out),
+        len(held_out),
+        mode,
     )
-    datasets = train_data.training_datasets(
-        train,
-        val,
-        loop,
-        (run, f"{work}/latents") if loop["cache_latents"] else None,
-        min(1.0, job["resources"]["cpus_per_worker"]),
-    )
+    cache = (run, f"{work}/latents") if loop["cache_latents"] else None
     return {
-        "datasets": datasets,
-        "data_hash": train_data.data_hash(table),
-        "sample_prompts": val.column("prompt").to_pylist()[: loop["sample_images"]],
+        "datasets": feed.training_datasets(rows, held_out, loop, cache),
+        "data_hash": feed.data_hash(rows),
+        "sample_prompts": prompts[: loop["sample_images"]],
+        "feed_mode": mode,
     }
 
 
@@ -134,6 +125,7 @@ def _train_one(
             "fail_at_step": job["fault_drill"].get(skill),
             "work": {"run": run.spec, "prefix": work},
             "sample_prompts": prep["sample_prompts"],
+            "feed_mode": prep["feed_mode"],
         },
         scaling_config=ScalingConfig(
             num_workers=res["workers_per_expert"],

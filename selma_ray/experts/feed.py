@@ -1,0 +1,396 @@
+"""The training feed: a skill's rows streamed from the run's storage into its Train workers.
+
+Nothing that grows with the data passes through the driver. It builds lazy Ray Datasets:
+Parquet read with column projection and the skill filter, the deterministic validation split,
+decoding and resizing in Ray Data tasks, into **uint8** pixels (or cached latents), never
+float32. Ray Train splits the training set among an expert's workers
+(``get_dataset_shard``). Each worker then:
+
+- draws the **order** of every epoch from a generator seeded by (run seed, skill, epoch, rank):
+  with ``feed=memory`` its shard is read once into the worker and fully permuted every epoch;
+  with ``feed=stream`` it is read from storage every epoch through a local shuffle buffer
+  (``shuffle_buffer`` rows) seeded the same way (a full ``random_shuffle`` per epoch would be
+  an all-to-all exchange holding the whole data set in the object store);
+- draws **crops and flips** from a generator seeded by (run seed, skill, epoch, row), in the
+  worker, so the same seed gives the same batches and another epoch other ones;
+- keeps its **position** (epoch, batches taken in it), which the checkpoint stores, so a
+  resumed run continues the data order where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from selma_ray.core.udf import require_columns
+
+log = logging.getLogger(__name__)
+KEY_COLUMNS = ["prompt_id", "image_index"]
+ROW_COLUMNS = [*KEY_COLUMNS, "prompt", "image"]
+DATA_CPUS = 0.1  # read and decode tasks: small, so scarce CPUs never starve the feed
+HASH_MOD = 2**64
+
+
+def unit(*parts: Any) -> int:
+    """A stable 63-bit integer of ``parts`` (a seed for generators and orders)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def row_rng(seed: int, skill: str, epoch: int, key: str) -> np.random.Generator:
+    """The generator of one row's crop and flip in one epoch."""
+    return np.random.default_rng(unit(seed, skill, "augment", epoch, key))
+
+
+def order_seed(seed: int, skill: str, epoch: int, rank: int) -> int:
+    return unit(seed, skill, "order", epoch, rank)
+
+
+def row_keys(batch: dict[str, Any]) -> np.ndarray:
+    """``<prompt_id>/<image_index>``: a row's identity across runs and re-renders."""
+    return np.asarray(
+        [f"{p}/{i}" for p, i in zip(batch["prompt_id"], batch["image_index"], strict=True)],
+        dtype=object,
+    )
+
+
+def with_keys(batch: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data UDF: adds the ``key`` column."""
+    require_columns("the training feed (with_keys)", batch, KEY_COLUMNS)
+    return {**batch, "key": row_keys(batch)}
+
+
+# ---- the validation split -------------------------------------------------------------------
+def validation_size(rows: int, skill: str, fraction: float, count: int | None) -> int:
+    want = count if count is not None else (max(1, round(fraction * rows)) if fraction > 0 else 0)
+    if want and want >= rows:
+        raise ValueError(
+            f"skill {skill!r} has {rows} image(s); a validation split of {want} leaves none to "
+            "train on. Lower experts.validation_count/validation_fraction or add images"
+        )
+    return want
+
+
+def split_rank(seed: int, skill: str, key: str) -> int:
+    """Rows with the smallest ranks are held out: a row's side of the split depends on its
+    key alone, not on the order or the other rows."""
+    return unit(seed, skill, "split", key)
+
+
+def choose_validation(
+    keys: list[str], seed: int, skill: str, fraction: float, count: int | None
+) -> list[str]:
+    """The held-out keys among ``keys`` (the rule ``split_validation`` applies at scale)."""
+    want = validation_size(len(keys), skill, fraction, count)
+    return sorted(keys, key=lambda k: (split_rank(seed, skill, k), k))[:want]
+
+
+def _smallest(batch: dict[str, Any], seed: int, skill: str, want: int) -> dict[str, Any]:
+    """Ray Data UDF: this batch's ``want`` candidates for the held-out rows."""
+    ranks = np.asarray([split_rank(seed, skill, k) for k in batch["key"]], dtype=np.uint64)
+    keep = np.lexsort((batch["key"].astype(str), ranks))[:want]
+    return {"key": batch["key"][keep], "prompt": batch["prompt"][keep], "rank": ranks[keep]}
+
+
+def split_validation(
+    ds, seed: int, skill: str, fraction: float, count: int | None
+) -> tuple[list[str], list[str], int]:
+    """(held-out keys, their prompts, rows of the skill) of a dataset with ``prompt_id``,
+    ``image_index`` and ``prompt``. The driver receives only candidates: at most ``want`` rows
+    per block, never the data set."""
+    keyed = ds.select_columns([*KEY_COLUMNS, "prompt"]).map_batches(
+        with_keys, batch_format="numpy", num_cpus=DATA_CPUS
+    )
+    rows = keyed.count()
+    if not rows:
+        raise RuntimeError(f"experts: no images for skill {skill!r} in the images stage's output")
+    want = validation_size(rows, skill, fraction, count)
+    if not want:
+        return [], [], rows
+    candidates = keyed.map_batches(
+        _smallest,
+        fn_kwargs={"seed": seed, "skill": skill, "want": want},
+        batch_format="numpy",
+        num_cpus=DATA_CPUS,
+    ).take_all()
+    chosen = sorted(candidates, key=lambda r: (int(r["rank"]), str(r["key"])))[:want]
+    return [str(r["key"]) for r in chosen], [str(r["prompt"]) for r in chosen], rows
+
+
+def _keep_rows(batch: dict[str, Any], keys: list[str], held_out: bool) -> dict[str, Any]:
+    """Ray Data UDF: the held-out rows (``held_out``) or the others, with their keys."""
+    batch = with_keys(batch)
+    mask = np.isin(batch["key"].astype(str), np.asarray(keys, dtype=str))
+    mask = mask if held_out else ~mask
+    return {k: v[mask] for k, v in batch.items()}
+
+
+# ---- what the expert learned from -------------------------------------------------------------
+def _digest_sum(batch: dict[str, Any]) -> dict[str, Any]:
+    total = 0
+    for prompt, image in zip(batch["prompt"], batch["image"], strict=True):
+        h = hashlib.sha256(str(prompt).encode() + b"\0" + bytes(image) + b"\0").digest()
+        total = (total + int.from_bytes(h[:8], "little")) % HASH_MOD
+    return {"sum": np.asarray([str(total)], dtype=object)}
+
+
+def data_hash(ds) -> str:
+    """A short hash of a dataset's prompts and image bytes, whatever their order: one number
+    per block reaches the driver."""
+    parts = ds.select_columns(["prompt", "image"]).map_batches(
+        _digest_sum, batch_format="numpy", num_cpus=DATA_CPUS
+    )
+    total = sum(int(r["sum"]) for r in parts.take_all()) % HASH_MOD
+    return f"{total:016x}"
+
+
+# ---- decoding (Ray Data tasks) and augmentation (in the worker) -------------------------------
+def decode_batch(batch: dict[str, Any], base: str, size: int, center: bool) -> dict[str, Any]:
+    """Ray Data UDF: PNG bytes -> uint8 HWC images whose shorter side is ``size`` (cropped to
+    the centre square when ``center``; else the worker crops), the original size, and the
+    prompt's token ids."""
+    import io
+
+    from PIL import Image
+
+    from selma_ray.experts.data import load_tokenizers, tokenize
+
+    require_columns("the training feed (decode_batch)", batch, ["key", "prompt", "image"])
+    images, sizes, crops = [], [], []
+    for data in batch["image"]:
+        with Image.open(io.BytesIO(data)) as src:
+            img = src.convert("RGB")
+        sizes.append((img.height, img.width))
+        scale = size / min(img.size)
+        w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+        img = img.resize((w, h), Image.BICUBIC)
+        top, left = (h - size) // 2, (w - size) // 2
+        if center:
+            img = img.crop((left, top, left + size, top + size))
+        images.append(np.asarray(img, dtype=np.uint8))
+        crops.append((top, left))
+    shapes = {a.shape for a in images}
+    out: dict[str, Any] = {
+        "key": batch["key"],
+        "prompt": np.asarray([str(p) for p in batch["prompt"]], dtype=object),
+        "image": np.stack(images) if len(shapes) == 1 else _objects(images),
+        "original_size": np.asarray(sizes, dtype=np.int64),
+    }
+    if center:
+        out["crop_top_left"] = np.asarray(crops, dtype=np.int64)
+    for i, tok in enumerate(load_tokenizers(base)):
+        out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = tokenize(tok, batch["prompt"])
+    return out
+
+
+def _objects(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def augment(
+    batch: dict[str, Any], seed: int, skill: str, epoch: int, size: int, crop: str, flip: bool
+) -> dict[str, Any]:
+    """One batch as model inputs: each row cropped (centre or random) and flipped from its own
+    generator (``row_rng``), pixels to float32 in [-1, 1]; with cached latents, the flipped or
+    the plain latents, chosen the same way."""
+    rngs = [row_rng(seed, skill, epoch, str(k)) for k in batch["key"]]
+    if "latent_mean" in batch:
+        out = {k: v for k, v in batch.items() if not k.endswith("_flip")}
+        if "latent_mean_flip" in batch:
+            pick = np.asarray([rng.random() < 0.5 for rng in rngs])
+            for name in ("latent_mean", "latent_std"):
+                out[name] = np.where(pick[:, None, None, None], batch[f"{name}_flip"], batch[name])
+        return out
+    pixels, crops = [], []
+    for img, rng in zip(batch["image"], rngs, strict=True):
+        h, w = img.shape[:2]
+        if crop == "random":
+            top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        else:
+            top, left = (h - size) // 2, (w - size) // 2
+        arr = img[top : top + size, left : left + size]
+        if flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        pixels.append(arr)
+        crops.append((top, left))
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out["pixel_values"] = np.ascontiguousarray(
+        np.stack(pixels).transpose(0, 3, 1, 2), dtype=np.float32
+    ) / np.float32(127.5) - np.float32(1.0)
+    if "crop_top_left" not in batch or crop == "random":
+        out["crop_top_left"] = np.asarray(crops, dtype=np.int64)
+    return out
+
+
+# ---- the datasets ------------------------------------------------------------------------------
+def training_datasets(
+    rows,
+    held_out: list[str],
+    loop: dict[str, Any],
+    cache: tuple[Any, str] | None = None,
+) -> dict[str, Any]:
+    """Lazy Ray Datasets ``train`` (and ``validation`` when rows are held out) of decoded
+    inputs, from ``rows`` (a dataset with ``prompt_id``, ``image_index``, ``prompt`` and
+    ``image``); with a ``cache`` (a run directory and a prefix), cached latents instead,
+    encoded once and read back from the run's storage."""
+    from selma_ray.experts.data import cached_latents, native_resolution
+
+    base = loop["base"]
+    size = loop["resolution"] or native_resolution(base)
+    parts = {"train": False, "validation": True}
+    datasets = {}
+    for name, is_held_out in parts.items():
+        if is_held_out and not held_out:
+            continue
+        center = is_held_out or loop["crop"] == "center" or cache is not None
+        ds = rows.map_batches(
+            _keep_rows,
+            fn_kwargs={"keys": held_out, "held_out": is_held_out},
+            batch_format="numpy",
+            num_cpus=DATA_CPUS,
+        ).map_batches(
+            decode_batch,
+            fn_kwargs={"base": base, "size": size, "center": center},
+            batch_size=loop["batch_size"],
+            batch_format="numpy",
+            num_cpus=DATA_CPUS,
+        )
+        if cache is not None:
+            flip = loop["random_flip"] and not is_held_out
+            ds = cached_latents(ds, (cache[0], f"{cache[1]}/{name}"), base, flip, loop)
+        # Workers iterate these inside the trials; their progress bars would only linger on
+        # the driver's console (a stopped worker never closes them). Order is kept, so that
+        # a seed gives the same batches.
+        ds.context.enable_progress_bars = False
+        ds.context.execution_options.preserve_order = True
+        datasets[name] = ds
+    return datasets
+
+
+def read_rows(run, files: list[str], skill: str):
+    """A skill's rows (keys, prompt, PNG bytes) from the committed image shards, read with
+    small tasks and the skill filter pushed into the Parquet scan."""
+    from ray.data.expressions import col
+
+    from selma_ray.core import layout
+
+    return layout.read_dataset(
+        run, files, [*ROW_COLUMNS, "skill"], filter=col("skill") == skill, num_cpus=DATA_CPUS
+    ).select_columns(ROW_COLUMNS)
+
+
+def shard_bytes(rows: int, workers: int, loop: dict[str, Any], size: int) -> int:
+    """What one worker's shard holds decoded: uint8 pixels (before a random crop, up to a
+    third more), or cached latents (mean and std, twice when flips are cached)."""
+    per_worker = -(-rows // workers)
+    if loop["cache_latents"]:
+        latent = 4 * (size // 8) ** 2 * 4 * 2 * (2 if loop["random_flip"] else 1)
+        return per_worker * latent
+    pixels = size * size * 3
+    return per_worker * (pixels * 4 // 3 if loop["crop"] == "random" else pixels)
+
+
+def feed_mode(loop: dict[str, Any], rows: int, workers: int, size: int) -> str:
+    if loop["feed"] != "auto":
+        return loop["feed"]
+    fits = shard_bytes(rows, workers, loop, size) <= loop["feed_memory_mb"] * 2**20
+    return "memory" if fits else "stream"
+
+
+# ---- the worker's side ------------------------------------------------------------------------
+class Feed:
+    """A Train worker's batches, epoch after epoch, from its shard of the training set.
+
+    ``position`` is (epoch, batches taken in that epoch) after the last batch handed out;
+    a feed started at a position yields exactly what a feed run from the start would have
+    yielded from there on."""
+
+    def __init__(
+        self,
+        shard,
+        config: dict[str, Any],
+        rank: int,
+        position: tuple[int, int] = (0, 0),
+        mode: str = "stream",
+    ):
+        if mode not in ("stream", "memory"):
+            raise ValueError(f"feed mode must be stream or memory, got {mode!r}")
+        self.shard, self.config, self.rank, self.mode = shard, config, rank, mode
+        self.position = (int(position[0]), int(position[1]))
+        self._rows: dict[str, Any] | None = None
+        self.size = config["resolution"] or _size(config["base"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, skip = self.position
+        c = self.config
+        while True:
+            taken = 0
+            for index, batch in enumerate(self._epoch(epoch)):
+                taken += 1
+                if index < skip:
+                    continue
+                self.position = (epoch, index + 1)
+                yield augment(
+                    batch, c["seed"], c["skill"], epoch, self.size, c["crop"], c["random_flip"]
+                )
+            if not taken:
+                raise RuntimeError("this worker's training shard is empty; use fewer workers")
+            epoch, skip = epoch + 1, 0
+
+    def _epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        c = self.config
+        seed = order_seed(c["seed"], c["skill"], epoch, self.rank)
+        bs = c["batch_size"]
+        if self.mode == "stream":
+            yield from self.shard.iter_batches(
+                batch_size=bs,
+                batch_format="numpy",
+                local_shuffle_buffer_size=c["shuffle_buffer"],
+                local_shuffle_seed=seed % 2**32,
+            )
+            return
+        rows = self._held()
+        n = len(rows["key"])
+        order = np.random.default_rng(seed).permutation(n)
+        for start in range(0, n, bs):
+            take = order[start : start + bs]
+            yield {k: v[take] for k, v in rows.items()}
+
+    def _held(self) -> dict[str, Any]:
+        """The whole shard, read once (uint8 pixels or latents), in the worker."""
+        if self._rows is None:
+            parts = list(self.shard.iter_batches(batch_size=None, batch_format="numpy"))
+            if not parts:
+                raise RuntimeError("this worker's training shard is empty; use fewer workers")
+            self._rows = {k: _concat([p[k] for p in parts]) for k in parts[0]}
+            rows = len(self._rows["key"])
+            log.info("experts: [%s] %d rows held in the worker", self.config["skill"], rows)
+        return self._rows
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    if all(p.dtype != object for p in parts) and len({p.shape[1:] for p in parts}) == 1:
+        return np.concatenate(parts)
+    return _objects([row for p in parts for row in p])
+
+
+def _size(base: str) -> int:
+    from selma_ray.experts.data import native_resolution
+
+    return native_resolution(base)
+
+
+def validation_batches(shard, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The held-out rows as model inputs, ``validation_batch_size`` at a time."""
+    size = config["resolution"] or _size(config["base"])
+    for batch in shard.iter_batches(
+        batch_size=config["validation_batch_size"], batch_format="numpy"
+    ):
+        yield augment(batch, config["seed"], config["skill"], 0, size, "center", False)

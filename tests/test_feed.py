@@ -1,0 +1,149 @@
+"""The training feed (``selma_ray.experts.feed``): the held-out split, the data hash, and the
+seeded, shuffled, resumable batches a Train worker reads, in both feed modes, on a real local
+Ray cluster reading Ray Datasets."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+from PIL import Image
+
+from selma_ray.config import load_config
+from selma_ray.experts import feed
+
+SKILL = "counting"
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def rows_table(n: int, width: int = 48, height: int = 40) -> pa.Table:
+    return pa.table(
+        {
+            "prompt_id": [f"{SKILL}-{i:03d}" for i in range(n)],
+            "image_index": [0] * n,
+            "prompt": [f"prompt {i}" for i in range(n)],
+            "image": [png(width, height, i) for i in range(n)],
+        }
+    )
+
+
+def loop(**extra) -> dict:
+    base = load_config("tiny", []).experts.model_dump()
+    return {**base, "base": "tiny-sd", "seed": 0, "skill": SKILL, "batch_size": 4, **extra}
+
+
+def test_the_held_out_rows_depend_on_seed_and_key_and_have_the_asked_size():
+    keys = [f"k{i}" for i in range(20)]
+    val = feed.choose_validation(keys, 0, SKILL, 0.1, None)
+    assert len(val) == 2 and val == feed.choose_validation(
+        list(reversed(keys)), 0, SKILL, 0.1, None
+    )
+    assert feed.choose_validation(keys, 1, SKILL, 0.1, None) != val
+    assert len(feed.choose_validation(keys, 0, SKILL, 0.1, 5)) == 5  # count wins
+    assert feed.choose_validation(keys, 0, SKILL, 0.0, None) == []
+    assert len(feed.choose_validation(keys[:3], 0, SKILL, 0.01, None)) == 1  # at least one
+    # A row's side of the split does not move when other rows come or go.
+    assert set(feed.choose_validation(keys + ["new"], 0, SKILL, 0.0, 2)) & set(val)
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        feed.choose_validation(keys[:2], 0, SKILL, 0.5, 2)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_split_and_hash_at_scale_agree_with_the_rule_and_ignore_order(cluster):
+    table = rows_table(12)
+    ds = ray.data.from_arrow(table).repartition(3)
+    held_out, prompts, rows = feed.split_validation(ds, 0, SKILL, 0.25, None)
+    keys = [f"{p}/0" for p in table.column("prompt_id").to_pylist()]
+    assert rows == 12 and held_out == feed.choose_validation(keys, 0, SKILL, 0.25, None)
+    assert prompts == [f"prompt {keys.index(k)}" for k in held_out]
+    reversed_ds = ray.data.from_arrow(table.take(list(range(11, -1, -1))))
+    assert feed.data_hash(ds) == feed.data_hash(reversed_ds)
+    changed = table.set_column(
+        3, "image", pa.array([png(48, 40, 99)] + [png(48, 40, i) for i in range(1, 12)])
+    )
+    hashes = {feed.data_hash(ray.data.from_arrow(t)) for t in (table, changed, table.slice(1))}
+    assert len(hashes) == 3 and all(len(h) == 16 for h in hashes)
+    # joining prompt and image differently is another data set
+    moved = pa.table({"prompt": ["p"], "image": [b"01"]})
+    joined = pa.table({"prompt": ["p0"], "image": [b"1"]})
+    assert feed.data_hash(ray.data.from_arrow(moved)) != feed.data_hash(ray.data.from_arrow(joined))
+
+
+def batches(config: dict, mode: str, count: int, position=(0, 0), rows: int = 10):
+    ds = feed.training_datasets(ray.data.from_arrow(rows_table(rows)), [], config)["train"]
+    stream = feed.Feed(ds, config, rank=0, position=position, mode=mode)
+    return list(itertools.islice(iter(stream), count)), stream.position
+
+
+def keys_of(got: list[dict]) -> list[list[str]]:
+    return [[str(k) for k in b["key"]] for b in got]
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_epochs_reshuffle_and_the_seed_fixes_every_batch(cluster, mode):
+    config = loop(crop="random", random_flip=True, shuffle_buffer=16)
+    got, position = batches(config, mode, 6)  # 10 rows, batches of 4: 3 a epoch
+    assert position == (1, 3)
+    first, second = keys_of(got[:3]), keys_of(got[3:])
+    assert sorted(sum(first, [])) == sorted(sum(second, [])) == sorted(set(sum(first, [])))
+    assert first != second  # same rows, another order
+    again, _ = batches(config, mode, 6)
+    assert keys_of(again) == keys_of(got)
+    for a, b in zip(got, again, strict=True):
+        assert np.array_equal(a["pixel_values"], b["pixel_values"])  # same crops and flips
+    other, _ = batches({**config, "seed": 1}, mode, 6)
+    assert keys_of(other) != keys_of(got)
+    assert got[0]["pixel_values"].dtype == np.float32
+    assert got[0]["pixel_values"].shape == (4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_a_feed_started_at_a_position_continues_the_same_order(cluster, mode):
+    config = loop(crop="random", random_flip=True)
+    straight, _ = batches(config, mode, 7)
+    resumed, position = batches(config, mode, 3, position=(1, 1))  # after 4 batches
+    assert position == (2, 1)
+    assert keys_of(resumed) == keys_of(straight[4:])
+    for a, b in zip(resumed, straight[4:], strict=True):
+        assert np.array_equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_crops_and_flips_are_drawn_per_row_epoch_and_seed():
+    image = np.arange(40 * 48 * 3, dtype=np.uint8).reshape(40, 48, 3)
+    batch = {"key": np.asarray(["a/0", "b/0"], dtype=object), "image": np.stack([image, image])}
+
+    def run(seed: int, epoch: int) -> np.ndarray:
+        out = feed.augment(batch, seed, SKILL, epoch, 32, "random", True)
+        return out["pixel_values"]
+
+    assert np.array_equal(run(0, 0), run(0, 0))
+    assert not np.array_equal(run(0, 0)[0], run(0, 0)[1])  # two rows, two draws
+    assert not np.array_equal(run(0, 0), run(0, 1))
+    assert not np.array_equal(run(0, 0), run(1, 0))
+    centre = feed.augment(batch, 0, SKILL, 0, 32, "center", False)
+    assert centre["crop_top_left"].tolist() == [[4, 8], [4, 8]]
+    expected = image[4:36, 8:40].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1
+    assert np.allclose(centre["pixel_values"][0], expected)
+
+
+def test_auto_holds_small_shards_in_the_worker_and_streams_large_ones():
+    small = loop(feed="auto", feed_memory_mb=1)
+    assert feed.feed_mode(small, rows=10, workers=1, size=32) == "memory"
+    assert feed.feed_mode(small, rows=1000, workers=1, size=512) == "stream"
+    assert feed.feed_mode({**small, "feed": "stream"}, rows=1, workers=1, size=8) == "stream"
