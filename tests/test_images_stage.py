@@ -146,3 +146,39 @@ def test_a_rerun_lists_only_committed_shards_and_clears_strays(tmp_path: Path) -
     assert run_stage("images", cfg, run)["reused"] == 3
     assert not stray.exists()  # cleared after the new commit
     assert set(run.files(STAGE, "data")) == set(run.read_manifest(STAGE)["outputs"]["files"])
+
+
+def test_a_partly_reused_shard_is_copied_batch_by_batch_keeping_only_wanted_rows(
+    tmp_path: Path,
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from selma_ray.images import real_data
+    from selma_ray.images.stage import _copy_rows
+
+    schema = real_data.schema()
+    n = 150  # more than one record batch (64 rows)
+    table = pa.table(
+        {
+            "prompt_id": [f"p{i}" for i in range(n)],
+            "skill": ["counting"] * n,
+            "prompt": [f"prompt {i}" for i in range(n)],
+            "image_index": [0] * n,
+            "seed": list(range(n)),
+            "image": [bytes([i % 256]) * 8 for i in range(n)],
+            "width": [8] * n,
+            "height": [8] * n,
+            "generator": ["tiny-sd"] * n,
+            "extra": ["dropped"] * n,  # columns outside the schema are not copied
+        }
+    )
+    src = tmp_path / "old.parquet"
+    pq.write_table(table, src, row_group_size=50)
+    mask = [i % 3 == 0 or 60 <= i < 70 for i in range(n)]
+    run = RunDir(tmp_path)
+    _copy_rows(run, run.key("old.parquet"), run.key("new.parquet"), mask)
+    out = pq.read_table(tmp_path / "new.parquet")
+    assert out.schema.equals(schema)
+    assert out.column("seed").to_pylist() == [i for i in range(n) if mask[i]]
+    assert out.column("image").to_pylist() == [bytes([i % 256]) * 8 for i in range(n) if mask[i]]

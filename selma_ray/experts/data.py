@@ -74,9 +74,17 @@ def preprocess_batch(
         "original_size": sizes,
         "crop_top_left": crops,
     }
-    for i, tok in enumerate(load_tokenizers(base)):
-        out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = tokenize(tok, batch["prompt"])
-    return out
+    return {**out, **token_ids(base, batch["prompt"])}
+
+
+def token_ids(base: str, prompts) -> dict[str, Any]:
+    """``input_ids`` (and SDXL's ``input_ids_2``) of ``prompts``. Computed where the text is
+    encoded (the Train worker, the latent encoder), so that the feed's decode tasks never
+    import transformers."""
+    return {
+        "input_ids" if i == 0 else f"input_ids_{i + 1}": tokenize(tok, prompts)
+        for i, tok in enumerate(load_tokenizers(base))
+    }
 
 
 class LatentEncoder:
@@ -92,7 +100,7 @@ class LatentEncoder:
         pipe = DiffusionPipeline.from_pretrained(resolve(base))
         self.vae = pipe.vae.eval()
         self.text = TextConditioner(pipe)
-        self.flip = flip
+        self.flip, self.base = flip, base
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -110,7 +118,8 @@ class LatentEncoder:
                 dist = self.vae.encode(px).latent_dist
                 out[f"latent_mean{suffix}"] = dist.mean.numpy()
                 out[f"latent_std{suffix}"] = dist.std.numpy()
-            hidden, pooled = self.text.encode(batch, torch.device("cpu"))
+            tokens = token_ids(self.base, batch["prompt"])
+            hidden, pooled = self.text.encode(tokens, torch.device("cpu"))
         out["hidden"] = hidden.numpy()
         if pooled is not None:
             out["pooled"] = pooled.numpy()

@@ -149,15 +149,13 @@ def data_hash(ds) -> str:
 
 
 # ---- decoding (Ray Data tasks) and augmentation (in the worker) -------------------------------
-def decode_batch(batch: dict[str, Any], base: str, size: int, center: bool) -> dict[str, Any]:
+def decode_batch(batch: dict[str, Any], size: int, center: bool) -> dict[str, Any]:
     """Ray Data UDF: PNG bytes -> uint8 HWC images whose shorter side is ``size`` (cropped to
-    the centre square when ``center``; else the worker crops), the original size, and the
-    prompt's token ids."""
+    the centre square when ``center``; else the worker crops) and the original size. Only
+    Pillow and numpy: a data task never imports torch or transformers."""
     import io
 
     from PIL import Image
-
-    from selma_ray.experts.data import load_tokenizers, tokenize
 
     require_columns("the training feed (decode_batch)", batch, ["key", "prompt", "image"])
     images, sizes, crops = [], [], []
@@ -182,8 +180,6 @@ def decode_batch(batch: dict[str, Any], base: str, size: int, center: bool) -> d
     }
     if center:
         out["crop_top_left"] = np.asarray(crops, dtype=np.int64)
-    for i, tok in enumerate(load_tokenizers(base)):
-        out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = tokenize(tok, batch["prompt"])
     return out
 
 
@@ -199,7 +195,7 @@ def augment(
 ) -> dict[str, Any]:
     """One batch as model inputs: each row cropped (centre or random) and flipped from its own
     generator (``row_rng``), pixels to float32 in [-1, 1]; with cached latents, the flipped or
-    the plain latents, chosen the same way."""
+    the plain latents, chosen the same way. The caller adds the token ids (``token_ids``)."""
     rngs = [row_rng(seed, skill, epoch, str(k)) for k in batch["key"]]
     if "latent_mean" in batch:
         out = {k: v for k, v in batch.items() if not k.endswith("_flip")}
@@ -257,7 +253,7 @@ def training_datasets(
             num_cpus=DATA_CPUS,
         ).map_batches(
             decode_batch,
-            fn_kwargs={"base": base, "size": size, "center": center},
+            fn_kwargs={"size": size, "center": center},
             batch_size=loop["batch_size"],
             batch_format="numpy",
             num_cpus=DATA_CPUS,
@@ -337,9 +333,7 @@ class Feed:
                 if index < skip:
                     continue
                 self.position = (epoch, index + 1)
-                yield augment(
-                    batch, c["seed"], c["skill"], epoch, self.size, c["crop"], c["random_flip"]
-                )
+                yield model_inputs(batch, c, epoch, self.size, c["crop"], c["random_flip"])
             if not taken:
                 raise RuntimeError("this worker's training shard is empty; use fewer workers")
             epoch, skip = epoch + 1, 0
@@ -393,4 +387,14 @@ def validation_batches(shard, config: dict[str, Any]) -> Iterator[dict[str, Any]
     for batch in shard.iter_batches(
         batch_size=config["validation_batch_size"], batch_format="numpy"
     ):
-        yield augment(batch, config["seed"], config["skill"], 0, size, "center", False)
+        yield model_inputs(batch, config, 0, size, "center", False)
+
+
+def model_inputs(
+    batch: dict[str, Any], config: dict[str, Any], epoch: int, size: int, crop: str, flip: bool
+) -> dict[str, Any]:
+    """``augment`` plus the prompts' token ids (unless the text was cached with the latents)."""
+    from selma_ray.experts.data import token_ids
+
+    out = augment(batch, config["seed"], config["skill"], epoch, size, crop, flip)
+    return out if "hidden" in out else {**out, **token_ids(config["base"], batch["prompt"])}

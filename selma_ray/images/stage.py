@@ -155,8 +155,6 @@ def _reuse_old_rows(
     A row matches when the earlier run had the same render key and the row has the same
     prompt id, image index, prompt text and seed (or that seed's retry seed).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     manifest = run.read_manifest(STAGE) or {}
     if manifest.get("render_key") != render_key(cfg):
@@ -184,12 +182,29 @@ def _reuse_old_rows(
         if all(mask) and mask:
             kept_files.append(file)  # immutable: list it again, nothing moves
         elif any(mask):
-            table = pq.read_table(file, filesystem=run.fs).filter(pa.array(mask, pa.bool_()))
             out = run.key(layout.IMAGES_DATA, f"reused-{tag}-{n:05d}.parquet")
-            table = table.select(datasets.schema().names).cast(datasets.schema())
-            pq.write_table(table, out, filesystem=run.fs)
+            _copy_rows(run, file, out, mask)
             kept_files.append(out)
     return kept_files, reused
+
+
+def _copy_rows(run: RunDir, src: str, dst: str, mask: list[bool]) -> None:
+    """Copies the rows of ``src`` where ``mask`` holds into ``dst``, one record batch at a
+    time: memory holds a batch of images, never the shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema, start = datasets.schema(), 0
+    with (
+        run.fs.open_input_file(src) as f,
+        pq.ParquetWriter(dst, schema, filesystem=run.fs) as writer,
+    ):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=schema.names):
+            keep = pa.array(mask[start : start + batch.num_rows], pa.bool_())
+            start += batch.num_rows
+            part = pa.Table.from_batches([batch]).filter(keep)
+            if part.num_rows:
+                writer.write_table(part.select(schema.names).cast(schema))
 
 
 def _render(cfg: SelmaConfig, run: RunDir, rows: list[dict[str, Any]]) -> None:
