@@ -181,7 +181,8 @@ def speed_arm(n: int, feed: str, steps: int, resolution: int) -> float:
     run = RunDir(synthesize(n))
     loop = {**loop_config(resolution, feed, steps), "skill": SKILLS[0], "feed_mode": feed}
     rows = training_feed.read_rows(run, layout.images_files(run), SKILLS[0])
-    held_out, _, _ = training_feed.split_validation(rows, 0, SKILLS[0], 0.1, None)
+    count, _ = training_feed.scan(rows)
+    held_out, _ = training_feed.split_validation(rows, count, 0, SKILLS[0], 0.1, None)
     train = training_feed.training_datasets(rows, held_out, loop)["train"]
     return ray.get(ray.remote(num_cpus=1)(worker_part).remote(train, None, loop, steps))
 

@@ -224,7 +224,7 @@ def test_two_ddp_workers_train_disjoint_rows_into_one_lora_of_the_mean_gradient(
     tmp_path, ray_cluster
 ):
     from ray import cloudpickle
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from selma_ray.experts import feed
@@ -232,7 +232,7 @@ def test_two_ddp_workers_train_disjoint_rows_into_one_lora_of_the_mean_gradient(
     write_images(tmp_path, ["counting"], per_skill=6)
     run = RunDir(tmp_path)
     rows = feed.read_rows(run, layout.images_files(run), "counting")
-    held_out, _, _ = feed.split_validation(rows, 0, "counting", 0.0, 2)
+    held_out, _ = feed.split_validation(rows, 6, 0, "counting", 0.0, 2)
     loop = {
         **load_config("tiny", []).experts.model_dump(),
         **{"base": "tiny-sd", "seed": 0, "skill": "counting", "learning_rate": 1e-2},
@@ -251,7 +251,7 @@ def test_two_ddp_workers_train_disjoint_rows_into_one_lora_of_the_mean_gradient(
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
             run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "ray_results")),
             datasets=feed.training_datasets(rows, held_out, loop),
-            dataset_config=DataConfig(datasets_to_split=["train"]),  # as the experts stage
+            dataset_config=feed.data_config(),  # as the experts stage
         ).fit()
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

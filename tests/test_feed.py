@@ -68,21 +68,22 @@ def cluster():
 def test_split_and_hash_at_scale_agree_with_the_rule_and_ignore_order(cluster):
     table = rows_table(12)
     ds = ray.data.from_arrow(table).repartition(3)
-    held_out, prompts, rows = feed.split_validation(ds, 0, SKILL, 0.25, None)
+    rows, digest = feed.scan(ds)
+    held_out, prompts = feed.split_validation(ds, rows, 0, SKILL, 0.25, None)
     keys = [f"{p}/0" for p in table.column("prompt_id").to_pylist()]
     assert rows == 12 and held_out == feed.choose_validation(keys, 0, SKILL, 0.25, None)
     assert prompts == [f"prompt {keys.index(k)}" for k in held_out]
     reversed_ds = ray.data.from_arrow(table.take(list(range(11, -1, -1))))
-    assert feed.data_hash(ds) == feed.data_hash(reversed_ds)
+    assert feed.scan(reversed_ds) == (12, digest)
     changed = table.set_column(
         3, "image", pa.array([png(48, 40, 99)] + [png(48, 40, i) for i in range(1, 12)])
     )
-    hashes = {feed.data_hash(ray.data.from_arrow(t)) for t in (table, changed, table.slice(1))}
+    hashes = {feed.scan(ray.data.from_arrow(t))[1] for t in (table, changed, table.slice(1))}
     assert len(hashes) == 3 and all(len(h) == 16 for h in hashes)
     # joining prompt and image differently is another data set
     moved = pa.table({"prompt": ["p"], "image": [b"01"]})
     joined = pa.table({"prompt": ["p0"], "image": [b"1"]})
-    assert feed.data_hash(ray.data.from_arrow(moved)) != feed.data_hash(ray.data.from_arrow(joined))
+    assert feed.scan(ray.data.from_arrow(moved)) != feed.scan(ray.data.from_arrow(joined))
 
 
 def batches(config: dict, mode: str, count: int, position=(0, 0), rows: int = 10):
@@ -147,3 +148,43 @@ def test_auto_holds_small_shards_in_the_worker_and_streams_large_ones():
     assert feed.feed_mode(small, rows=10, workers=1, size=32) == "memory"
     assert feed.feed_mode(small, rows=1000, workers=1, size=512) == "stream"
     assert feed.feed_mode({**small, "feed": "stream"}, rows=1, workers=1, size=8) == "stream"
+
+
+def test_each_rank_gets_the_same_rows_in_every_run_and_epoch(cluster):
+    """Ray Train's split of the training set among an expert's workers, as the experts stage
+    configures it: tasks finishing out of order still deal every rank the same rows."""
+    import random
+    import threading
+    import time
+
+    def jitter(batch):
+        time.sleep(random.random() * 0.1)
+        return batch
+
+    rows = rows_table(24).select(["prompt_id"]).to_pylist()
+    ds = ray.data.from_items(rows, override_num_blocks=24).map_batches(jitter, batch_size=1)
+
+    def split() -> list[list[list[str]]]:
+        iterators = feed.data_config().configure(
+            {"train": ds}, world_size=2, worker_handles=None, worker_node_ids=None
+        )
+        seen: list[list[list[str]]] = [[], []]
+
+        def read(rank: int) -> None:
+            for _ in range(2):  # two epochs
+                rows = iterators[rank]["train"].iter_rows()
+                seen[rank].append([str(r["prompt_id"]) for r in rows])
+
+        threads = [threading.Thread(target=read, args=(rank,)) for rank in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        return seen
+
+    first = split()
+    assert all(split() == first for _ in range(2))
+    for rank in (0, 1):
+        assert first[rank][0] == first[rank][1]  # every epoch
+    assert len(first[0][0]) == len(first[1][0]) == 12
+    assert not set(first[0][0]) & set(first[1][0])

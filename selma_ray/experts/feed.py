@@ -4,7 +4,8 @@ Nothing that grows with the data passes through the driver. It builds lazy Ray D
 Parquet read with column projection and the skill filter, the deterministic validation split,
 decoding and resizing in Ray Data tasks, into **uint8** pixels (or cached latents), never
 float32. Ray Train splits the training set among an expert's workers
-(``get_dataset_shard``). Each worker then:
+(``get_dataset_shard``), in block order (``data_config``), so a rank's rows are the same in
+every run and epoch. Each worker then:
 
 - draws the **order** of every epoch from a generator seeded by (run seed, skill, epoch, rank):
   with ``feed=memory`` its shard is read once into the worker and fully permuted every epoch;
@@ -97,28 +98,27 @@ def _smallest(batch: dict[str, Any], seed: int, skill: str, want: int) -> dict[s
 
 
 def split_validation(
-    ds, seed: int, skill: str, fraction: float, count: int | None
-) -> tuple[list[str], list[str], int]:
-    """(held-out keys, their prompts, rows of the skill) of a dataset with ``prompt_id``,
+    ds, rows: int, seed: int, skill: str, fraction: float, count: int | None
+) -> tuple[list[str], list[str]]:
+    """(held-out keys, their prompts) of a dataset of ``rows`` rows with ``prompt_id``,
     ``image_index`` and ``prompt``. The driver receives only candidates: at most ``want`` rows
     per block, never the data set."""
-    keyed = ds.select_columns([*KEY_COLUMNS, "prompt"]).map_batches(
-        with_keys, batch_format="numpy", num_cpus=DATA_CPUS
-    )
-    rows = keyed.count()
-    if not rows:
-        raise RuntimeError(f"experts: no images for skill {skill!r} in the images stage's output")
     want = validation_size(rows, skill, fraction, count)
     if not want:
-        return [], [], rows
-    candidates = keyed.map_batches(
-        _smallest,
-        fn_kwargs={"seed": seed, "skill": skill, "want": want},
-        batch_format="numpy",
-        num_cpus=DATA_CPUS,
-    ).take_all()
+        return [], []
+    candidates = (
+        ds.select_columns([*KEY_COLUMNS, "prompt"])
+        .map_batches(with_keys, batch_format="numpy", num_cpus=DATA_CPUS)
+        .map_batches(
+            _smallest,
+            fn_kwargs={"seed": seed, "skill": skill, "want": want},
+            batch_format="numpy",
+            num_cpus=DATA_CPUS,
+        )
+        .take_all()
+    )
     chosen = sorted(candidates, key=lambda r: (int(r["rank"]), str(r["key"])))[:want]
-    return [str(r["key"]) for r in chosen], [str(r["prompt"]) for r in chosen], rows
+    return [str(r["key"]) for r in chosen], [str(r["prompt"]) for r in chosen]
 
 
 def _keep_rows(batch: dict[str, Any], keys: list[str], held_out: bool) -> dict[str, Any]:
@@ -135,17 +135,22 @@ def _digest_sum(batch: dict[str, Any]) -> dict[str, Any]:
     for prompt, image in zip(batch["prompt"], batch["image"], strict=True):
         h = hashlib.sha256(str(prompt).encode() + b"\0" + bytes(image) + b"\0").digest()
         total = (total + int.from_bytes(h[:8], "little")) % HASH_MOD
-    return {"sum": np.asarray([str(total)], dtype=object)}
+    return {
+        "rows": np.asarray([len(batch["prompt"])]),
+        "sum": np.asarray([str(total)], dtype=object),
+    }
 
 
-def data_hash(ds) -> str:
-    """A short hash of a dataset's prompts and image bytes, whatever their order: one number
-    per block reaches the driver."""
-    parts = ds.select_columns(["prompt", "image"]).map_batches(
-        _digest_sum, batch_format="numpy", num_cpus=DATA_CPUS
+def scan(ds) -> tuple[int, str]:
+    """(rows, a short hash of the prompts and image bytes whatever their order) of a dataset,
+    in one pass: two numbers per block reach the driver."""
+    parts = (
+        ds.select_columns(["prompt", "image"])
+        .map_batches(_digest_sum, batch_format="numpy", batch_size=None, num_cpus=DATA_CPUS)
+        .take_all()
     )
-    total = sum(int(r["sum"]) for r in parts.take_all()) % HASH_MOD
-    return f"{total:016x}"
+    total = sum(int(r["sum"]) for r in parts) % HASH_MOD
+    return sum(int(r["rows"]) for r in parts), f"{total:016x}"
 
 
 # ---- decoding (Ray Data tasks) and augmentation (in the worker) -------------------------------
@@ -268,6 +273,19 @@ def training_datasets(
         ds.context.execution_options.preserve_order = True
         datasets[name] = ds
     return datasets
+
+
+def data_config():
+    """Ray Train's ``DataConfig`` for an expert: the training set is split among the workers,
+    the validation set is read whole by each. Ray Train replaces a dataset's execution
+    options with these, so order is kept here: the splitter then deals blocks in order to
+    the rank with the fewest rows, and every rank gets the same rows in every run and
+    epoch (locality hints are ignored when order is kept)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
 def read_rows(run, files: list[str], skill: str):

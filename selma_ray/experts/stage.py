@@ -23,6 +23,7 @@ from selma_ray.core import layout
 from selma_ray.core.lineage import Lineage
 from selma_ray.core.lora_io import WEIGHT_NAME
 from selma_ray.core.rundir import RunDir, check_name
+from selma_ray.experts import feed
 from selma_ray.experts.recipe import read_attempts
 
 log = logging.getLogger(__name__)
@@ -68,14 +69,16 @@ def prepare_data(job: dict[str, Any], skill: str) -> dict[str, Any]:
     storage (``selma_ray.experts.feed``). The driver receives the held-out keys and prompts,
     a row count and one hash per block, never the images; with ``cache_latents`` the latents
     are encoded once here, storage to storage."""
-    from selma_ray.experts import feed
     from selma_ray.experts.data import native_resolution
 
     loop, run = job["loop"], RunDir.from_spec(job["run"])
     work = work_dir(skill, job["fingerprints"][skill])
     rows = feed.read_rows(run, job["images"], skill)
-    held_out, prompts, count = feed.split_validation(
-        rows, loop["seed"], skill, loop["validation_fraction"], loop["validation_count"]
+    count, data_hash = feed.scan(rows)
+    if not count:
+        raise RuntimeError(f"experts: no images for skill {skill!r} in the images stage's output")
+    held_out, prompts = feed.split_validation(
+        rows, count, loop["seed"], skill, loop["validation_fraction"], loop["validation_count"]
     )
     size = loop["resolution"] or native_resolution(loop["base"])
     workers = job["resources"]["workers_per_expert"]
@@ -90,7 +93,7 @@ def prepare_data(job: dict[str, Any], skill: str) -> dict[str, Any]:
     cache = (run, f"{work}/latents") if loop["cache_latents"] else None
     return {
         "datasets": feed.training_datasets(rows, held_out, loop, cache),
-        "data_hash": feed.data_hash(rows),
+        "data_hash": data_hash,
         "sample_prompts": prompts[: loop["sample_images"]],
         "feed_mode": mode,
     }
@@ -100,7 +103,7 @@ def _train_one(
     trial_config: dict[str, Any], job: dict[str, Any], data: dict[str, dict[str, Any]]
 ) -> None:
     """Tune trial: train one skill's expert with a TorchTrainer, then export it."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -147,7 +150,7 @@ def _train_one(
             callbacks=[TuneReportCallback()],
         ),
         datasets=prep["datasets"],
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=feed.data_config(),
     )
     result = trainer.fit()
     if result.checkpoint is None:
