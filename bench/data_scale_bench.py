@@ -97,18 +97,25 @@ class StorePeak:
     """Peak object-store bytes in use on the local node, sampled in a thread."""
 
     def __init__(self) -> None:
+        import ray
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        self._reply = lambda: get_memory_info_reply(get_state_from_address())
-        self.peak = 0
+        # This cluster's address: another Ray instance on the machine must not be asked.
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self._reply = lambda: get_memory_info_reply(state)
+        self.peak, self.samples = 0, 0
+        self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            used = self._reply().store_stats.object_store_bytes_used
-            self.peak = max(self.peak, int(used))
-            time.sleep(0.1)
+        try:
+            while not self._stop.is_set():
+                used = self._reply().store_stats.object_store_bytes_used
+                self.peak, self.samples = max(self.peak, int(used)), self.samples + 1
+                time.sleep(0.1)
+        except BaseException as e:  # raised again on exit: a dead sampler is no zero peak
+            self._error = e
 
     def __enter__(self) -> StorePeak:
         self._thread.start()
@@ -117,6 +124,10 @@ class StorePeak:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self._error is not None:
+            raise RuntimeError("object-store sampling failed") from self._error
+        if not self.samples:
+            raise RuntimeError("object-store sampling took no sample")
 
 
 def worker_part(train, validation, config: dict[str, Any], steps: int) -> float:

@@ -1,10 +1,10 @@
 """Benchmark LATENT: training-input preparation time, ``experts.cache_latents`` on vs off.
 
 Input preparation is everything a training step needs before the UNet: Ray Data
-preprocessing (decode, shorter-side resize + crop of non-native 48x80 PNGs, flip, tokenize),
-then the VAE encoder and the text encoder. With the cache, a step only reads the cached
-latent mean/std (both orientations) and text embeddings and samples the latents; the one-time
-cache build is timed and printed separately.
+decoding (shorter-side resize + crop of non-native 48x80 PNGs), the worker's flip and
+tokenization, then the VAE encoder and the text encoder. With the cache, a step only reads
+the cached latent mean/std (both orientations) and text embeddings and samples the latents;
+the one-time cache build is timed and printed separately.
 
 Every arm is built by ``feed.training_datasets`` and consumed the way ``train_expert`` feeds
 a worker (``feed.Feed`` in the mode ``experts.feed=auto`` picks: these small shards are read

@@ -113,6 +113,10 @@ def print_eval(result: dict) -> None:
         print(f"  {variant:<22}" + "".join(cells))
     for name, reason in (result.get("skipped_scorers") or {}).items():
         print(f"  eval: {name} skipped: {reason}")
+    for name, average in (result.get("averages") or {}).items():
+        print(f"  eval: {labels.get(name, name)} headline = per-{average} average")
+    for note in result.get("comparability") or []:
+        print(f"  eval: {note}")
     if result.get("report"):
         print(f"  eval report: {result['report']}")
 

@@ -71,7 +71,12 @@ def _eval_config(cfg: SelmaConfig) -> dict[str, Any]:
     ec = cfg.eval
     files = {
         f: content_digest(p)
-        for f, p in (("prompts_file", ec.prompts_file), ("questions_file", ec.questions_file))
+        for f, p in (
+            ("prompts_file", ec.prompts_file),
+            ("questions_file", ec.questions_file),
+            ("dsg_file", ec.dsg_file),
+            ("tifa_file", ec.tifa_file),
+        )
         if p and ":" not in p and p != "generated"  # builtin:NAME ships with the package
     }
     render = cfg.images.model_dump(include={"steps", "guidance_scale", "resolution"})

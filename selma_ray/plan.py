@@ -3,7 +3,8 @@
 ``python jobs/full_pipeline.py --config weak_to_strong --plan`` prints it. Nothing is loaded
 or downloaded: the model family and native resolution of well-known hub ids come from a
 table, local model folders are read from their configs, and anything else is "unknown"
-until the stage loads it.
+until the stage loads it. For GPU training it also estimates the memory one expert's worker
+needs (``expert_memory``) and warns when that exceeds ``resources.experts.gpu_memory_gb``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,155 @@ KNOWN_MODELS: dict[str, tuple[str, int]] = {
     "stabilityai/stable-diffusion-2-1-base": ("sd2", 512),
     "stabilityai/stable-diffusion-xl-base-1.0": ("sdxl", 1024),
 }
+
+
+GIB = 2**30
+
+# ---- the expert memory estimate ----------------------------------------------------------------
+# An estimate from published architectures and one measurement, not a guarantee: the allocator's
+# fragmentation, other attention kernels and other library versions move it. The constants:
+#
+# Frozen parameters per family, in millions: UNet, text encoder(s), VAE (counted from the models'
+# published configs, built on the meta device: bench/activation_memory.py).
+FAMILY_PARAMS_M: dict[str, tuple[float, float, float]] = {
+    "sd1": (859.52, 123.06, 83.65),  # CLIP ViT-L text encoder
+    "sd2": (865.91, 340.39, 83.65),  # OpenCLIP ViT-H text encoder (23 layers)
+    "sdxl": (2567.46, 123.06 + 694.66, 83.65),  # CLIP ViT-L + OpenCLIP ViT-bigG (projection)
+}
+# The UNet's transformer blocks, for the LoRA's size: (sum of their widths, their number, the
+# cross-attention width). Each block has a self- and a cross-attention; a LoRA of rank r on a
+# d_in -> d_out projection has r * (d_in + d_out) weights, so per block to_q and to_out.0 add
+# 4*r*d each, to_k and to_v 3*r*d + r*c each (self: d -> d, cross: c -> d).
+ATTENTION_BLOCKS: dict[str, tuple[int, int, int]] = {
+    "sd1": (12480, 16, 768),  # 5 x 320, 5 x 640, 6 x 1280 wide
+    "sd2": (12480, 16, 1024),
+    "sdxl": (83200, 70, 2048),  # 10 x 640, 60 x 1280 wide
+}
+PER_TARGET = {"to_q": (4, 0), "to_k": (3, 1), "to_v": (3, 1), "to_out.0": (4, 0)}
+# What autograd keeps per sample for the backward pass at the native resolution, in GiB, with
+# the LoRA on the four attention projections and flash attention (SDPA on a GPU): (without,
+# with gradient checkpointing), for the trainer's fp16/bf16 autocast ("mixed") and for fp32
+# ("no"). Measured by counting the tensors saved in one forward pass of the real diffusers
+# UNets on the meta device (the script named above; autocast emulated there: norms in fp32,
+# matmuls and convolutions in fp16). With checkpointing (every ResNet and transformer block)
+# it is what is saved outside the blocks, every block's inputs, and the one block recomputed
+# during the backward pass. Measured at 3/4 of the native size too: activations scale with the
+# pixel count (within 0.4%).
+ACTIVATION_GIB: dict[str, dict[str, tuple[float, float]]] = {
+    "sd1": {"mixed": (1.095, 0.243), "fp32": (1.648, 0.413)},  # at 512 px
+    "sd2": {"mixed": (2.366, 0.456), "fp32": (3.513, 0.745)},  # at 768 px
+    "sdxl": {"mixed": (7.270, 0.743), "fp32": (11.469, 1.126)},  # at 1024 px
+}
+LORA_STATE_BYTES = 16  # fp32 weight, its gradient and AdamW's two moments
+# The VAE encodes one image at a time (slicing); its encoder's peak is this many 128-channel
+# maps at full resolution (measured: an allocation tracker on the SD/SDXL VAE encoder, no
+# gradients, at 128 and 256 px), beside the micro-batch's pixels.
+VAE_ENCODE_MAPS = 5
+OVERHEAD_GIB = 2.0  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack
+
+
+def lora_parameters(family: str, rank: int, targets: list[str]) -> tuple[int, list[str]]:
+    """(weights of a rank-``rank`` LoRA on ``targets`` of a ``family`` UNet, targets not
+    counted: only the four attention projections are known here)."""
+    widths, blocks, cross = ATTENTION_BLOCKS[family]
+    total = 0
+    for target in targets:
+        if target in PER_TARGET:
+            k, c = PER_TARGET[target]
+            total += rank * (k * widths + c * blocks * cross)
+    return total, [t for t in targets if t not in PER_TARGET]
+
+
+def expert_memory(
+    family: str,
+    resolution: int,
+    native: int,
+    micro_batch: int,
+    dtype_bytes: int,
+    vae_bytes: int,
+    rank: int,
+    targets: list[str],
+    checkpointing: bool,
+    cache_latents: bool,
+) -> dict[str, Any]:
+    """GiB one expert's training worker needs on its GPU, by part:
+
+    - ``weights``: the frozen UNet and text encoder(s) in the training dtype, the VAE in its own;
+    - ``lora``: the LoRA's weights, gradients and AdamW moments, all fp32 (16 bytes a weight);
+    - ``activations``: ``ACTIVATION_GIB`` per sample (mixed precision, or fp32 when
+      ``dtype_bytes`` is 4) x micro-batch x (resolution / native)^2;
+    - ``vae_encode``: the VAE encoder's peak while it encodes a micro-batch one image at a
+      time (no gradients): ``VAE_ENCODE_MAPS`` 128-channel maps of one image plus the
+      micro-batch's pixels, at full resolution; 0 with cached latents;
+    - ``overhead``: ``OVERHEAD_GIB``.
+
+    The encoder runs before the UNet's forward pass, when the last micro-batch's activations
+    are freed, so ``total`` = weights + lora + max(activations, vae_encode) + overhead."""
+    unet, text, vae = FAMILY_PARAMS_M[family]
+    weights = ((unet + text) * dtype_bytes + vae * vae_bytes) * 1e6 / GIB
+    lora, uncounted = lora_parameters(family, rank, targets)
+    full, checkpointed = ACTIVATION_GIB[family]["fp32" if dtype_bytes == 4 else "mixed"]
+    per_sample = (checkpointed if checkpointing else full) * (resolution / native) ** 2
+    activations = micro_batch * per_sample
+    vae_encode = 0.0
+    if not cache_latents:
+        maps = VAE_ENCODE_MAPS * 128 + micro_batch * 3
+        vae_encode = maps * resolution**2 * vae_bytes / GIB
+    parts = {
+        "weights": weights,
+        "lora": lora * LORA_STATE_BYTES / GIB,
+        "activations": activations,
+        "vae_encode": vae_encode,
+        "overhead": OVERHEAD_GIB,
+    }
+    peak = max(activations, vae_encode)
+    total = parts["weights"] + parts["lora"] + peak + OVERHEAD_GIB
+    return {**parts, "total": total, "lora_parameters": lora, "uncounted_targets": uncounted}
+
+
+def _expert_memory_plan(
+    cfg: SelmaConfig, base: DiffusionModelInfo, train_res: int | None
+) -> tuple[str, str | None]:
+    """The plan's memory line for one expert worker, and a warning when it exceeds the card."""
+    ec, res = cfg.experts, cfg.resources.experts
+    if not res.use_gpu:
+        return "not estimated (CPU training)", None
+    if base.family not in FAMILY_PARAMS_M or not (train_res and base.native_resolution):
+        return f"not estimated ({base.family} model)", None
+    dtype_bytes = 4 if ec.mixed_precision == "no" else 2
+    est = expert_memory(
+        base.family,
+        train_res,
+        base.native_resolution,
+        ec.batch_size,
+        dtype_bytes,
+        dtype_bytes if cfg.models.vae else 4,
+        ec.rank,
+        ec.target_modules,
+        ec.gradient_checkpointing,
+        ec.cache_latents,
+    )
+    parts = (
+        f"weights {est['weights']:.1f}, LoRA + AdamW {est['lora']:.1f}, activations "
+        f"{est['activations']:.1f} ({ec.batch_size} x {train_res}px"
+        f"{', checkpointed' if ec.gradient_checkpointing else ''}), VAE encode "
+        f"{est['vae_encode']:.1f}, overhead {est['overhead']:.1f}"
+    )
+    if est["uncounted_targets"]:
+        parts += f"; LoRA on {est['uncounted_targets']} not counted"
+    card = res.gpu_memory_gb
+    if card is None:
+        line = f"~{est['total']:.1f} GiB estimated ({parts}); set "
+        return line + "resources.experts.gpu_memory_gb to compare", None
+    line = f"~{est['total']:.1f} of {card:g} GiB estimated ({parts})"
+    if est["total"] <= card:
+        return line, None
+    return line, (
+        f"experts: ~{est['total']:.1f} GiB estimated per GPU exceeds "
+        f"resources.experts.gpu_memory_gb={card:g}: lower experts.batch_size (the micro-batch) "
+        "and raise experts.gradient_accumulation to keep the batch"
+        + ("" if ec.gradient_checkpointing else ", or set experts.gradient_checkpointing=true")
+    )
 
 
 @dataclass(frozen=True)
@@ -104,6 +254,9 @@ def build_plan(cfg: SelmaConfig) -> dict[str, Any]:
         warnings.append("experts.mixed_precision applies on GPU only; CPU training runs in fp32")
     if gen.family == "unknown" or base.family == "unknown":
         warnings.append("a model is not in the known table: family/resolution read when loaded")
+    memory, too_big = _expert_memory_plan(cfg, base, train_res)
+    if too_big:
+        warnings.append(too_big)
     per_expert_gpus = res.experts.workers_per_expert if res.experts.use_gpu else 0
     return {
         "run": {"name": cfg.run.name, "dir": cfg.run.dir, "seed": cfg.run.seed},
@@ -139,9 +292,17 @@ def build_plan(cfg: SelmaConfig) -> dict[str, Any]:
                 "lora": {"rank": ec.rank, "alpha": ec.alpha, "targets": ec.target_modules},
                 "learning_rate": ec.learning_rate,
                 "lr_scheduler": ec.lr_scheduler,
-                "batch_size": ec.batch_size,
+                # the batch of one optimizer step: micro-batch x accumulation x workers
+                "batch_size": ec.batch_size
+                * ec.gradient_accumulation
+                * res.experts.workers_per_expert,
+                "micro_batch_size": ec.batch_size,
+                "gradient_accumulation": ec.gradient_accumulation,
+                "gradient_checkpointing": ec.gradient_checkpointing,
                 "max_steps": ec.max_steps,
                 "mixed_precision": ec.mixed_precision,
+                "vae": cfg.models.vae or "the base's own, in float32",
+                "memory_per_gpu": memory,
                 "experts": len(skills),
                 "at_once": min(res.experts.max_concurrent, len(skills)),
                 "per_expert": f"{res.experts.workers_per_expert} worker(s) x "

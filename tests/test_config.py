@@ -43,7 +43,7 @@ def test_paper_presets_carry_appendix_h_settings(preset):
     assert ex.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert ex.learning_rate == pytest.approx(3e-4)
     assert ex.lr_scheduler == "constant"
-    assert ex.batch_size == 64
+    assert ex.batch_size * ex.gradient_accumulation == 64  # micro-batch x accumulation
     assert ex.max_steps == 5000
     assert ex.mixed_precision == "fp16"
     assert im.steps == 50

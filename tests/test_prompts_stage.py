@@ -193,6 +193,7 @@ class _FakeAPI(BaseHTTPRequestHandler):
         if left:
             self.state.failures[text] = left - 1
             self.send_response(503 if left % 2 else 429)
+            self.send_header("retry-after-ms", "10")  # the SDK waits as told: a quick test
             self.end_headers()
             return
         if text == "always-400":
@@ -226,7 +227,7 @@ def fake_api():
     thread.join(timeout=10)
 
 
-def test_openai_backend_retries_with_backoff_and_reports_errors_in_rows(fake_api, monkeypatch):
+def test_openai_backend_retries_and_reports_errors_in_rows(fake_api, monkeypatch):
     monkeypatch.setenv("TEST_LLM_KEY", "sk-test-secret")
     fake_api.failures["flaky"] = 3
     gen = OpenAIGenerator(
@@ -235,7 +236,6 @@ def test_openai_backend_retries_with_backoff_and_reports_errors_in_rows(fake_api
         "TEST_LLM_KEY",
         {"temperature": 0.7, "max_tokens": 32},
         max_retries=3,
-        backoff_seconds=0.01,
         concurrency=2,
     )
     out = gen({"instruction": ["flaky", "always-400", "fine"], "seed": [1, 2, 3]})
@@ -249,20 +249,16 @@ def test_openai_backend_retries_with_backoff_and_reports_errors_in_rows(fake_api
 def test_openai_backend_gives_up_after_max_retries(fake_api, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     fake_api.failures["down"] = 10
-    gen = OpenAIGenerator(
-        fake_api.url, "m", "NO_SUCH_KEY_VAR", {}, max_retries=2, backoff_seconds=0
-    )
+    gen = OpenAIGenerator(fake_api.url, "m", "NO_SUCH_KEY_VAR", {}, max_retries=2)
     out = gen({"instruction": ["down"], "seed": [1]})
     assert out["error"].tolist() == ["HTTP 429"] and fake_api.failures["down"] == 7
-    assert fake_api.seen_auth == [""] * 3  # no key set: no Authorization header, 3 tries
+    assert fake_api.seen_auth == ["Bearer EMPTY"] * 3  # no key set: the placeholder, 3 tries
 
 
 def test_unreachable_endpoint_is_an_error_row_not_a_crash():
-    gen = OpenAIGenerator(
-        "http://127.0.0.1:9/v1", "m", "X", {}, max_retries=1, backoff_seconds=0, timeout_seconds=2
-    )
+    gen = OpenAIGenerator("http://127.0.0.1:9/v1", "m", "X", {}, max_retries=1, timeout_seconds=2)
     out = gen({"instruction": ["hi"], "seed": [0]})
-    assert out["error"][0].startswith("ConnectionError")
+    assert out["error"][0] == "APIConnectionError"
 
 
 # ------------------------------------------------------------ real vLLM on CPU (SmolLM2)
@@ -287,6 +283,15 @@ def test_vllm_generator_answers_each_request(vllm_engine):
     # into different steps, so only a request on its own is expected to match exactly.
     alone = [vllm_engine({"instruction": ["Name a fruit."], "seed": [2]}) for _ in range(2)]
     assert alone[0]["generated_text"].tolist() == alone[1]["generated_text"].tolist()
+
+
+@pytest.mark.slow
+def test_vllm_generator_reports_finish_reason_and_each_rows_max_tokens(vllm_engine):
+    batch = {"instruction": ["Describe a busy kitchen in detail."] * 2, "seed": [3, 3]}
+    out = vllm_engine({**batch, "max_tokens": [4, 200]})
+    assert out["finish_reason"][0] == "length" and out["finish_reason"][1] in ("stop", "length")
+    assert len(out["generated_text"][0].split()) <= 4  # 4 tokens make at most 4 words
+    assert len(out["generated_text"][1]) > len(out["generated_text"][0])
 
 
 @pytest.mark.slow

@@ -249,7 +249,7 @@ def test_accumulated_micro_batches_give_one_step_with_the_full_batch_gradient(ba
 
 
 def seeded_trainer(**overrides) -> ExpertTrainer:
-    torch.manual_seed(0)  # the LoRA init draws from the global generator
+    torch.manual_seed(0)  # the LoRA init has its own seed (run.seed); this seeds what follows
     return ExpertTrainer(loop_config(**overrides))
 
 

@@ -82,6 +82,20 @@ class ModelsSection(_Section):
     llm: str = Field("smollm2-135m-instruct", description="Instruct LLM writing skill prompts.")
     generator: str = Field("tiny-sd", description="Diffusion model rendering training images.")
     base: str = Field("tiny-sd", description="Diffusion model that gets the experts and is served.")
+    vae: str | None = Field(
+        None,
+        description="VAE the experts encode images with (training, validation, latent cache): "
+        "a hub id or folder of an AutoencoderKL (or a pipeline folder: its vae/), run in the "
+        "training dtype, so it must be fp16-safe under fp16 (e.g. madebyollin/sdxl-vae-fp16-fix). "
+        "null = the base model's own VAE, kept in float32 whatever the training dtype.",
+    )
+
+    @field_validator("vae")
+    @classmethod
+    def _vae_named(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("give a hub id or folder of a VAE, or null for the base's own")
+        return v
 
 
 SKILL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -99,11 +113,22 @@ class SkillSpec(_Section):
 
 
 class OpenAIBackend(_Section):
+    """An OpenAI-compatible endpoint, called through the ``openai`` SDK's client."""
+
     base_url: str = Field("http://127.0.0.1:8001/v1", description="OpenAI-compatible API root.")
+    api: Literal["chat", "completions"] = Field(
+        "chat",
+        description="chat = /chat/completions (chat models, vLLM servers); completions = "
+        "/completions for completion-only models such as the paper's gpt-3.5-turbo-instruct.",
+    )
     model: str | None = Field(None, description="Model name at the endpoint; null = models.llm.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Env var holding the key (not the key).")
-    max_retries: int = Field(5, ge=0)
-    backoff_seconds: float = Field(1.0, ge=0.0)
+    max_retries: int = Field(
+        5,
+        ge=0,
+        description="Retries by the SDK: exponential backoff with jitter; a server's "
+        "Retry-After is honoured.",
+    )
     timeout_seconds: float = Field(60.0, gt=0.0)
     concurrency: int = Field(8, ge=1, description="Requests in flight per actor.")
 
@@ -125,7 +150,19 @@ class PromptsSection(_Section):
     openai: OpenAIBackend = Field(default_factory=OpenAIBackend)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_tokens: int = Field(256, ge=8)
+    max_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Answer length cap per request; null = sized per skill from its word limit "
+        "and new_per_request (selma_ray.models.llm_data.answer_token_budget). A set value wins; "
+        "an answer cut off by it loses its last, cut item (counted as 'truncated').",
+    )
+    max_count: dict[str, int] = Field(
+        default_factory=lambda: {"counting": 3},
+        description="skill -> the largest count its prompts may state (digits or number words, "
+        "selma_ray.text.numbers); larger ones are rejected as 'count_rule'. The counting skill's "
+        "instruction asks for at most 3.",
+    )
     batch_size: int = Field(64, ge=1)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     tensor_parallel_size: int = Field(1, ge=1)
@@ -169,7 +206,21 @@ class PromptsSection(_Section):
                 f"unknown skills {unknown}; built-in: {sorted(SKILLS)}; custom: {sorted(custom)} "
                 "(add custom ones under prompts.custom_skills or prompts.skill_files)"
             )
+        unknown = sorted(n for n in self.max_count if n not in SKILLS and n not in custom)
+        if unknown:
+            raise ValueError(
+                f"max_count names unknown skills {unknown}; built-in: {sorted(SKILLS)}; "
+                f"custom: {sorted(custom)}"
+            )
         return self
+
+    @field_validator("max_count")
+    @classmethod
+    def _counts_not_negative(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if n < 0}
+        if bad:
+            raise ValueError(f"max_count values must be >= 0, got {bad}")
+        return v
 
 
 def _load_yaml(path: Path, error: type[Exception]) -> Any:
@@ -256,6 +307,19 @@ class ExpertsSection(_Section):
     )
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = False
+    max_nonfinite_steps: int = Field(
+        20,
+        ge=1,
+        description="A step whose loss or gradients are not finite is skipped (no LoRA or "
+        "optimizer update, step count not advanced) and counted; this many in a row stop the "
+        "expert with an error.",
+    )
+    shared_init: bool = Field(
+        True,
+        description="Every expert's LoRA starts from the same weights, drawn from run.seed "
+        "alone, as the paper merge (mean of A's, mean of B's) assumes; false: seeded by run "
+        "seed and skill (independent starts; prefer merge methods cat or svd then).",
+    )
     snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting (e.g. 5).")
     noise_offset: float = Field(0.0, ge=0.0, description="Offset noise strength (e.g. 0.05).")
     train_text_encoder: bool = Field(False, description="Also train (and export) a CLIP LoRA.")
@@ -419,10 +483,24 @@ class EvalSection(_Section):
     """The eval stage: held-out prompts rendered by every variant, then scored."""
 
     enabled: bool = Field(True, description="Run the eval stage in the pipeline job.")
+    dsg_file: str | None = Field(
+        None,
+        description="DSG-1K annotation CSV (dsg-1k-anns.csv from github.com/j-min/DSG): its "
+        "1,060 prompts with their questions and dependencies, scored by the DSG protocol. "
+        "With dsg_file or tifa_file set, the eval prompts are those files' prompts and "
+        "prompts_file is not used; builtin:NAME = a file in selma_ray/eval/benchmarks.",
+    )
+    tifa_file: str | None = Field(
+        None,
+        description="TIFA v1.0 question JSON (tifa_v1.0/tifa_v1.0_question_answers.json from "
+        "github.com/Yushi-Hu/tifa): its prompts with multiple-choice questions, scored by "
+        "the TIFA protocol (scorer tifa).",
+    )
     prompts_file: str = Field(
         "builtin:tiny_eval.csv",
-        description="Held-out prompts: .txt (one a line), .csv (prompt/text, optional "
-        "category/source/skill, id/item_id) or TIFA .json; "
+        description="Held-out prompts when neither dsg_file nor tifa_file is set (numbers then "
+        "not comparable with the paper's): .txt (one a line), .csv (prompt/text, optional "
+        "category/source/skill, id/item_id; a DSG-1K CSV brings its questions) or TIFA .json; "
         "builtin:NAME = a file in selma_ray/eval/benchmarks; "
         "generated = new prompts per skill from the LLM, filtered against the training prompts.",
     )
@@ -433,7 +511,9 @@ class EvalSection(_Section):
     questions_file: str | None = Field(
         None, description="DSG-1K question CSV or TIFA JSON (questions=file); null = prompts_file."
     )
-    max_prompts: int | None = Field(None, ge=1, description="Use the first N prompts; null = all.")
+    max_prompts: int | None = Field(
+        None, ge=1, description="Use the first N prompts (of each benchmark file); null = all."
+    )
     max_questions: int = Field(12, ge=1, description="Most LLM-written questions per prompt.")
     on_overlap: Literal["drop", "error"] = Field(
         "drop", description="Eval prompts also in the training prompts: drop them, or fail."
@@ -451,7 +531,24 @@ class EvalSection(_Section):
     pick_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     vqa_model: str = Field(
         "Salesforce/blip-vqa-base",
-        description="A BLIP VQA model, or any transformers image-text-to-text VLM, by id or path.",
+        description="The VQA model answering DSG questions: a BLIP VQA model, a BLIP-2 model "
+        "(Blip2ForConditionalGeneration) or any transformers image-text-to-text VLM, by id or "
+        "path.",
+    )
+    tifa_vqa_model: str | None = Field(
+        None, description="The VQA model answering TIFA questions; null = vqa_model."
+    )
+    vqa_mode: Literal["generate", "rank"] = Field(
+        "rank",
+        description="generate: the VQA model generates an answer, normalised and compared with "
+        "'yes' (DSG) or mapped to the nearest choice (TIFA): the published protocols. rank: the "
+        "choice the model finds most likely (BLIP VQA and image-text-to-text models only).",
+    )
+    dsg_average: Literal["question", "prompt"] = Field(
+        "prompt",
+        description="DSG headline: question = mean over all questions of all prompts (SELMA's "
+        "DSG evaluation.py, the paper's numbers); prompt = mean of per-prompt scores. Both "
+        "are reported.",
     )
     question_llm: str | None = Field(None, description="LLM writing questions; null = models.llm.")
     image_reward_model: str = "ImageReward-v1.0"
@@ -464,6 +561,22 @@ class EvalSection(_Section):
     def _unique_scorers(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"scorers must be unique, got {v}")
+        return v
+
+    @field_validator("dsg_file", "tifa_file")
+    @classmethod
+    def _benchmark_file(cls, v: str | None, info: Any) -> str | None:
+        if v is None:
+            return None
+        if not v.strip():
+            raise ValueError("give the file's path (or builtin:NAME), or null for none")
+        suffix = {"dsg_file": ".csv", "tifa_file": ".json"}[info.field_name]
+        what = {
+            "dsg_file": "the DSG-1K annotation CSV, dsg-1k-anns.csv",
+            "tifa_file": "the TIFA v1.0 question JSON, tifa_v1.0_question_answers.json",
+        }[info.field_name]
+        if not v.lower().endswith(suffix):
+            raise ValueError(f"{info.field_name} must be {what} (a {suffix} file)")
         return v
 
 
@@ -507,6 +620,12 @@ class ExpertResources(_Section):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     custom: CustomResources
     max_concurrent: int = Field(5, ge=1, description="Experts training at once; the rest queue.")
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0.0,
+        description="Memory of one training GPU in GiB (80 for an A100/H100 80GB); --plan "
+        "warns when its per-GPU estimate exceeds it. null = not compared.",
+    )
 
 
 class ServeResources(TaskResources):

@@ -6,6 +6,7 @@ LABELS = {
     "clip": "CLIPScore",
     "pick": "PickScore",
     "dsg": "DSG",
+    "tifa": "TIFA",
     "image_reward": "ImageReward",
     "hps": "HPS v2",
 }

@@ -116,11 +116,33 @@ def _question_counts(counts: dict[str, int] | None) -> str:
     return f"<td>{' · '.join(parts) or '–'}</td>"
 
 
-def _dsg_notes(scorer: dict[str, Any]) -> str:
-    """The DSG protocol line and, when some prompts got the holistic fallback, a warning."""
-    out = []
-    if scorer.get("protocol"):
-        out.append(f"<p><small>protocol: {html.escape(scorer['protocol'])}</small></p>")
+_AVERAGES = {"question": "per-question", "prompt": "per-prompt"}
+
+
+def _averages_line(entries: dict[str, dict[str, Any]]) -> str:
+    """Which DSG average is the headline (the mean, CI and Δ columns), and that both are shown."""
+    heads = {e.get("average") for e in entries.values() if e.get("averages")}
+    if not heads:
+        return ""
+    head = _AVERAGES.get(next(iter(heads)), "?")
+    return (
+        f"<p><small>headline: the {head} average (mean, CI and Δ columns); both averages are "
+        "in the columns “per-question avg” (mean over all questions of all prompts, as "
+        "SELMA's DSG evaluation.py) and “per-prompt avg” (mean of per-prompt scores)"
+        "</small></p>"
+    )
+
+
+def _protocol_line(scorer: dict[str, Any]) -> str:
+    if not scorer.get("protocol"):
+        return ""
+    return f"<p><small>protocol: {html.escape(scorer['protocol'])}</small></p>"
+
+
+def _dsg_notes(scorer: dict[str, Any], entries: dict[str, dict[str, Any]] | None = None) -> str:
+    """The DSG protocol line, which average is the headline and, when some prompts got the
+    holistic fallback, a warning."""
+    out = [_protocol_line(scorer), _averages_line(entries or {})]
     fallback = scorer.get("holistic_fallback_prompts") or []
     if fallback:
         shown = ", ".join(html.escape(str(p)) for p in fallback[:20])
@@ -140,7 +162,9 @@ def _metric_section(
     label = scorer.get("label") or LABELS.get(metric, metric)
     cats = sorted({c for e in entries.values() for c in e.get("by_category", {})})
     counts = any("questions" in e for e in entries.values())
+    averages = any("averages" in e for e in entries.values())
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cats)
+    head += "<th>per-question avg</th><th>per-prompt avg</th>" if averages else ""
     head += "<th>questions (prompts scored)</th>" if counts else ""
     rows = []
     for v, e in entries.items():
@@ -152,6 +176,11 @@ def _metric_section(
         )
         by = e.get("by_category", {})
         cells = "".join(f"<td>{_ci(by[c]) if c in by else '–'}</td>" for c in cats)
+        if averages:
+            avg = e.get("averages") or {}
+            cells += "".join(
+                f"<td>{_ci(avg[k]) if k in avg else '–'}</td>" for k in ("question", "prompt")
+            )
         cells += _question_counts(e.get("questions")) if counts else ""
         rows.append(
             f"<tr><th>{html.escape(v)}</th><td>{_ci(e)}</td><td>{e['n']}</td>"
@@ -159,7 +188,7 @@ def _metric_section(
         )
     return (
         f"<h2>{html.escape(label)}</h2>"
-        + (_dsg_notes(scorer) if metric == "dsg" else "")
+        + (_dsg_notes(scorer, entries) if metric == "dsg" else _protocol_line(scorer))
         + "<table><tr><th>variant</th><th>mean [95% CI]</th><th>prompts</th>"
         f"<th>Δ vs base [95% CI], paired</th>{head}</tr>{''.join(rows)}</table>"
         f"<p>{_img(bar_chart(label, entries), label + ' chart')}</p>"
@@ -167,9 +196,11 @@ def _metric_section(
 
 
 def _question_section(
-    accuracy: dict[str, dict[str, dict[str, float]]], label: str = LABELS["dsg"]
+    accuracy: dict[str, dict[str, dict[str, float]]],
+    label: str = LABELS["dsg"],
+    zeroing: bool = True,
 ) -> str:
-    """DSG answers per question category (before dependency zeroing)."""
+    """VQA answers per question category (DSG: before dependency zeroing; TIFA: element type)."""
     cats = sorted({c for v in accuracy.values() for c in v})
     if not cats:
         return ""
@@ -185,11 +216,20 @@ def _question_section(
         + "</tr>"
         for v, by in accuracy.items()
     )
+    what = "correct share, before dependency zeroing" if zeroing else "correct share"
     return (
-        f"<h3>{html.escape(label)} answers by question category (correct share, before "
-        "dependency zeroing)</h3>"
+        f"<h3>{html.escape(label)} answers by question category ({what})</h3>"
         f"<table><tr><th>variant</th>{head}</tr>{rows}</table>"
     )
+
+
+def _benchmark_notes(benchmark: dict[str, Any] | None) -> str:
+    """Why the faithfulness numbers are (or are not) comparable with the paper's."""
+    notes = (benchmark or {}).get("notes") or []
+    if not notes:
+        return ""
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return f"<div class='note'><b>Comparability with the paper</b><ul>{items}</ul></div>"
 
 
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}
@@ -210,6 +250,7 @@ def render_html(doc: dict[str, Any], grid_rows: list[tuple[str, dict[str, bytes]
     ]
     if doc.get("note"):
         parts.append(f"<p class='note'>{html.escape(doc['note'])}</p>")
+    parts.append(_benchmark_notes(doc.get("benchmark")))
     models = [("base model", doc["models"]["base"]), ("questions", doc["models"]["questions"])]
     for s in doc["scorers"].values():
         ids = ", ".join(f"{k}={v}" for k, v in s["model_ids"].items())
@@ -224,6 +265,7 @@ def render_html(doc: dict[str, Any], grid_rows: list[tuple[str, dict[str, bytes]
         parts.append(_metric_section(metric, entries, doc["scorers"].get(metric)))
     dsg_label = doc["scorers"].get("dsg", {}).get("label") or LABELS["dsg"]
     parts.append(_question_section(doc.get("dsg_questions") or {}, dsg_label))
+    parts.append(_question_section(doc.get("tifa_questions") or {}, LABELS["tifa"], False))
     if grid_rows:
         parts.append("<h2>Same prompt, same seed, every variant</h2>")
         parts.append(f"<p>{_img(image_grid(grid_rows, doc['variants']), 'image grid')}</p>")

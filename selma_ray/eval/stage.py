@@ -1,17 +1,24 @@
 """Stage 6, eval: held-out prompts rendered by every variant, scored, aggregated, reported.
 
-1. Prompts come from a held-out benchmark file (``eval.prompts_file``); any that are also
-   training prompts of this run are dropped (or fail the stage, ``eval.on_overlap=error``).
-2. DSG questions are written by the LLM on Ray Data, read from a DSG-1K/TIFA file, or off.
-   Only DSG-1K-format questions make the published DSG protocol; otherwise the metric is
-   labelled "DSG-style" (its key stays ``dsg``), and prompts the LLM wrote no parseable
-   questions for, asked one holistic question instead, are counted per variant.
+1. Prompts come from the published benchmark files (``eval.dsg_file``: DSG-1K,
+   ``eval.tifa_file``: TIFA v1.0) or, without them, from ``eval.prompts_file`` (or the LLM),
+   which makes numbers not comparable with the paper's (a WARNING and a note in the report
+   and summary, ``selma_ray.eval.protocol``). Any that are also training prompts of this run
+   are dropped (or fail the stage, ``eval.on_overlap=error``).
+2. DSG-1K and TIFA prompts bring their questions. Other prompts' DSG questions are written by
+   the LLM on Ray Data, read from a DSG-1K/TIFA file, or off. Only DSG-1K questions make the
+   published DSG protocol; otherwise the metric is labelled "DSG-style" (its key stays
+   ``dsg``), and prompts the LLM wrote no parseable questions for, asked one holistic
+   question instead, are counted per variant.
 3. Ray Data renders variant x prompt x seed on actors holding a ``DiffusionService`` (base,
    each expert, ``merged``, ``merged-<method>``); a prompt's seeds are the same for every
    variant, so differences against base are paired. Images go to ``eval/images/`` (Parquet).
-4. Each scorer then runs over the images as its own Ray Data actor pass.
+4. Each scorer then runs over the images as its own Ray Data actor pass; the VQA scorers
+   (dsg on DSG-1K or other prompts, tifa on TIFA prompts) answer by ``eval.vqa_mode``.
 5. Means, bootstrap 95% CIs and paired differences vs base, per variant and per category,
-   go to ``eval/metrics.json``; ``eval/report.html`` shows them with charts and image grids.
+   go to ``eval/metrics.json`` (DSG: both the per-question and the per-prompt average, the
+   headline by ``eval.dsg_average``); ``eval/report.html`` shows them with charts and image
+   grids.
 """
 
 from __future__ import annotations
@@ -28,9 +35,9 @@ from selma_ray.core.lineage import Lineage, digest
 from selma_ray.core.rundir import RunDir
 from selma_ray.core.seeds import stable_seed
 from selma_ray.core.udf import require_columns
-from selma_ray.eval import dsg
+from selma_ray.eval import dsg, protocol
 from selma_ray.eval.inputs import STAGE, attach_questions, load_eval_prompts
-from selma_ray.eval.scorers import LABELS, model_ids, unavailable
+from selma_ray.eval.scorers import LABELS, VQA_SCORERS, model_ids, unavailable
 
 log = logging.getLogger(__name__)
 TINY_NOTE = (
@@ -62,7 +69,6 @@ def render_rows(cfg: SelmaConfig, prompts: list[dsg.EvalPrompt], variants: list[
     rows = []
     for v in variants:
         for p in prompts:
-            questions = json.dumps([q.to_dict() for q in p.questions])
             for k in range(cfg.eval.seeds_per_prompt):
                 rows.append(
                     {
@@ -70,12 +76,27 @@ def render_rows(cfg: SelmaConfig, prompts: list[dsg.EvalPrompt], variants: list[
                         "prompt_id": p.id,
                         "prompt": p.prompt,
                         "category": p.category,
+                        "benchmark": p.benchmark,
                         "seed_index": k,
                         "seed": stable_seed(cfg.run.seed, "eval", p.id, k),
-                        "questions": questions,
                     }
                 )
     return rows
+
+
+def scorer_questions(
+    name: str, prompts: list[dsg.EvalPrompt]
+) -> dict[str, list[dict[str, Any]]] | None:
+    """The questions VQA scorer ``name`` asks, by prompt id: tifa those of TIFA v1.0 prompts,
+    dsg those of every other prompt (DSG-1K or ``prompts_file``); None for other scorers."""
+    if name not in VQA_SCORERS:
+        return None
+    tifa = name == "tifa"
+    return {
+        p.id: [q.to_dict() for q in p.questions]
+        for p in prompts
+        if (p.benchmark == dsg.TIFA) == tifa
+    }
 
 
 def render_key(cfg: SelmaConfig, rows: list[dict[str, Any]], adapters: Any) -> str:
@@ -169,19 +190,27 @@ def render(cfg: SelmaConfig, run: RunDir, rows: list[dict[str, Any]], key: str) 
     return [run.key(f) for f in shards]
 
 
-def score(cfg: SelmaConfig, run: RunDir, images: list[str], name: str) -> list[dict[str, Any]]:
-    """One Ray Data pass of scorer ``name`` over the rendered images."""
+def score(
+    cfg: SelmaConfig,
+    run: RunDir,
+    images: list[str],
+    name: str,
+    questions: dict[str, list[dict[str, Any]]] | None = None,
+) -> list[dict[str, Any]]:
+    """One Ray Data pass of scorer ``name`` over the rendered images (VQA scorers: over those
+    whose prompt has ``questions``, the others get NaN)."""
     from selma_ray.core import layout
     from selma_ray.eval.scorers import ScoreBatch
 
     keep = ["variant", "prompt_id", "seed_index", f"score_{name}"]
-    keep += ["dsg_detail"] if name == "dsg" else []
+    keep += [f"{name}_detail"] if name in VQA_SCORERS else []
     ds = layout.read_dataset(run, images, None).map_batches(
         ScoreBatch,
         fn_constructor_kwargs={
             "name": name,
             "ids": model_ids(name, cfg.eval),
             "num_gpus": cfg.resources.eval.num_gpus,
+            "questions": questions,
         },
         **_pool(cfg),
     )
@@ -251,14 +280,15 @@ def select_variants(cfg: SelmaConfig, run: RunDir) -> list[str]:
 
 
 def question_accuracy(
-    rows: list[dict[str, Any]], prompts: list[dsg.EvalPrompt]
+    rows: list[dict[str, Any]], prompts: list[dsg.EvalPrompt], column: str = "dsg_detail"
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """variant -> question category (DSG: entity, attribute, relation, ...) -> share of raw
-    VQA answers that were correct, before dependency zeroing, and the number of answers."""
+    """variant -> question category (DSG: entity, attribute, relation, ...; TIFA: element type)
+    -> share of raw VQA answers that were correct, before dependency zeroing, and the number
+    of answers (``column``: the scorer's detail column)."""
     category = {(p.id, q.id): q.category or "all" for p in prompts for q in p.questions}
     counts: dict[str, dict[str, list[int]]] = {}
     for r in rows:
-        for d in r.get("dsg_detail") or []:
+        for d in r.get(column) or []:
             cat = category.get((r["prompt_id"], d["id"]), "all")
             c = counts.setdefault(r["variant"], {}).setdefault(cat, [0, 0])
             c[0] += int(d["correct"])
@@ -317,30 +347,80 @@ def write_outputs(
     log.info("eval: report at %s", run.url(STAGE, "report.html"))
 
 
+def _answered_by(model: str, mode: str) -> str:
+    how = {
+        "generate": "generated answers, normalised (lower case, no punctuation)",
+        "rank": "the choice the model finds most likely (vqa_mode=rank, not the published "
+        "protocol)",
+    }[mode]
+    return f"answered by {model}: {how}"
+
+
 def dsg_protocol(cfg: SelmaConfig) -> dict[str, str]:
-    """The DSG metric's label and how its questions were made. Only questions read from a
-    DSG-1K-format CSV follow the published DSG protocol ("DSG"); questions written by the LLM,
-    or TIFA questions, make it "DSG-style"."""
+    """The DSG metric's label and how its questions were made and answered. Only questions read
+    from a DSG-1K-format CSV follow the published DSG protocol ("DSG"); questions written by the
+    LLM, or TIFA questions, make it "DSG-style"."""
     ec = cfg.eval
+    answered = _answered_by(ec.vqa_model, ec.vqa_mode)
+    average = f"headline average: {protocol.AVERAGE_TEXT[ec.dsg_average]}"
+    if ec.dsg_file:
+        return {
+            "label": LABELS["dsg"],
+            "protocol": f"DSG-1K prompts, questions and dependencies read from {ec.dsg_file}, "
+            f"{answered}; a question is right when the answer is 'yes', a child of a question "
+            f"that scored 0 scores 0; {average}",
+            "average": ec.dsg_average,
+        }
     if ec.questions == "file":
         source = ec.questions_file or ec.prompts_file
         if Path(source).suffix == ".json":
             return {
                 "label": DSG_STYLE,
                 "protocol": f"TIFA questions read from {source} (multiple choice, no "
-                "dependencies), answered by the VQA model: DSG-style, not the published DSG",
+                f"dependencies), {answered}: DSG-style, not the published DSG; {average}",
+                "average": ec.dsg_average,
             }
         return {
             "label": LABELS["dsg"],
             "protocol": f"questions read from {source} (DSG-1K CSV format, as in the published "
-            "DSG), answered by the VQA model",
+            f"DSG), {answered}; {average}",
+            "average": ec.dsg_average,
         }
     llm = ec.question_llm or cfg.models.llm
     return {
         "label": DSG_STYLE,
         "protocol": f"questions written by {llm} in the DSG format, not the published DSG-1K "
-        "questions; a prompt without parseable questions is asked one holistic question",
+        f"questions; a prompt without parseable questions is asked one holistic question; "
+        f"{answered}; {average}",
+        "average": ec.dsg_average,
     }
+
+
+def tifa_protocol(cfg: SelmaConfig) -> dict[str, str]:
+    ec = cfg.eval
+    answered = _answered_by(ec.tifa_vqa_model or ec.vqa_model, ec.vqa_mode)
+    mapped = (
+        ", mapped to the nearest choice (same text, number words as digits, the one choice "
+        "named in the answer, else difflib similarity; TIFA's code uses SBERT)"
+        if ec.vqa_mode == "generate"
+        else ""
+    )
+    return {
+        "label": LABELS["tifa"],
+        "protocol": f"TIFA v1.0 prompts and multiple-choice questions read from {ec.tifa_file}, "
+        f"{answered}{mapped}; a prompt's score is the share answered right; headline average: "
+        "mean of the per-prompt scores (TIFA's tifa_average)",
+        "average": protocol.PROMPT,
+    }
+
+
+def _vqa_skip_reason(cfg: SelmaConfig, name: str) -> str | None:
+    ec = cfg.eval
+    if name == "tifa":
+        return None if ec.tifa_file else "no TIFA v1.0 file (eval.tifa_file)"
+    if protocol.benchmark_mode(ec):
+        return None if ec.dsg_file else "no DSG-1K file (eval.dsg_file); eval.tifa_file only"
+    return "eval.questions=none" if ec.questions == "none" else None
 
 
 def scorer_status(cfg: SelmaConfig) -> dict[str, dict[str, Any]]:
@@ -349,8 +429,8 @@ def scorer_status(cfg: SelmaConfig) -> dict[str, dict[str, Any]]:
     scorers: dict[str, dict[str, Any]] = {}
     for name in ec.scorers:
         reason = unavailable(name)
-        if name == "dsg" and ec.questions == "none":
-            reason = "eval.questions=none"
+        if name in VQA_SCORERS and not reason:
+            reason = _vqa_skip_reason(cfg, name)
         scorers[name] = {
             "label": LABELS[name],
             "status": "skipped" if reason else "ok",
@@ -359,8 +439,18 @@ def scorer_status(cfg: SelmaConfig) -> dict[str, dict[str, Any]]:
         }
         if name == "dsg" and not reason:
             scorers[name].update(dsg_protocol(cfg))
+        if name == "tifa" and not reason:
+            scorers[name].update(tifa_protocol(cfg))
         if reason:
             log.warning("eval: scorer %s skipped: %s", LABELS[name], reason)
+    for name, path in (("dsg", ec.dsg_file), ("tifa", ec.tifa_file)):
+        if path and name not in ec.scorers:
+            log.warning(
+                "eval: %s is given but scorer %s is not in eval.scorers: its prompts are "
+                "rendered and scored by the other scorers only",
+                path,
+                name,
+            )
     return scorers
 
 
@@ -392,15 +482,25 @@ def build_doc(
     table: list[dict[str, Any]],
     metrics: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """The metrics.json document: models, scorers, prompts, metrics and, for DSG, the question
-    accuracy by category and where each variant's scored prompts got their questions (added in
-    place to ``metrics["dsg"][variant]["questions"]``, and the fallback prompts' ids to
-    ``scorers["dsg"]``)."""
+    """The metrics.json document: models, scorers, prompts, metrics, how comparable they are
+    with the paper's (``benchmark``) and, for DSG, both averages (``protocol.dsg_averages``),
+    the question accuracy by category and where each variant's scored prompts got their
+    questions (added in place to ``metrics["dsg"][variant]["questions"]``, and the fallback
+    prompts' ids to ``scorers["dsg"]``)."""
     from selma_ray.models import is_builtin
 
     ec = cfg.eval
     tiny = any(is_builtin(m) for s in scorers.values() for m in s["model_ids"].values())
     if "dsg" in metrics:
+        protocol.dsg_averages(
+            metrics["dsg"],
+            table,
+            [p for p in prompts if p.benchmark != dsg.TIFA],
+            ec.dsg_average,
+            {p.id: p.category for p in prompts},
+            n_boot=ec.bootstrap,
+            seed=cfg.run.seed,
+        )
         fallback = [p.id for p in prompts if dsg.question_source(p) == dsg.HOLISTIC]
         scorers["dsg"]["holistic_fallback_prompts"] = fallback
         if fallback:
@@ -418,16 +518,32 @@ def build_doc(
         "note": TINY_NOTE if tiny or is_builtin(cfg.models.base) else "",
         "models": {
             "base": cfg.models.base,
-            "questions": {
-                "llm": f"written by {ec.question_llm or cfg.models.llm}",
-                "file": f"read from {ec.questions_file or ec.prompts_file}",
-                "none": "none",
-            }[ec.questions],
+            "questions": (
+                "read from the benchmark files: "
+                + " + ".join(f for f in (ec.dsg_file, ec.tifa_file) if f)
+                if protocol.benchmark_mode(ec)
+                else {
+                    "llm": f"written by {ec.question_llm or cfg.models.llm}",
+                    "file": f"read from {ec.questions_file or ec.prompts_file}",
+                    "none": "none",
+                }[ec.questions]
+            ),
         },
         "scorers": scorers,
+        "benchmark": {
+            "dsg_file": ec.dsg_file,
+            "tifa_file": ec.tifa_file,
+            "vqa_mode": ec.vqa_mode,
+            "dsg_average": ec.dsg_average,
+            "notes": protocol.notes(cfg),
+        },
         "prompts": {
-            "source": ec.prompts_file,
+            "source": " + ".join(f for f in (ec.dsg_file, ec.tifa_file) if f) or ec.prompts_file,
             "count": len(prompts),
+            "by_benchmark": {
+                b or "prompts_file": sum(p.benchmark == b for p in prompts)
+                for b in dict.fromkeys(p.benchmark for p in prompts)
+            },
             "categories": sorted({p.category for p in prompts if p.category}),
             "dropped_overlap": dropped,
         },
@@ -437,6 +553,9 @@ def build_doc(
         "guidance_scale": guidance(cfg),
         "metrics": metrics,
         "dsg_questions": question_accuracy(table, prompts) if "dsg" in metrics else {},
+        "tifa_questions": (
+            question_accuracy(table, prompts, "tifa_detail") if "tifa" in metrics else {}
+        ),
     }
 
 
@@ -451,6 +570,7 @@ def run_eval(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
     if run.is_done(fp, STAGE):
         log.info("eval: finished earlier with the same inputs, skipping")
         return {**(run.read_manifest(STAGE) or {}), "skipped": True}
+    protocol.warn(cfg)  # e.g. no DSG-1K/TIFA file: not comparable with the paper's numbers
     prompts, dropped = load_eval_prompts(cfg, run)
     scorers = scorer_status(cfg)
     if scorers.get("dsg", {}).get("status") == "ok":
@@ -471,14 +591,13 @@ def run_eval(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
     images = render(cfg, run, rows, render_key(cfg, rows, adapters))
     log.info("eval: images ready in %.1fs", time.perf_counter() - start)
     results = {(r["variant"], r["prompt_id"], r["seed_index"]): dict(r) for r in rows}
-    for r in results.values():
-        r.pop("questions")
     active = [n for n, s in scorers.items() if s["status"] == "ok"]
     for name in active:
         start = time.perf_counter()
-        for r in score(cfg, run, images, name):
-            if "dsg_detail" in r:
-                r["dsg_detail"] = json.loads(r["dsg_detail"])
+        for r in score(cfg, run, images, name, scorer_questions(name, prompts)):
+            detail = f"{name}_detail"
+            if detail in r:
+                r[detail] = json.loads(r[detail])
             results[(r["variant"], r["prompt_id"], r["seed_index"])].update(r)
         log.info(
             "eval: %s scored %d images in %.1fs",
@@ -491,8 +610,19 @@ def run_eval(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
     metrics = eval_stats.aggregate(
         table, active, categories, n_boot=ec.bootstrap, seed=cfg.run.seed
     )
-    log_results(metrics, {n: s["label"] for n, s in scorers.items()})
     doc = build_doc(cfg, run, prompts, dropped, scorers, variants, table, metrics)
+    log_results(metrics, {n: s["label"] for n, s in scorers.items()})
+    if "dsg" in metrics:
+        for v, e in metrics["dsg"].items():
+            log.info(
+                "eval: [%s] %-20s per-question average %.4g, per-prompt average %.4g (headline: "
+                "per-%s)",
+                scorers["dsg"]["label"],
+                v,
+                e["averages"]["question"]["mean"],
+                e["averages"]["prompt"]["mean"],
+                e["average"],
+            )
     write_outputs(run, doc, table, prompts, grid_rows(run, images, prompts, ec.grid_prompts))
     written = [f"{STAGE}/metrics.json", f"{STAGE}/scores.jsonl"]
     return run.write_manifest(
@@ -505,6 +635,8 @@ def run_eval(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
         headline=headline(metrics),
         labels={n: s["label"] for n, s in scorers.items()},
         skipped_scorers={n: s["reason"] for n, s in scorers.items() if s["status"] != "ok"},
+        averages={n: s["average"] for n, s in scorers.items() if s.get("average")},
+        comparability=doc["benchmark"]["notes"],
         prompts=len(prompts),
         variants=variants,
     )

@@ -89,16 +89,25 @@ def token_ids(base: str, prompts) -> dict[str, Any]:
 
 class LatentEncoder:
     """Ray Data actor UDF: pixels and token ids -> VAE latent mean/std (also of the flipped
-    image when ``flip``) and text embeddings (``hidden``; SDXL: also ``pooled``)."""
+    image when ``flip``) and text embeddings (``hidden``; SDXL: also ``pooled``). It runs on
+    CPU in float32, with the VAE the trainer uses (``vae``: ``models.vae``, or the base's own
+    when None), so cached latents match those the trainer would encode."""
 
-    def __init__(self, base: str, flip: bool = False):
-        from diffusers import DiffusionPipeline
+    def __init__(self, base: str, flip: bool = False, vae: str | None = None):
+        import torch
+        from diffusers import AutoencoderKL, DiffusionPipeline
 
         from selma_ray.diffusion.denoise import TextConditioner
-        from selma_ray.models import resolve
+        from selma_ray.models import resolve, resolve_vae
 
-        pipe = DiffusionPipeline.from_pretrained(resolve(base))
+        components = {}
+        if vae:
+            path, subfolder = resolve_vae(vae)
+            components["vae"] = AutoencoderKL.from_pretrained(path, subfolder=subfolder)
+        pipe = DiffusionPipeline.from_pretrained(resolve(base), **components)
+        pipe.to(torch.float32)
         self.vae = pipe.vae.eval()
+        self.vae.enable_slicing()  # one image at a time, as the trainer
         self.text = TextConditioner(pipe)
         self.flip, self.base = flip, base
 
@@ -144,7 +153,7 @@ def cached_latents(ds, cache: tuple[Any, str], base: str, flip: bool, loop: dict
         data = f"{prefix}/{uuid.uuid4().hex[:8]}"
         ds.map_batches(
             LatentEncoder,
-            fn_constructor_kwargs={"base": base, "flip": flip},
+            fn_constructor_kwargs={"base": base, "flip": flip, "vae": loop.get("vae")},
             batch_size=loop["batch_size"],
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=1),

@@ -8,7 +8,11 @@ prediction type (epsilon or v), with the usual options of LoRA trainers: min-SNR
 weighting, offset noise and gradient checkpointing. With several Ray Train workers, data
 parallel: each worker trains on its own split of the rows, and the LoRA gradients (UNet in
 DDP, text encoder averaged by hand) are averaged every step, so all ranks keep one adapter.
-On GPU, fp16/bf16 autocast with the LoRA weights kept in fp32. SD 1.x/2.x and SDXL bases (two
+On GPU, fp16/bf16 autocast with the LoRA weights kept in fp32, and the VAE in float32 (the stock
+SDXL VAE overflows to NaN in fp16) unless ``models.vae`` names an fp16-safe one. A step whose loss
+or gradients are not finite is skipped and counted; ``max_nonfinite_steps`` of them in a row stop
+the expert. Every expert's LoRA starts from the same weights, drawn from the run seed alone
+(``shared_init``), as the paper's merge of A's and B's assumes. SD 1.x/2.x and SDXL bases (two
 text encoders, pooled embeddings and time ids from each image's original size and crop).
 Inputs come from ``ray.train.get_dataset_shard("train")`` as token ids and pixels, or as
 cached latents and text embeddings (``selma_ray.experts.data``).
@@ -17,6 +21,7 @@ cached latents and text embeddings (``selma_ray.experts.data``).
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import statistics
 import tempfile
@@ -26,10 +31,16 @@ from typing import Any
 
 from selma_ray.core.lora_io import WEIGHT_NAME
 from selma_ray.core.rundir import RunDir
+from selma_ray.core.seeds import stable_seed
 from selma_ray.diffusion.denoise import FixedNoise, TextConditioner, denoising_target
 
 log = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
+NONFINITE_STOP = "nonfinite-stop.json"  # in an expert's work folder: why it was stopped
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """``max_nonfinite_steps`` steps in a row had a non-finite loss or gradients."""
 
 
 def _weight_dtype(mixed_precision: str, device):
@@ -38,6 +49,30 @@ def _weight_dtype(mixed_precision: str, device):
     if device.type != "cuda" or mixed_precision == "no":
         return torch.float32
     return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+def _vae_dtype(weight_dtype, custom_vae: bool):
+    """The VAE's dtype: float32, whatever the training dtype (the stock SDXL VAE's activations
+    overflow fp16 and give NaN latents), unless a separately configured VAE (``models.vae``,
+    meant to be an fp16-safe one) is given: that one runs in the training dtype, as in the
+    diffusers SDXL script's ``--pretrained_vae_model_name_or_path``."""
+    import torch
+
+    return weight_dtype if custom_vae else torch.float32
+
+
+def lora_init_seed(config: dict[str, Any]) -> int:
+    """The seed the LoRA weights are drawn with: the run seed alone, so that every expert
+    starts from the same A0 (``shared_init``, what the paper's merge assumes), or the run seed
+    and the skill (independent starts)."""
+    if config["shared_init"]:
+        return int(config["seed"])
+    if not config.get("skill"):
+        raise ValueError(
+            "experts.shared_init=false seeds each expert's LoRA by run seed and skill, but this "
+            "trainer's config names no skill"
+        )
+    return stable_seed(config["seed"], "lora-init", config["skill"])
 
 
 def _lr_scheduler(optimizer, kind: str, max_steps: int):
@@ -56,17 +91,22 @@ class ExpertTrainer:
 
     def __init__(self, config: dict[str, Any], device=None):
         import torch
-        from diffusers import DDPMScheduler, DiffusionPipeline
+        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
-        from selma_ray.models import resolve
+        from selma_ray.models import resolve, resolve_vae
 
         self.config = config
         self.device = device or torch.device("cpu")
-        self.pipe = DiffusionPipeline.from_pretrained(resolve(config["base"]))
+        components = {}
+        if config.get("vae"):  # models.vae, passed through by the experts stage
+            path, subfolder = resolve_vae(config["vae"])
+            components["vae"] = AutoencoderKL.from_pretrained(path, subfolder=subfolder)
+        self.pipe = DiffusionPipeline.from_pretrained(resolve(config["base"]), **components)
         self.pipe.set_progress_bar_config(disable=True)
         self.unet, self.vae = self.pipe.unet, self.pipe.vae
+        self.vae.enable_slicing()  # encode one image at a time: a 1024 px micro-batch is large
         self.text_encoder = self.pipe.text_encoder
         self.text = TextConditioner(self.pipe)
         if self.text.sdxl and config["train_text_encoder"]:
@@ -76,12 +116,10 @@ class ExpertTrainer:
             )
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.dtype = _weight_dtype(config["mixed_precision"], self.device)
+        self.vae_dtype = _vae_dtype(self.dtype, bool(config.get("vae")))
         for module in (self.unet, self.vae, *self.text.encoders):
             module.requires_grad_(False)
-            if self.dtype == torch.float32:
-                module.to(self.device)
-            else:
-                module.to(self.device, dtype=self.dtype)
+            module.to(self.device, dtype=self.vae_dtype if module is self.vae else self.dtype)
         init = True if config["lora_init"] == "default" else "gaussian"
         self.lora_config = LoraConfig(
             r=config["rank"],
@@ -89,7 +127,6 @@ class ExpertTrainer:
             init_lora_weights=init,
             target_modules=config["target_modules"],
         )
-        self.unet.add_adapter(self.lora_config)
         trained = [self.unet]
         self.te_lora_config = None
         if config["train_text_encoder"]:
@@ -99,8 +136,16 @@ class ExpertTrainer:
                 init_lora_weights=init,
                 target_modules=config["text_encoder_target_modules"],
             )
-            self.text_encoder.add_adapter(self.te_lora_config)
             trained.append(self.text_encoder)
+        # The LoRA weights are drawn under their own seed (lora_init_seed), in a forked RNG:
+        # whatever the process drew before, every expert of a run starts from the same A0, and
+        # the caller's random stream is left as it was.
+        gpus = list(range(torch.cuda.device_count())) if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus):
+            torch.manual_seed(lora_init_seed(config))
+            self.unet.add_adapter(self.lora_config)
+            if self.te_lora_config is not None:
+                self.text_encoder.add_adapter(self.te_lora_config)
         if config["gradient_checkpointing"]:
             self.unet.enable_gradient_checkpointing()
             if config["train_text_encoder"]:
@@ -113,10 +158,13 @@ class ExpertTrainer:
         self.lr_scheduler = _lr_scheduler(
             self.optimizer, config["lr_scheduler"], config["max_steps"]
         )
-        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.model = self.unet  # replaced by the DDP wrapper when there are several workers
         self.synced: list[torch.nn.Parameter] = []  # trained outside DDP, averaged by hand
-        self.step = 0
+        self.distributed = False  # set by distribute(): skip decisions are then taken jointly
+        self.step = 0  # optimizer updates applied; a skipped (non-finite) step does not count
+        self.skipped_steps = 0  # non-finite steps skipped, over the whole run (checkpointed)
+        self.nonfinite_in_a_row = 0
         self.data_position = (0, 0)  # the feed's (epoch, batches taken in it)
         self.val: dict[str, Any] | None = None
 
@@ -138,18 +186,21 @@ class ExpertTrainer:
         return hidden, self.text.added_conditioning(batch, pooled, size, hidden.dtype)
 
     def latents(self, batch: dict[str, Any], sample: bool = True):
-        """Scaled VAE latents of a batch: sampled for training, the mean for validation."""
+        """Scaled VAE latents of a batch in the training dtype: sampled for training, the mean
+        for validation. The VAE encodes in its own dtype (``vae_dtype``: float32 unless an
+        fp16-safe ``models.vae`` is configured); cached latents are float32."""
         import torch
 
         if "latent_mean" in batch:
-            mean = self._tensor(batch["latent_mean"], self.dtype)
-            std = self._tensor(batch["latent_std"], self.dtype)
+            mean = self._tensor(batch["latent_mean"], torch.float32)
+            std = self._tensor(batch["latent_std"], torch.float32)
             latents = mean + std * torch.randn_like(mean) if sample else mean
         else:
             with torch.no_grad():
-                dist = self.vae.encode(self._tensor(batch["pixel_values"], self.dtype)).latent_dist
+                pixels = self._tensor(batch["pixel_values"], self.vae_dtype)
+                dist = self.vae.encode(pixels).latent_dist
             latents = dist.sample() if sample else dist.mean
-        return latents * self.vae.config.scaling_factor
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
 
     # ---- loss --------------------------------------------------------------------------------
     def _target(self, latents, noise, t):
@@ -206,6 +257,7 @@ class ExpertTrainer:
         import torch.distributed as dist
 
         self.model = ray.train.torch.prepare_model(self.unet, move_to_device=False)
+        self.distributed = True
         if self.te_lora_config is not None:
             self.synced = [p for p in self.text_encoder.parameters() if p.requires_grad]
             for p in self.synced:
@@ -233,7 +285,9 @@ class ExpertTrainer:
         """Zero the gradients, then backpropagate the loss of ``micro_batches`` (gradient
         accumulation): each micro-batch's mean loss weighted by its share of the rows, so the
         gradient is that of one batch of all of them. Under DDP, gradients are all-reduced once,
-        after the last micro-batch (``no_sync`` before). Returns the mean loss per row."""
+        after the last micro-batch (``no_sync`` before). Every micro-batch is backpropagated,
+        even one with a non-finite loss, so that all ranks run the same collectives (the step
+        is then skipped by ``train_step``). Returns the mean loss per row."""
         import contextlib
 
         from torch.nn.parallel import DistributedDataParallel
@@ -256,22 +310,85 @@ class ExpertTrainer:
 
     def apply_gradients(self) -> float:
         """Unscale, clip and apply the accumulated gradients (optimizer and lr schedule step);
-        returns the gradient norm before clipping."""
+        returns the gradient norm before clipping. Gradients that are not finite are not
+        applied: no optimizer, lr schedule or step-count update; under fp16 the loss scale
+        backs off, as GradScaler does on an overflow. Every rank holds the same (all-reduced)
+        gradients, so every rank decides alike."""
         import torch
 
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config["max_grad_norm"])
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config["max_grad_norm"]))
+        if not math.isfinite(grad_norm):
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
         self.step += 1
-        return float(grad_norm)
+        return grad_norm
 
-    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+    def _finite_on_every_rank(self, value: float) -> bool:
+        """Whether ``value`` is finite here and on every other rank of the worker group."""
+        import torch
+        import torch.distributed as dist
+
+        finite = math.isfinite(value)
+        if not self.distributed:
+            return finite
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, Any]:
         """One optimizer step over ``micro_batches`` (gradient accumulation); returns the mean
-        loss and the gradient norm before clipping."""
+        loss, the gradient norm before clipping and whether the step was skipped.
+
+        A step whose loss (on any rank) or gradients are not finite is skipped: the LoRA, the
+        optimizer, the lr schedule, the loss scale (for a non-finite loss) and ``step`` stay as
+        they were, and ``skipped_steps`` counts it. ``step`` counts applied updates only, so
+        ``max_steps``, the lr schedule and ``checkpoint_every`` keep meaning updates, and a
+        resumed run restarts at the same update; the skipped micro-batches are still consumed
+        (the feed moves on rather than retrying a bad batch). ``max_nonfinite_steps`` skips in
+        a row raise ``NonFiniteTrainingError``."""
         loss = self.accumulate(micro_batches)
-        return {"loss": loss, "grad_norm": self.apply_gradients()}
+        if not self._finite_on_every_rank(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip(loss, math.nan, "the loss is not finite")
+        grad_norm = self.apply_gradients()
+        if not math.isfinite(grad_norm):
+            return self._skip(loss, grad_norm, "the gradients are not finite")
+        self.nonfinite_in_a_row = 0
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": False}
+
+    def _skip(self, loss: float, grad_norm: float, why: str) -> dict[str, Any]:
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        limit = self.config["max_nonfinite_steps"]
+        skill = self.config.get("skill", "?")
+        log.warning(
+            "experts: [%s] step %d skipped: %s (loss %s, grad norm %s); %d in a row (limit %d), "
+            "%d skipped in all",
+            skill,
+            self.step + 1,
+            why,
+            loss,
+            grad_norm,
+            self.nonfinite_in_a_row,
+            limit,
+            self.skipped_steps,
+        )
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteTrainingError(
+                f"expert {skill}: {self.nonfinite_in_a_row} steps in a row were skipped because "
+                f"{why} (after {self.step} applied updates; experts.max_nonfinite_steps="
+                f"{limit}). Training stopped. Usual causes: an fp16 VAE that overflows (leave "
+                "models.vae null to encode in float32, or use an fp16-safe VAE such as "
+                "madebyollin/sdxl-vae-fp16-fix), a learning rate too high "
+                "(experts.learning_rate), or broken images; bf16 "
+                "(experts.mixed_precision=bf16) has fp32's range."
+            )
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": True}
 
     # ---- validation --------------------------------------------------------------------------
     def set_validation(self, batches) -> None:
@@ -305,7 +422,9 @@ class ExpertTrainer:
         return fixed.loss(self.unet, hidden, added)
 
     def render_samples(self, prompts: list[str]) -> bytes:
-        """Render ``prompts`` with the current adapter (fixed seed) as one PNG strip."""
+        """Render ``prompts`` with the current adapter (fixed seed) as one PNG strip. The
+        latents are decoded here, in the VAE's own dtype (the pipelines would hand fp16
+        latents to a float32 VAE)."""
         import io
 
         import torch
@@ -313,9 +432,10 @@ class ExpertTrainer:
 
         gen = torch.Generator().manual_seed(self.config["seed"])
         with torch.no_grad():
-            images = self.pipe(
-                prompts, num_inference_steps=10, generator=gen, output_type="pil"
+            latents = self.pipe(
+                prompts, num_inference_steps=10, generator=gen, output_type="latent"
             ).images
+            images = self.pipe.image_processor.postprocess(self.decode(latents), output_type="pil")
         strip = Image.new("RGB", (sum(i.width for i in images), images[0].height))
         x = 0
         for img in images:
@@ -324,6 +444,20 @@ class ExpertTrainer:
         buf = io.BytesIO()
         strip.save(buf, format="PNG")
         return buf.getvalue()
+
+    def decode(self, latents):
+        """Images in [-1, 1] from scaled latents, as the SD/SDXL pipelines decode them."""
+        import torch
+
+        cfg = self.vae.config
+        latents = latents.to(self.vae_dtype)
+        if getattr(cfg, "latents_mean", None) is not None and cfg.latents_std is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / cfg.scaling_factor + mean
+        else:
+            latents = latents / cfg.scaling_factor
+        return self.vae.decode(latents, return_dict=False)[0]
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, out: Path) -> None:
@@ -354,6 +488,7 @@ class ExpertTrainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
             "data_position": list(self.data_position),
         }
         torch.save(state, out / STATE_FILE)
@@ -373,6 +508,7 @@ class ExpertTrainer:
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         self.step = int(saved["step"])
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
         epoch, taken = saved.get("data_position", (0, 0))
         self.data_position = (int(epoch), int(taken))
 
@@ -418,6 +554,29 @@ def _fault_drill(config: dict[str, Any], step: int) -> None:
     raise RuntimeError(f"fault drill: expert {config['skill']} fails at step {step}")
 
 
+def _check_not_stopped(config: dict[str, Any]) -> None:
+    """Refuse to start an expert that an earlier attempt stopped for non-finite steps: the
+    same config and data would only burn GPU time again until the same stop (Ray Train and
+    Tune retry failed workers and trials). The record lives in the expert's work folder, which
+    belongs to one (skill, fingerprint): a changed config trains afresh."""
+    where = _work(config)
+    if where is None or not where[0].exists(where[1], NONFINITE_STOP):
+        return
+    run, work = where
+    record = run.read_json(work, NONFINITE_STOP)
+    raise NonFiniteTrainingError(
+        f"{record['error']} [recorded by an earlier attempt; not retried. Change the config, "
+        f"or delete {run.url(work, NONFINITE_STOP)} to try the same again]"
+    )
+
+
+def _record_stop(config: dict[str, Any], error: NonFiniteTrainingError, step: int) -> None:
+    where = _work(config)
+    if where is not None:
+        record = {"error": str(error), "step": step, "time": time.time()}
+        where[0].write_json(record, where[1], NONFINITE_STOP)
+
+
 def _upload_logs(run: RunDir, work: str, local: Path) -> None:
     """Copy TensorBoard's event files to the run's storage (each file whole, so earlier
     attempts' files stay)."""
@@ -436,6 +595,7 @@ def train_expert(config: dict[str, Any]) -> None:
     from selma_ray.experts.feed import Feed, validation_batches
 
     setup_logging()
+    _check_not_stopped(config)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     trainer = ExpertTrainer(config, ray.train.torch.get_device())
@@ -484,13 +644,21 @@ def train_expert(config: dict[str, Any]) -> None:
         start, start_step = time.perf_counter(), trainer.step
         last, step_seconds = start, []  # wall time per step, data fetch and reports included
         while trainer.step < config["max_steps"]:
-            out = trainer.train_step(
-                [next(batches) for _ in range(config["gradient_accumulation"])]
-            )
+            micro_batches = [next(batches) for _ in range(config["gradient_accumulation"])]
+            try:
+                out = trainer.train_step(micro_batches)
+            except NonFiniteTrainingError as e:
+                if rank == 0:
+                    _record_stop(config, e, trainer.step)
+                raise
             trainer.data_position = feed.position
             now = time.perf_counter()
             step_seconds.append(now - last)
             last = now
+            if out["skipped"]:  # nothing applied: no loss to average, no checkpoint
+                if writer:
+                    writer.add_scalar("train/skipped_steps", trainer.skipped_steps, trainer.step)
+                continue
             losses.append(out["loss"])
             if writer:
                 writer.add_scalar("train/loss", out["loss"], trainer.step)
@@ -506,6 +674,7 @@ def train_expert(config: dict[str, Any]) -> None:
                 "grad_norm": out["grad_norm"],
                 "lr": trainer.lr_scheduler.get_last_lr()[0],
                 "resumed_from": resumed_from,
+                "skipped_steps": trainer.skipped_steps,
                 "workers": ctx.get_world_size(),
                 "steps_per_second": (trainer.step - start_step) / (time.perf_counter() - start),
                 "median_step_seconds": statistics.median(step_seconds),
@@ -523,12 +692,15 @@ def train_expert(config: dict[str, Any]) -> None:
                 png = trainer.render_samples(config["sample_prompts"])
                 where[0].write_bytes(png, where[1], "samples", f"step-{trainer.step:06d}.png")
             log.info(
-                "experts: [%s] step %d/%d loss %.4f%s",
+                "experts: [%s] step %d/%d loss %.4f%s%s",
                 config["skill"],
                 trainer.step,
                 config["max_steps"],
                 metrics["loss"],
                 f" val {val_loss:.4f}" if val_loss is not None else "",
+                f" ({trainer.skipped_steps} non-finite steps skipped)"
+                if trainer.skipped_steps
+                else "",
             )
             _report(trainer, metrics, rank)
             losses.clear()

@@ -271,7 +271,12 @@ def run_experts(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, An
             "lineage": lineage.inputs,
             "fault_drill": fault_drill(),
             "resources": res.model_dump(),
-            "loop": {**ec.model_dump(), "base": cfg.models.base, "seed": cfg.run.seed},
+            "loop": {
+                **ec.model_dump(),
+                "base": cfg.models.base,
+                "vae": cfg.models.vae,
+                "seed": cfg.run.seed,
+            },
         }
         log.info(
             "experts: training %d experts (%d at once): %s",

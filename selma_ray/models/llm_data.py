@@ -6,19 +6,51 @@ endpoint) over a list of requests. The prompts stage keeps engines loaded across
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from selma_ray.config import SelmaConfig
 
 log = logging.getLogger(__name__)
 
+# The answer budget of one request for n descriptions of at most w words, used where
+# prompts.max_tokens is null: ceil(n * (w * TOKENS_PER_WORD + ITEM_TOKENS) * MARGIN) + PREAMBLE.
+# Measured with SmolLM2's tokenizer (a 49k BPE like Llama's): 1.1-1.2 tokens a word for plain
+# descriptions, 1.3 over all seeds, up to 2.0 for DiffusionDB-style prompts full of names.
+TOKENS_PER_WORD = 1.5  # x MARGIN: 1.9 a word, enough for the worst measured
+ITEM_TOKENS = 5  # "\n13. " before each item
+MARGIN = 1.25  # descriptions at the word limit, quotes, a trailing "(25 words)"
+PREAMBLE = 32  # "Here are 5 new image descriptions:" and similar chatter before the list
+
+
+def answer_token_budget(n_items: int, max_words: int) -> int:
+    """Tokens an answer of ``n_items`` numbered descriptions of up to ``max_words`` needs."""
+    per_item = max_words * TOKENS_PER_WORD + ITEM_TOKENS
+    return math.ceil(n_items * per_item * MARGIN) + PREAMBLE
+
+
+def request_max_tokens(pc: Any, max_words: int) -> int:
+    """``prompts.max_tokens`` where set (it wins: a deliberate cap on cost and latency, and
+    an answer it cuts off only loses its cut item), else the budget for ``new_per_request``
+    descriptions of ``max_words`` words."""
+    return pc.max_tokens or answer_token_budget(pc.new_per_request, max_words)
+
 
 def backend_udf(cfg: SelmaConfig) -> tuple[type, dict[str, Any]]:
-    """The Ray Data UDF class of the configured LLM backend and its constructor kwargs."""
+    """The Ray Data UDF class of the configured LLM backend and its constructor kwargs.
+
+    Its ``max_tokens`` fits the longest-worded configured skill; rows that carry their own
+    ``max_tokens`` (the prompts stage's requests) use theirs."""
+    from selma_ray.core.skills import get_skills
     from selma_ray.models.llm import OpenAIGenerator, VLLMGenerator
 
     pc = cfg.prompts
-    sampling = {"temperature": pc.temperature, "top_p": pc.top_p, "max_tokens": pc.max_tokens}
+    longest = max(s.max_words for s in get_skills(pc.skills, pc.all_custom_skills()))
+    sampling = {
+        "temperature": pc.temperature,
+        "top_p": pc.top_p,
+        "max_tokens": request_max_tokens(pc, longest),
+    }
     if pc.backend == "openai":
         oa = pc.openai
         return OpenAIGenerator, {
@@ -26,8 +58,8 @@ def backend_udf(cfg: SelmaConfig) -> tuple[type, dict[str, Any]]:
             "model": oa.model or cfg.models.llm,
             "api_key_env": oa.api_key_env,
             "sampling": sampling,
+            "api": oa.api,
             "max_retries": oa.max_retries,
-            "backoff_seconds": oa.backoff_seconds,
             "timeout_seconds": oa.timeout_seconds,
             "concurrency": oa.concurrency,
         }

@@ -3,10 +3,12 @@
 Generation runs in rounds (self-instruct style). Each request shows the LLM k examples
 sampled from the skill's seeds plus the prompts accepted so far; all requests of a round go
 through one Ray Data pass to the LLM (vLLM engines that stay loaded across rounds, or an
-OpenAI-compatible endpoint). Candidates are parsed, then filtered in order: normalisation,
-exact and near-duplicate removal, the word limit, junk rejection, optional semantic
-near-duplicates, and the ROUGE-L filter. Every verdict is counted and written out; accepted
-prompts are persisted after every round, so a killed job resumes at the next round.
+OpenAI-compatible endpoint). Each request's ``max_tokens`` is sized from its skill's word
+limit unless ``prompts.max_tokens`` is set; an answer that hit it loses its last, cut item
+(verdict ``truncated``). Candidates are parsed, then filtered in order: normalisation, exact
+and near-duplicate removal, the word limit, junk rejection, the skill's count limit, optional
+semantic near-duplicates, and the ROUGE-L filter. Every verdict is counted and written out;
+accepted prompts are persisted after every round, so a killed job resumes at the next round.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from selma_ray.core.lineage import Lineage
 from selma_ray.core.rundir import RunDir
 from selma_ray.core.seeds import stable_seed
 from selma_ray.core.skills import Skill, get_skills
-from selma_ray.models.llm_data import PersistentEngines
+from selma_ray.models.llm_data import PersistentEngines, answer_token_budget, request_max_tokens
 from selma_ray.text.filters import SkillPool, prompt_stats
-from selma_ray.text.parse import parse_candidates
+from selma_ray.text.parse import split_cut_item
 
 log = logging.getLogger(__name__)
 STAGE = layout.PROMPTS
@@ -64,6 +66,7 @@ def build_requests(
                     ),
                     "examples": json.dumps([i for i, _ in examples]),
                     "seed": seed,
+                    "max_tokens": request_max_tokens(pc, pool.skill.max_words),
                 }
             )
     return requests
@@ -71,6 +74,26 @@ def build_requests(
 
 def _skills(cfg: SelmaConfig) -> list[Skill]:
     return get_skills(cfg.prompts.skills, cfg.prompts.all_custom_skills())
+
+
+def _warn_if_capped(cfg: SelmaConfig) -> None:
+    """A set ``prompts.max_tokens`` wins over the sized budget; say where it is the smaller."""
+    pc = cfg.prompts
+    if pc.max_tokens is None:
+        return
+    for skill in _skills(cfg):
+        need = answer_token_budget(pc.new_per_request, skill.max_words)
+        if pc.max_tokens < need:
+            log.warning(
+                "prompts: max_tokens=%d is below the %d tokens that %d descriptions of up to "
+                "%d words need (%s); answers cut off by it lose their last item (counted as "
+                "'truncated'). Unset prompts.max_tokens to size it per skill.",
+                pc.max_tokens,
+                need,
+                pc.new_per_request,
+                skill.max_words,
+                skill.name,
+            )
 
 
 def _write_jsonl(run: RunDir, rel: str, rows: list[dict[str, Any]]) -> None:
@@ -127,6 +150,7 @@ def _run_rounds(
     cfg: SelmaConfig, run: RunDir, lineage: Lineage, generate: Generate
 ) -> dict[str, Any]:
     pc = cfg.prompts
+    _warn_if_capped(cfg)
     pools, first_round = _restore(run, lineage, cfg)
     if first_round:
         log.info(
@@ -147,7 +171,9 @@ def _run_rounds(
                 pool.stats["llm_errors"] += 1
                 continue
             examples = json.loads(row["examples"])
-            pool.offer_many(parse_candidates(row["generated_text"]), round_idx, examples)
+            cut_off = row.get("finish_reason") == "length"
+            items, cut = split_cut_item(row["generated_text"], cut_off)
+            pool.offer_many(items, round_idx, examples, truncated=cut)
         _persist(run, lineage, pools, round_idx + 1)
         for name, pool in pools.items():
             log.info(

@@ -1,9 +1,12 @@
 """The filters that guard each skill's prompt set, and the stats they produce.
 
 Filters run in this order, each counted: normalisation, exact and near-duplicate removal,
-the word limit, junk rejection (refusals, meta-text, code), optional semantic
-near-duplicates (sentence embeddings), then the ROUGE-L filter against every accepted prompt
-of the skill, seeds included.
+the word limit, junk rejection (refusals, meta-text, code), the skill's count limit (counts
+stated in digits or words, ``prompts.max_count``), optional semantic near-duplicates
+(sentence embeddings), then the ROUGE-L filter against every accepted prompt of the skill,
+seeds included. An answer's candidates meet the filters one after another, so both
+similarity filters also compare a candidate with those accepted before it from the same
+answer. An item the token limit cut off is recorded as ``truncated`` and never offered.
 """
 
 from __future__ import annotations
@@ -14,11 +17,22 @@ from collections import Counter
 from typing import Any
 
 from selma_ray.core.skills import Skill
+from selma_ray.text.numbers import exceeds_count
 from selma_ray.text.rouge import RougeFilter, tokenize
 
 log = logging.getLogger(__name__)
 
-VERDICTS = ("accepted", "duplicate", "too_long", "junk", "semantic", "rouge", "surplus")
+VERDICTS = (
+    "accepted",
+    "truncated",
+    "duplicate",
+    "too_long",
+    "junk",
+    "count_rule",
+    "semantic",
+    "rouge",
+    "surplus",
+)
 _JUNK = re.compile(
     r"\b(i'm sorry|i cannot|i can't|as an ai|language model|here are|here is|"
     r"image descriptions?|numbered list|new descriptions?|text-to-image|visual skills?|"
@@ -83,15 +97,16 @@ class SemanticDedup:
         mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(mean, dim=-1)
 
-    def max_similarity(self, text: str) -> float:
+    def max_similarity(self, vector: Any) -> float:
+        """Highest cosine similarity of one embedding (a row of ``embed``) to the kept texts."""
         if len(self.kept) == 0:
             return 0.0
-        return float((self.kept @ self.embed([text])[0]).max())
+        return float((self.kept @ vector).max())
 
-    def add(self, text: str) -> None:
+    def add(self, vector: Any) -> None:
         import torch
 
-        self.kept = torch.cat([self.kept, self.embed([text])])
+        self.kept = torch.cat([self.kept, vector[None]])
 
 
 class SkillPool:
@@ -116,6 +131,8 @@ class SkillPool:
             if settings.semantic_threshold
             else None
         )
+        # eval's held-out prompt pools pass settings without max_count: no count limit there
+        self.max_count: int | None = (getattr(settings, "max_count", None) or {}).get(skill.name)
         self.stats: Counter[str] = Counter({v: 0 for v in VERDICTS})
         self.stats["candidates"] = 0
         self.stats["llm_errors"] = 0
@@ -132,7 +149,7 @@ class SkillPool:
         return self.stats["accepted"] / self.stats["candidates"] if self.stats["candidates"] else 0
 
     def _prefilter(self, text: str) -> str | None:
-        """The verdict of the cheap filters, or None if the text passes them."""
+        """The verdict of the cheap filters (one text at a time), or None if it passes them."""
         key = near_duplicate_key(text)
         if not key or key in self._seen:
             return "duplicate"
@@ -140,48 +157,62 @@ class SkillPool:
             return "too_long"
         if is_junk(text):
             return "junk"
-        if self._semantic and self._semantic.max_similarity(text) > self._semantic.threshold:
-            return "semantic"
+        if self.max_count is not None and exceeds_count(text, self.max_count):
+            return "count_rule"
         return None
 
     def offer_many(
-        self, raw: list[str], round_idx: int = 0, examples: list[str] | None = None
+        self,
+        raw: list[str],
+        round_idx: int = 0,
+        examples: list[str] | None = None,
+        truncated: list[str] | None = None,
     ) -> list[dict[str, Any]]:
-        """Filter one LLM answer's candidates in order; returns their records."""
-        records, survivors = [], []
-        for text in (normalize(r) for r in raw):
-            record = {
+        """Filter one LLM answer's candidates in order; returns their records.
+
+        ``truncated``: the answer's items cut off by the token limit; they are recorded and
+        counted with the verdict ``truncated``, and offered to no filter.
+        """
+
+        def record(text: str) -> dict[str, Any]:
+            return {
                 "skill": self.skill.name,
                 "prompt": text,
                 "round": round_idx,
                 "examples": list(examples or []),
                 "max_rouge": None,
             }
-            record["verdict"] = self._prefilter(text)
-            if record["verdict"] is None:
-                self._seen.add(near_duplicate_key(text))  # also catches repeats in this answer
-                survivors.append(record)
-            records.append(record)
-        room = max(0, self.target - len(self.accepted))
-        verdicts = self._rouge.filter([r["prompt"] for r in survivors], limit=room)
-        for record, (keep, score) in zip(survivors, verdicts, strict=True):
-            record["max_rouge"] = round(score, 4)
+
+        records = [record(normalize(r)) for r in raw]
+        for rec in records:
+            rec["verdict"] = self._prefilter(rec["prompt"])
+            if rec["verdict"] is None:  # also catches repeats in this answer
+                self._seen.add(near_duplicate_key(rec["prompt"]))
+        survivors = [r for r in records if r["verdict"] is None]
+        semantic = self._semantic
+        vectors = semantic.embed([r["prompt"] for r in survivors]) if semantic else None
+        for i, rec in enumerate(survivors):  # one by one: each sees those accepted before it
+            if semantic and semantic.max_similarity(vectors[i]) > semantic.threshold:
+                rec["verdict"] = "semantic"
+                continue
+            room = max(0, self.target - len(self.accepted))
+            keep, score = self._rouge.filter([rec["prompt"]], limit=room)[0]
+            rec["max_rouge"] = round(score, 4)
             if keep:
-                record["verdict"] = "accepted"
-                record["id"] = f"{self.skill.name}-{len(self.accepted):05d}"
+                rec["verdict"] = "accepted"
+                rec["id"] = f"{self.skill.name}-{len(self.accepted):05d}"
                 self.accepted.append(
-                    {
-                        k: record[k]
-                        for k in ("id", "skill", "prompt", "round", "examples", "max_rouge")
-                    }
+                    {k: rec[k] for k in ("id", "skill", "prompt", "round", "examples", "max_rouge")}
                 )
-                if self._semantic:
-                    self._semantic.add(record["prompt"])
+                if semantic:
+                    semantic.add(vectors[i])
             else:
-                record["verdict"] = "rouge" if score > self._rouge.threshold else "surplus"
-        for record in records:
+                rec["verdict"] = "rouge" if score > self._rouge.threshold else "surplus"
+        for text in truncated or []:
+            records.append({**record(normalize(text)), "verdict": "truncated"})
+        for rec in records:
             self.stats["candidates"] += 1
-            self.stats[record["verdict"]] += 1
+            self.stats[rec["verdict"]] += 1
         self.history.extend(records)
         return records
 
