@@ -30,7 +30,8 @@ from selma_ray.core.storage import is_local
 log = logging.getLogger(__name__)
 
 # Settings that change how a stage runs but not what it makes.
-NOT_LINEAGE = {"experts": {"max_failures"}}
+# How a stage runs, not what it makes: changing these never re-runs it.
+NOT_LINEAGE = {"experts": {"max_failures", "max_nonfinite_steps"}}
 
 
 def _section(cfg: SelmaConfig, name: str, drop: set[str] = frozenset()) -> dict[str, Any]:
@@ -60,7 +61,8 @@ def _images_config(cfg: SelmaConfig) -> dict[str, Any]:
 
 
 def _experts_config(cfg: SelmaConfig, skill: str) -> dict[str, Any]:
-    return {**_section(cfg, "experts"), "base": cfg.models.base, "seed": cfg.run.seed}
+    vae = {"vae": cfg.models.vae} if cfg.models.vae else {}  # the VAE the latents come from
+    return {**_section(cfg, "experts"), "base": cfg.models.base, "seed": cfg.run.seed, **vae}
 
 
 def _merge_config(cfg: SelmaConfig) -> dict[str, Any]:

@@ -40,11 +40,13 @@ KNOWN_MODELS: dict[str, tuple[str, int]] = {
 GIB = 2**30
 
 # ---- the expert memory estimate ----------------------------------------------------------------
-# An estimate from published architectures and one measurement, not a guarantee: the allocator's
-# fragmentation, other attention kernels and other library versions move it. The constants:
+# An estimate from published architectures and measurements, not a guarantee: the allocator's
+# fragmentation, other attention kernels and other library versions move it. Not counted: a
+# text-encoder LoRA (train_text_encoder), the renders at checkpoints (sample_images), autocast's
+# fp16 copies of the LoRA weights (a third of a GiB for SDXL at rank 128). The constants:
 #
 # Frozen parameters per family, in millions: UNet, text encoder(s), VAE (counted from the models'
-# published configs, built on the meta device: bench/activation_memory.py).
+# published configs, built on the meta device: scripts/measure_activation_memory.py).
 FAMILY_PARAMS_M: dict[str, tuple[float, float, float]] = {
     "sd1": (859.52, 123.06, 83.65),  # CLIP ViT-L text encoder
     "sd2": (865.91, 340.39, 83.65),  # OpenCLIP ViT-H text encoder (23 layers)
@@ -68,11 +70,11 @@ PER_TARGET = {"to_q": (4, 0), "to_k": (3, 1), "to_v": (3, 1), "to_out.0": (4, 0)
 # matmuls and convolutions in fp16). With checkpointing (every ResNet and transformer block)
 # it is what is saved outside the blocks, every block's inputs, and the one block recomputed
 # during the backward pass. Measured at 3/4 of the native size too: activations scale with the
-# pixel count (within 0.4%).
+# pixel count (within 0.5%).
 ACTIVATION_GIB: dict[str, dict[str, tuple[float, float]]] = {
     "sd1": {"mixed": (1.095, 0.243), "fp32": (1.648, 0.413)},  # at 512 px
     "sd2": {"mixed": (2.366, 0.456), "fp32": (3.513, 0.745)},  # at 768 px
-    "sdxl": {"mixed": (7.270, 0.743), "fp32": (11.469, 1.126)},  # at 1024 px
+    "sdxl": {"mixed": (7.270, 0.743), "fp32": (11.469, 1.165)},  # at 1024 px
 }
 LORA_STATE_BYTES = 16  # fp32 weight, its gradient and AdamW's two moments
 # The VAE encodes one image at a time (slicing); its encoder's peak is this many 128-channel
@@ -257,6 +259,10 @@ def build_plan(cfg: SelmaConfig) -> dict[str, Any]:
     memory, too_big = _expert_memory_plan(cfg, base, train_res)
     if too_big:
         warnings.append(too_big)
+    if cfg.eval.enabled:
+        from selma_ray.eval import protocol
+
+        warnings += [f"eval: {note}" for note in protocol.notes(cfg)]
     per_expert_gpus = res.experts.workers_per_expert if res.experts.use_gpu else 0
     return {
         "run": {"name": cfg.run.name, "dir": cfg.run.dir, "seed": cfg.run.seed},
@@ -334,12 +340,20 @@ def build_plan(cfg: SelmaConfig) -> dict[str, Any]:
 def _eval_plan(cfg: SelmaConfig) -> dict[str, Any]:
     ev, res = cfg.eval, cfg.resources.eval
     models = {"clip": ev.clip_model, "pick": f"{ev.pick_model} ({ev.pick_processor} processor)"}
-    models["dsg"] = f"questions: {ev.questions} ({ev.question_llm or cfg.models.llm}), "
-    models["dsg"] += f"answers: {ev.vqa_model}"
+    questions = (
+        f"DSG-1K {ev.dsg_file}"
+        if ev.dsg_file
+        else f"questions: {ev.questions} ({ev.question_llm or cfg.models.llm})"
+    )
+    models["dsg"] = f"{questions}, answers: {ev.vqa_model} ({ev.vqa_mode})"
+    models["tifa"] = (
+        f"TIFA v1.0 {ev.tifa_file or '(no eval.tifa_file: skipped)'}, answers: "
+        f"{ev.tifa_vqa_model or ev.vqa_model} ({ev.vqa_mode})"
+    )
     models["image_reward"], models["hps"] = ev.image_reward_model, f"HPS {ev.hps_version}"
     return {
         "enabled": ev.enabled,
-        "prompts": ev.prompts_file,
+        "prompts": " + ".join(f for f in (ev.dsg_file, ev.tifa_file) if f) or ev.prompts_file,
         "variants": ev.variants or ["base", *cfg.prompts.skills, "merged"],
         "scorers": {name: models[name] for name in ev.scorers},
         "steps": ev.steps or cfg.images.steps,

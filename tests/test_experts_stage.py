@@ -98,6 +98,7 @@ def test_rerun_skips_finished_experts_and_resumes_unfinished_ones(trained):
     records = read_attempt_records(run, experts_stage.work_dir("everyday_scenes", fp))
     assert [r["data_position"] for r in records] == [[0, 0], [1, 1], [3, 1]]
     assert resumed["metrics"]["step"] == 6 and resumed["metrics"]["resumed_from"] == 4
+    assert resumed["metrics"]["skipped_steps"] == 0  # every step was finite
     assert (run.path("experts", "everyday_scenes", "logs")).is_dir()
 
 

@@ -14,6 +14,10 @@ from selma_ray.plan import build_plan, diffusion_model_info, format_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+BENCHMARKS = [  # the samples shipped in the official files' layouts
+    "eval.dsg_file=builtin:dsg-1k-anns.sample.csv",
+    "eval.tifa_file=builtin:tifa_v1.0_question_answers.sample.json",
+]
 
 
 @pytest.mark.parametrize(
@@ -25,7 +29,7 @@ PAPER_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
     ],
 )
 def test_paper_presets_plan_the_paper_settings(preset, pipeline, resolution):
-    plan = build_plan(load_config(preset))
+    plan = build_plan(load_config(preset, BENCHMARKS))
     images, experts = plan["stages"]["images"], plan["stages"]["experts"]
     assert images["generator"]["pipeline"] == pipeline
     assert (images["resolution"], images["steps"], images["guidance_scale"]) == (
@@ -43,7 +47,14 @@ def test_paper_presets_plan_the_paper_settings(preset, pipeline, resolution):
     scorers = plan["stages"]["eval"]["scorers"]
     assert scorers["clip"] == "openai/clip-vit-large-patch14"
     assert scorers["pick"].startswith("yuvalkirstain/PickScore_v1")
-    assert plan["warnings"] == []
+    assert scorers["dsg"].startswith("DSG-1K builtin:dsg-1k-anns.sample.csv")
+    assert plan["warnings"] == []  # the paper's protocol: nothing to warn about
+
+
+def test_paper_presets_without_benchmark_files_warn_the_numbers_are_not_comparable():
+    plan = build_plan(load_config("sd2"))
+    assert [w for w in plan["warnings"] if "NOT comparable" in w], plan["warnings"]
+    assert plan["stages"]["eval"]["prompts"] == "generated"
 
 
 def test_weak_to_strong_plans_sd2_data_resized_for_sdxl_experts():
