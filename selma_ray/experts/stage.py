@@ -180,6 +180,7 @@ def _train_one(
         "resumed_from": final.get("resumed_from", 0),
         "steps_per_second": final.get("steps_per_second"),
         "skipped_steps": final.get("skipped_steps", 0),  # non-finite losses or gradients
+        "feed": prep["feed_mode"],
     }
     export_expert(run, skill, chosen, fp, info, metrics, work, job.get("lineage", {}).get(skill))
 
