@@ -10,11 +10,14 @@ reconfigures the running replicas instead of replacing them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import json
 import logging
 import socket
 import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +335,57 @@ def commit_images(root: str | Path, stage: str = "images") -> Any:
     shards = run.files(stage, "data", suffix=".parquet")
     run.write_manifest("test", stage, outputs=run.outputs(shards))
     return run
+
+
+def random_images(n: int, seed: int = 0, size: int = 32) -> list[Any]:
+    """``n`` PIL images of seeded random pixels."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)
+    ]
+
+
+def png_bytes(img: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class QuietJSONHandler(BaseHTTPRequestHandler):
+    """A test server's request handler: ``send_json`` answers, and nothing is logged."""
+
+    def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_server(handler: type, state: Any) -> Any:
+    """Serve ``handler`` (a ``BaseHTTPRequestHandler`` subclass reading ``self.state``) on a
+    free loopback port in a thread; yields ``state`` with ``state.url`` set to its ``/v1``
+    base URL (nothing is shared between servers)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    bound = type(f"{handler.__name__}Bound", (handler,), {"state": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), bound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

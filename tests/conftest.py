@@ -32,3 +32,15 @@ def s3():
     server = LocalS3().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module, as a Ray Train worker with a fractional CPU has;
+    spinning threads crawl on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

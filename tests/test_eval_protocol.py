@@ -4,7 +4,6 @@ dependency zeroing, the per-question and per-prompt DSG averages, and the compar
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ from selma_ray.eval import stage as evaluate
 from selma_ray.eval import stats as eval_stats
 from selma_ray.eval.dsg import Question
 from selma_ray.eval.scorers import DSGScore, ScoreBatch, TIFAScore, make_vqa
+from selma_ray.testing import png_bytes, random_images
 
 DSG_SAMPLE = "builtin:dsg-1k-anns.sample.csv"
 TIFA_SAMPLE = "builtin:tifa_v1.0_question_answers.sample.json"
@@ -39,19 +39,6 @@ DSG1K_HEADER = [
     "question_natural_language",
 ]
 TIFA_FIELDS = {"id", "caption", "question", "choices", "answer", "element_type", "element"}
-
-
-def _images(n: int, seed: int = 0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def _png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # --- the benchmark files -------------------------------------------------------------------
@@ -316,7 +303,7 @@ def _bias_answer(vqa, word: str) -> None:
 
 
 def test_generate_mode_with_tiny_blip_vqa_scores_what_the_model_generates():
-    images = _images(2, seed=5)
+    images = random_images(2, seed=5)
     qs = [Question("1", "is there a dog?"), Question("2", "is the dog brown?", ("1",))]
     scorer = DSGScore(models.TINY_VQA, mode="generate")
     scores = scorer.score(images, ["a", "b"], [qs, qs])
@@ -352,7 +339,7 @@ def test_blip_answers_do_not_depend_on_the_other_questions_in_their_batch():
             if "crossattention" in name and name.endswith("weight"):
                 param.mul_(8.0)
         vqa.model.text_decoder.cls.predictions.decoder.weight.mul_(8.0)
-    images = _images(3, seed=11)
+    images = random_images(3, seed=11)
     questions = ["a?", "is there a very long question about many different things here?", "dog?"]
     choices = [("yes", "no")] * 3
     alone = [_blip_generate(vqa, i, q) for i, q in zip(images, questions, strict=True)]
@@ -368,7 +355,7 @@ def test_generate_mode_with_a_tiny_vlm_decodes_only_the_new_tokens():
     import torch
 
     vqa = make_vqa(models.TINY_VLM)
-    images = _images(2, seed=6)
+    images = random_images(2, seed=6)
     questions, choices = ["is there a dog?", "what color?"], [("yes", "no"), ("red", "blue")]
     answers = vqa.generate_answers(images, questions, choices)
     for image, q, c, answer in zip(images, questions, choices, answers, strict=True):
@@ -456,7 +443,7 @@ def test_generate_mode_runs_with_a_tiny_blip2(tmp_path, language_model):
     scorer = TIFAScore(path, mode="generate")
     vqa = scorer.vqa
     assert isinstance(vqa, Blip2VQA) and vqa.encoder_decoder == (language_model == "t5")
-    images = _images(2, seed=7)
+    images = random_images(2, seed=7)
     qs = [
         Question("1", "what color is it?", choices=("red", "blue"), answer="red"),
         Question("2", "is it round?"),
@@ -491,9 +478,9 @@ def test_generate_mode_runs_with_a_tiny_blip2(tmp_path, language_model):
 
 
 def test_score_batch_scores_only_the_prompts_given_questions_for(tmp_path):
-    images = _images(3, seed=8)
+    images = random_images(3, seed=8)
     batch = {
-        "image": np.array([_png(i) for i in images], dtype=object),
+        "image": np.array([png_bytes(i) for i in images], dtype=object),
         "prompt": np.array(["a", "b", "c"], dtype=object),
         "prompt_id": np.array(["t1", "d1", "t1"], dtype=object),
     }

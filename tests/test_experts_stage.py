@@ -26,7 +26,7 @@ from selma_ray.experts.stage import FAULT_DRILL_ENV
 from selma_ray.pipeline import lineage, run_stage
 from selma_ray.testing import write_images
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 # Five experts at once on the 2-CPU cluster, as the tiny preset trains them.
 SKILLS = ["counting", "everyday_scenes", "dense_detail", "user_prompts", "commonsense_defying"]
 
@@ -45,14 +45,6 @@ def stage_config(root: Path, *overrides: str):
             *overrides,
         ],
     )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # spinning threads crawl on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

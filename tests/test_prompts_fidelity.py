@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,6 +19,7 @@ from selma_ray.models.llm import OpenAIGenerator
 from selma_ray.models.llm_data import answer_token_budget, backend_udf, request_max_tokens
 from selma_ray.pipeline import run_stage
 from selma_ray.prompts.stage import STAGE, build_requests
+from selma_ray.testing import QuietJSONHandler, http_server
 from selma_ray.text.filters import SkillPool
 from selma_ray.text.numbers import stated_counts
 from selma_ray.text.parse import split_cut_item
@@ -209,7 +208,7 @@ class FakeServer:
     seen: list[dict] = field(default_factory=list)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietJSONHandler):
     state: FakeServer  # set on a per-server subclass by the fixture
 
     def do_POST(self):  # noqa: N802 (http.server naming)
@@ -226,9 +225,9 @@ class _Handler(BaseHTTPRequestHandler):
         )
         if self.state.throttle.get(text):
             self.state.throttle[text] -= 1
-            return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
+            return self.send_json(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
         if text == "bad request":
-            return self._send(400, {"error": {"message": "no"}})
+            return self.send_json(400, {"error": {"message": "no"}})
         seed = body.get("seed", 0)
         answer = listed_answer(seed) if text.startswith(("You write", "list")) else f"echo {text}"
         pieces = answer.split(" ")  # a "token" per word: max_tokens cuts the answer
@@ -240,34 +239,14 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             choice.update(text=out, logprobs=None)
         obj = "chat.completion" if chat else "text_completion"
-        self._send(200, {"id": "x", "object": obj, "created": 0, "model": body["model"],
+        self.send_json(200, {"id": "x", "object": obj, "created": 0, "model": body["model"],
                          "choices": [choice]})  # fmt: skip
-
-    def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
 def server():
-    state = FakeServer()
-    handler = type("_HandlerForTest", (_Handler,), {"state": state})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
+    with http_server(_Handler, FakeServer()) as state:
+        yield state
 
 
 @contextmanager

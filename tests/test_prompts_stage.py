@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -14,6 +12,7 @@ from selma_ray.core.rundir import RunDir
 from selma_ray.models.llm import OpenAIGenerator
 from selma_ray.pipeline import run_stage
 from selma_ray.prompts.stage import STAGE
+from selma_ray.testing import QuietJSONHandler, http_server
 
 OBJECTS = [
     "apple",
@@ -182,7 +181,7 @@ class FakeAPI:
     seen_auth: list[str] = field(default_factory=list)
 
 
-class _FakeAPI(BaseHTTPRequestHandler):
+class _FakeAPI(QuietJSONHandler):
     state: FakeAPI  # set on a per-server subclass by the fake_api fixture
 
     def do_POST(self):  # noqa: N802 (http.server naming)
@@ -201,30 +200,14 @@ class _FakeAPI(BaseHTTPRequestHandler):
             self.end_headers()
             return
         payload = {"choices": [{"message": {"content": fake_answer(body["seed"], 2)}}]}
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.send_json(200, payload)
 
 
 @pytest.fixture
 def fake_api():
     """A fake OpenAI-compatible endpoint with its own state (nothing shared between tests)."""
-    state = FakeAPI()
-    handler = type("_FakeAPIForTest", (_FakeAPI,), {"state": state})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    with http_server(_FakeAPI, FakeAPI()) as state:
+        yield state
 
 
 def test_openai_backend_retries_and_reports_errors_in_rows(fake_api, monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -11,20 +10,7 @@ import pytest
 from selma_ray import models
 from selma_ray.eval.dsg import Question
 from selma_ray.eval.scorers import BlipVQA, ClipScore, DSGScore, PickScore, ScoreBatch, unavailable
-
-
-def _images(n: int, seed: int = 0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def _png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
+from selma_ray.testing import png_bytes, random_images
 
 PROMPTS = ["two red apples on a table", "a penguin on a dune", "a cat"]
 
@@ -54,7 +40,7 @@ def _mixed() -> tuple[list, list[str]]:
     """Image-prompt pairs whose cosine under tiny-clip is positive (blue, white with "red") and
     negative (the rest): most pairs of a random CLIP are negative, which would make CLIPScore
     all zeros and hide a scorer that returns zeros."""
-    images = [_solid("blue"), _solid("white"), _solid("red"), _images(1)[0]]
+    images = [_solid("blue"), _solid("white"), _solid("red"), random_images(1)[0]]
     return images, ["red", "red", "red", "a cat"]
 
 
@@ -101,7 +87,7 @@ def test_pickscore_is_logit_scale_times_cosine():
 
 def test_vqa_choice_logprobs_are_log_probabilities_and_deterministic():
     vqa = BlipVQA(models.TINY_VQA)
-    images = _images(2, seed=2)
+    images = random_images(2, seed=2)
     questions = ["is there a dog?", "what color is the bus?"]
     choices = [("yes", "no"), ("red", "blue", "green")]
     lp = vqa.choice_logprobs(images, questions, choices)
@@ -154,7 +140,7 @@ def test_dsg_scorer_scores_are_the_dependency_zeroed_share():
         Question("2", "is the apple red?", ("1",)),
         Question("3", "what color is it?", choices=("red", "blue")),
     ]
-    images = _images(2, seed=3)
+    images = random_images(2, seed=3)
     picks = _picks(scorer.vqa, images[0], qs)
     # image 0: the parent is answered wrongly, its child and question 3 rightly
     first = [
@@ -180,8 +166,8 @@ def test_dsg_scorer_scores_are_the_dependency_zeroed_share():
 
 def test_score_batch_udf_adds_columns_and_names_missing_ones():
     udf = ScoreBatch("clip", {"model": models.TINY_CLIP})
-    images = _images(2)
-    batch = {"image": np.array([_png(i) for i in images], dtype=object), "prompt": PROMPTS[:2]}
+    images = random_images(2)
+    batch = {"image": np.array([png_bytes(i) for i in images], dtype=object), "prompt": PROMPTS[:2]}
     out = udf(dict(batch))
     assert out["score_clip"].shape == (2,)
     assert np.allclose(out["score_clip"], udf.scorer.score(images, PROMPTS[:2]))
@@ -216,7 +202,7 @@ def test_vlm_answers_by_choice_likelihood_and_dsg_runs_on_it():
 
     vqa = make_vqa(models.TINY_VLM)
     assert isinstance(vqa, VLMVQA) and isinstance(make_vqa(models.TINY_VQA), BlipVQA)
-    images = _images(2, seed=4)
+    images = random_images(2, seed=4)
     questions = ["is there a dog?", "what color is the bus?"]
     choices = [("yes", "no"), ("red", "blue", "green")]
     lp = vqa.choice_logprobs(images, questions, choices)

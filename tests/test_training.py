@@ -18,16 +18,7 @@ from selma_ray.config import load_config
 from selma_ray.experts import data as train_data
 from selma_ray.experts.recipe import ExpertTrainer
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Like a Ray Train worker with a fractional CPU; spinning threads crawl on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def loop_config(**overrides):

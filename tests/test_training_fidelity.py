@@ -26,16 +26,9 @@ from selma_ray.plan import (
     lora_parameters,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # as a Train worker
 GIB = 2**30
 PAPER_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sdxl_batch(n: int = 2) -> dict:
