@@ -112,7 +112,7 @@ def test_generated_eval_prompts_are_held_out_from_training_prompts_and_seeds(tmp
             f"2. {seed}",  # an in-context seed
             "3. Seven tiny sailboats drifting across a calm lake at dawn.",
             "4. Two owls perched on a snowy fence post.",
-            "5. Nine striped umbrellas lined up along an empty beach.",
+            "5. Three striped umbrellas lined up along an empty beach.",
         ]
     )
     calls = []
@@ -131,6 +131,9 @@ def test_generated_eval_prompts_are_held_out_from_training_prompts_and_seeds(tmp
     assert not texts & training and eval_inputs.normalize(seed) not in texts and not dropped
     by_skill = {s: [p for p in prompts if p.category == s] for s in SKILLS}
     assert all(len(ps) == 2 for ps in by_skill.values())
+    # held-out counting prompts keep the training count rule (prompts.max_count: 3)
+    assert not [p for p in by_skill["counting"] if "Seven" in p.prompt]
+    assert [p for p in by_skill["everyday_scenes"] if "Seven" in p.prompt]
     assert len({p.id for p in prompts}) == len(prompts)
     again, _ = eval_inputs.load_eval_prompts(cfg, RunDir(root))
     assert [p.prompt for p in again] == [p.prompt for p in prompts] and len(calls) == 1
