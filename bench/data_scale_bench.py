@@ -26,7 +26,6 @@ steps/s >= 0.9. The last line::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
@@ -44,40 +43,43 @@ SIZE = 512
 
 
 def data_dir(n: int) -> Path:
+    from selma_ray.core.layout import IMAGE_ROWS_PER_FILE
     from selma_ray.models import cache_dir
 
-    return cache_dir() / "bench" / "data_scale" / f"{SIZE}px-{n}"
+    return cache_dir() / "bench" / "data_scale" / f"{SIZE}px-{n}-by{IMAGE_ROWS_PER_FILE}"
 
 
 def synthesize(n: int) -> Path:
-    """5 skills x ``n`` smooth random 512 px PNGs as a committed images-stage output (one
-    Parquet file per skill, row groups of 16), written once."""
+    """5 skills x ``n`` smooth random 512 px PNGs as a committed images-stage output (shards
+    of the stage's schema and size, as the images stage writes them), written once."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from PIL import Image
 
-    from selma_ray.testing import commit_images
+    from selma_ray.images.real_data import write_shards
+    from selma_ray.testing import commit_images, png_bytes
 
     root = data_dir(n)
     if (root / "images" / "manifest.json").is_file():
         return root
-    out = root / "images" / "data"
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(n)
-    for skill in SKILLS:
-        rows: dict[str, list] = {k: [] for k in ("prompt_id", "image_index", "prompt", "image")}
+
+    def rows(skill: str):
         for i in range(n):
             small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-            img = Image.fromarray(small).resize((SIZE, SIZE), Image.BICUBIC)
-            buf = io.BytesIO()
-            img.save(buf, "PNG")
-            rows["prompt_id"].append(f"{skill}-{i:06d}")
-            rows["image_index"].append(0)
-            rows["prompt"].append(f"picture {i} of {skill.replace('_', ' ')}")
-            rows["image"].append(buf.getvalue())
-        table = pa.table({**rows, "skill": [skill] * n})
-        pq.write_table(table, out / f"{skill}.parquet", row_group_size=16)
+            yield {
+                "prompt_id": f"{skill}-{i:06d}",
+                "skill": skill,
+                "prompt": f"picture {i} of {skill.replace('_', ' ')}",
+                "image_index": 0,
+                "seed": i,
+                "image": png_bytes(Image.fromarray(small).resize((SIZE, SIZE), Image.BICUBIC)),
+                "width": SIZE,
+                "height": SIZE,
+                "generator": "bench",
+            }
+
+    for skill in SKILLS:
+        write_shards(rows(skill), root / "images" / "data", skill)
         progress(f"synthesized {n} images of {skill}")
     commit_images(root)
     return root
@@ -88,7 +90,11 @@ def loop_config(resolution: int, feed: str, steps: int) -> dict[str, Any]:
 
     cfg = load_config(
         "tiny",
-        [f"experts.feed={feed}", f"experts.resolution={resolution}", f"experts.max_steps={steps}"],
+        [
+            f"experts.feed={feed}",
+            f"experts.resolution={resolution}",
+            f"experts.max_steps={steps}",
+        ],
     )
     return {**cfg.experts.model_dump(), "base": cfg.models.base, "seed": 0}
 
@@ -224,6 +230,7 @@ def main() -> None:
             "N": f"{args.small} and {args.large}",
             "image": f"{SIZE}px PNG",
             "train px": args.resolution,
+            "feed buffer": "experts.feed_buffer_rows (default)",
             "steps per expert": args.steps,
         },
         "1 per worker; 2 Ray CPUs",

@@ -248,7 +248,7 @@ def test_two_ddp_workers_train_disjoint_rows_into_one_lora_of_the_mean_gradient(
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
             run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "ray_results")),
             datasets=feed.training_datasets(rows, held_out, loop),
-            dataset_config=feed.data_config(),  # as the experts stage
+            dataset_config=feed.data_config(loop),  # as the experts stage
         ).fit()
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

@@ -86,6 +86,32 @@ def test_split_and_hash_at_scale_agree_with_the_rule_and_ignore_order(cluster):
     assert feed.scan(ray.data.from_arrow(moved)) != feed.scan(ray.data.from_arrow(joined))
 
 
+def test_each_shard_is_read_and_decoded_in_one_task_within_the_feed_buffer(cluster, tmp_path):
+    """The read fuses with the maps after it (the shard's bytes never wait whole in the object
+    store), and the read-ahead budget is ``feed_buffer_rows`` decoded rows, also under Ray Train."""
+    import pyarrow.parquet as pq
+
+    from selma_ray.core.rundir import RunDir
+
+    table = rows_table(12).append_column("skill", pa.array([SKILL] * 12))
+    for i in range(3):  # fewer files than Ray Data's target parallelism: it would split them
+        pq.write_table(table.slice(4 * i, 4), tmp_path / f"part-{i}.parquet")
+    run = RunDir(tmp_path)
+    rows = feed.read_rows(run, [str(tmp_path / f"part-{i}.parquet") for i in range(3)], SKILL)
+    assert feed.scan(rows)[0] == 12
+    assert "ReadParquet->MapBatches(_digest_sum)" in rows.select_columns(["prompt", "image"]).map_batches(
+        feed._digest_sum, batch_format="numpy", batch_size=None, **feed.DATA_TASKS
+    ).materialize().stats()
+    config = loop(feed_buffer_rows=5, resolution=16)
+    train = feed.training_datasets(rows, [], config)["train"]
+    assert sum(len(b["key"]) for b in train.iter_batches(batch_size=5)) == 12
+    assert "ReadParquet->MapBatches(_keep_rows)->MapBatches(decode_batch)" in train.stats()
+    budget = 5 * 16 * 16 * 3  # rows of uint8 pixels, centre-cropped
+    assert train.context.execution_options.resource_limits.object_store_memory == budget
+    options = feed.data_config(config)._user_execution_options  # what Ray Train applies
+    assert options.preserve_order and options.resource_limits.object_store_memory == budget
+
+
 def batches(config: dict, mode: str, count: int, position=(0, 0), rows: int = 10):
     ds = feed.training_datasets(ray.data.from_arrow(rows_table(rows)), [], config)["train"]
     stream = feed.Feed(ds, config, rank=0, position=position, mode=mode)
@@ -165,7 +191,7 @@ def test_each_rank_gets_the_same_rows_in_every_run_and_epoch(cluster):
     ds = ray.data.from_items(rows, override_num_blocks=24).map_batches(jitter, batch_size=1)
 
     def split() -> list[list[list[str]]]:
-        iterators = feed.data_config().configure(
+        iterators = feed.data_config(loop()).configure(
             {"train": ds}, world_size=2, worker_handles=None, worker_node_ids=None
         )
         seen: list[list[list[str]]] = [[], []]

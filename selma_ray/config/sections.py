@@ -359,6 +359,13 @@ class ExpertsSection(_Section):
     shuffle_buffer: int = Field(
         64, ge=1, description="stream: rows in the local shuffle buffer (seeded per epoch)."
     )
+    feed_buffer_rows: int = Field(
+        128,
+        ge=1,
+        description="Decoded rows a feed dataset may hold in the object store ahead of its "
+        "trainer, whatever the data size. Ray Data gives a quarter of a dataset's budget to "
+        "its finished outputs, so below four image shards (4 x 32 rows) the feed stalls.",
+    )
     validation_batch_size: int = Field(
         8, ge=1, description="Held-out images VAE-encoded at once when validation is set up."
     )

@@ -38,6 +38,10 @@ def load_prompts(run: RunDir, skills: list[str]) -> list[dict[str, Any]]:
 
 
 IMAGES_DATA = f"{IMAGES}/data"
+# Rows per image shard, whoever writes it (the images stage, imports, benchmarks). A feed
+# reads and decodes a shard in one task, so a shard is the unit of what is in flight: 32 PNGs
+# are about 10 MB at 512 px and about 50 MB at 1024 px, whatever the data size.
+IMAGE_ROWS_PER_FILE = 32
 
 
 def images_files(run: RunDir, stage: str = IMAGES) -> list[str]:
@@ -66,17 +70,48 @@ def read_table(run: RunDir, files: list[str], columns: list[str] | None, filter:
     return dataset.to_table(columns=columns, filter=filter)
 
 
+def files_holding(run: RunDir, files: list[str], column: str, value: Any) -> list[str]:
+    """The Parquet ``files`` in ``run.fs`` that may hold rows where ``column == value``,
+    judged from their footers' row-group statistics (a file without them is kept). A read
+    of one skill then has no task per shard of the other skills."""
+    import pyarrow.parquet as pq
+
+    keep = []
+    for file in files:
+        with run.fs.open_input_file(file) as f:
+            meta = pq.ParquetFile(f).metadata
+        names = meta.schema.names
+        if column not in names:
+            keep.append(file)
+            continue
+        index = names.index(column)
+        for group in range(meta.num_row_groups):
+            stats = meta.row_group(group).column(index).statistics
+            if stats is None or not stats.has_min_max or stats.min <= value <= stats.max:
+                keep.append(file)
+                break
+    return keep
+
+
 def read_dataset(
     run: RunDir,
     files: list[str],
     columns: list[str] | None,
     filter: Any = None,
     num_cpus: float | None = None,
+    whole_files: bool = False,
+    concurrency: int | None = None,
 ) -> Any:
     """Parquet ``files`` in ``run.fs`` as a Ray Dataset read on the cluster's workers, with
     column projection and, when given, a ``filter`` (a ``ray.data.expressions`` predicate,
     which Ray Data pushes down into the Parquet scan); ``num_cpus`` per read task (Ray's
-    default: 1).
+    default: 1); ``concurrency`` caps its tasks in flight.
+
+    With ``whole_files``, one task reads each file, unsplit. Ray Data otherwise splits the
+    blocks of a read that has fewer files than its target parallelism, and a split read
+    cannot fuse with the maps after it: every file would then sit whole in the object store
+    until they consume it. Unsplit, the read runs in the same task as those maps, and only
+    their outputs reach the store.
 
     With ``num_cpus``, the read is planned as one operator whose every task takes that
     reservation. Ray Data's newer file source adds a listing task that always asks for a
@@ -84,13 +119,16 @@ def read_dataset(
     import ray
     from ray.data import DataContext
 
+    kwargs: dict[str, Any] = {"filesystem": run.fs, "columns": columns, "concurrency": concurrency}
+    if whole_files:
+        kwargs["override_num_blocks"] = len(files)
     if num_cpus is None:
-        ds = ray.data.read_parquet(files, filesystem=run.fs, columns=columns)
+        ds = ray.data.read_parquet(files, **kwargs)
     else:
         ctx = DataContext.get_current()
         v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
         try:
-            ds = ray.data.read_parquet(files, filesystem=run.fs, columns=columns, num_cpus=num_cpus)
+            ds = ray.data.read_parquet(files, num_cpus=num_cpus, **kwargs)
         finally:
             ctx.use_datasource_v2 = v2
     return ds if filter is None else ds.filter(expr=filter)

@@ -184,7 +184,9 @@ def render(cfg: SelmaConfig, run: RunDir, rows: list[dict[str, Any]], key: str) 
         },
         **_pool(cfg),
     )
-    ds.write_parquet(run.key(*parts, "data"), filesystem=run.fs)
+    ds.write_parquet(
+        run.key(*parts, "data"), filesystem=run.fs, max_rows_per_file=layout.IMAGE_ROWS_PER_FILE
+    )
     shards = run.files(*parts, "data", suffix=".parquet")
     run.write_manifest(key, *parts, count=len(rows), outputs=run.outputs(shards))
     return [run.key(f) for f in shards]

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 KEY_COLUMNS = ["prompt_id", "image_index"]
 ROW_COLUMNS = [*KEY_COLUMNS, "prompt", "image"]
 DATA_CPUS = 0.1  # read and decode tasks: small, so scarce CPUs never starve the feed
+# Tasks in flight per feed dataset. A read fuses with the maps after it only when all share
+# this cap, and with DATA_CPUS alone 2 CPUs would run 20 of them, each holding a shard.
+DATA_TASKS: dict[str, Any] = {"num_cpus": DATA_CPUS, "concurrency": 2}
 HASH_MOD = 2**64
 
 
@@ -108,12 +111,12 @@ def split_validation(
         return [], []
     candidates = (
         ds.select_columns([*KEY_COLUMNS, "prompt"])
-        .map_batches(with_keys, batch_format="numpy", num_cpus=DATA_CPUS)
+        .map_batches(with_keys, batch_format="numpy", **DATA_TASKS)
         .map_batches(
             _smallest,
             fn_kwargs={"seed": seed, "skill": skill, "want": want},
             batch_format="numpy",
-            num_cpus=DATA_CPUS,
+            **DATA_TASKS,
         )
         .take_all()
     )
@@ -146,7 +149,7 @@ def scan(ds) -> tuple[int, str]:
     in one pass: two numbers per block reach the driver."""
     parts = (
         ds.select_columns(["prompt", "image"])
-        .map_batches(_digest_sum, batch_format="numpy", batch_size=None, num_cpus=DATA_CPUS)
+        .map_batches(_digest_sum, batch_format="numpy", batch_size=None, **DATA_TASKS)
         .take_all()
     )
     total = sum(int(r["sum"]) for r in parts) % HASH_MOD
@@ -255,60 +258,84 @@ def training_datasets(
             _keep_rows,
             fn_kwargs={"keys": held_out, "held_out": is_held_out},
             batch_format="numpy",
-            num_cpus=DATA_CPUS,
+            **DATA_TASKS,
         ).map_batches(
             decode_batch,
             fn_kwargs={"size": size, "center": center},
-            batch_size=loop["batch_size"],
+            # A whole block (one shard's rows) per call: a batch size would keep the read
+            # from fusing with these maps, and every shard would wait whole in the store.
+            batch_size=None,
             batch_format="numpy",
-            num_cpus=DATA_CPUS,
+            **DATA_TASKS,
         )
         if cache is not None:
             flip = loop["random_flip"] and not is_held_out
             ds = cached_latents(ds, (cache[0], f"{cache[1]}/{name}"), base, flip, loop)
         # Workers iterate these inside the trials; their progress bars would only linger on
-        # the driver's console (a stopped worker never closes them). Order is kept, so that
-        # a seed gives the same batches.
+        # the driver's console (a stopped worker never closes them).
         ds.context.enable_progress_bars = False
-        ds.context.execution_options.preserve_order = True
+        execution_options(ds.context.execution_options, loop)
         datasets[name] = ds
     return datasets
 
 
-def data_config():
+def execution_options(options, loop: dict[str, Any]):
+    """Sets a feed dataset's Ray Data ``ExecutionOptions`` (and returns them):
+    - order is kept, so that a seed gives the same batches, and Ray Train's splitter deals
+      blocks in order to the rank with the fewest rows: every rank gets the same rows in
+      every run and epoch (locality hints are ignored when order is kept);
+    - the object store it may fill ahead of its consumer is ``feed_buffer_rows`` decoded
+      rows, whatever the data size (Ray's default is a share of the whole store)."""
+    size = loop["resolution"] or _size(loop["base"])
+    options.preserve_order = True
+    options.resource_limits = options.resource_limits.copy(
+        object_store_memory=loop["feed_buffer_rows"] * row_bytes(loop, size)
+    )
+    return options
+
+
+def data_config(loop: dict[str, Any]):
     """Ray Train's ``DataConfig`` for an expert: the training set is split among the workers,
     the validation set is read whole by each. Ray Train replaces a dataset's execution
-    options with these, so order is kept here: the splitter then deals blocks in order to
-    the rank with the fewest rows, and every rank gets the same rows in every run and
-    epoch (locality hints are ignored when order is kept)."""
+    options with these, so they are the feed's own (``execution_options``)."""
     from ray.train import DataConfig
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
+    options = execution_options(DataConfig.default_ingest_options(), loop)
     return DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
 def read_rows(run, files: list[str], skill: str):
-    """A skill's rows (keys, prompt, PNG bytes) from the committed image shards, read with
-    small tasks and the skill filter pushed into the Parquet scan."""
+    """A skill's rows (keys, prompt, PNG bytes) from the committed image shards that may hold
+    it, read with small tasks and the skill filter pushed into the Parquet scan."""
     from ray.data.expressions import col
 
     from selma_ray.core import layout
 
+    files = layout.files_holding(run, files, "skill", skill)
+    if not files:
+        raise RuntimeError(f"experts: no images for skill {skill!r} in the images stage's output")
     return layout.read_dataset(
-        run, files, [*ROW_COLUMNS, "skill"], filter=col("skill") == skill, num_cpus=DATA_CPUS
+        run,
+        files,
+        [*ROW_COLUMNS, "skill"],
+        filter=col("skill") == skill,
+        **DATA_TASKS,
+        whole_files=True,
     ).select_columns(ROW_COLUMNS)
 
 
-def shard_bytes(rows: int, workers: int, loop: dict[str, Any], size: int) -> int:
-    """What one worker's shard holds decoded: uint8 pixels (before a random crop, up to a
-    third more), or cached latents (mean and std, twice when flips are cached)."""
-    per_worker = -(-rows // workers)
+def row_bytes(loop: dict[str, Any], size: int) -> int:
+    """One decoded row: uint8 pixels (before a random crop, up to a third more), or cached
+    latents (mean and std, twice when flips are cached)."""
     if loop["cache_latents"]:
-        latent = 4 * (size // 8) ** 2 * 4 * 2 * (2 if loop["random_flip"] else 1)
-        return per_worker * latent
+        return 4 * (size // 8) ** 2 * 4 * 2 * (2 if loop["random_flip"] else 1)
     pixels = size * size * 3
-    return per_worker * (pixels * 4 // 3 if loop["crop"] == "random" else pixels)
+    return pixels * 4 // 3 if loop["crop"] == "random" else pixels
+
+
+def shard_bytes(rows: int, workers: int, loop: dict[str, Any], size: int) -> int:
+    """What one worker's shard of ``rows`` rows holds decoded."""
+    return -(-rows // workers) * row_bytes(loop, size)
 
 
 def feed_mode(loop: dict[str, Any], rows: int, workers: int, size: int) -> str:

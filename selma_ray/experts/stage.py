@@ -150,7 +150,7 @@ def _train_one(
             callbacks=[TuneReportCallback()],
         ),
         datasets=prep["datasets"],
-        dataset_config=feed.data_config(),
+        dataset_config=feed.data_config(loop),
     )
     result = trainer.fit()
     if result.checkpoint is None:

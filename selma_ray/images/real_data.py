@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from selma_ray.config import SKILL_NAME
+from selma_ray.core.layout import IMAGE_ROWS_PER_FILE
 from selma_ray.core.rundir import replace_dir
 from selma_ray.core.seeds import stable_seed
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TEXT_COLUMNS = ("text", "caption", "prompt")
-ROWS_PER_SHARD = 256
 
 
 def schema():
@@ -291,7 +291,7 @@ def write_shards(
     for row in rows:
         buf.append(row)
         total += 1
-        if len(buf) >= ROWS_PER_SHARD:
+        if len(buf) >= IMAGE_ROWS_PER_FILE:
             flush()
     if buf:
         flush()

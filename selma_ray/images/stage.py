@@ -228,8 +228,13 @@ def _render(cfg: SelmaConfig, run: RunDir, rows: list[dict[str, Any]]) -> None:
         num_cpus=res.num_cpus,
         resources=res.custom,
     )
-    # Written by the workers straight to the run's storage (whichever node they are on).
-    ds.write_parquet(run.key(layout.IMAGES_DATA), filesystem=run.fs)
+    # Written by the workers straight to the run's storage (whichever node they are on), in
+    # shards small enough that reading one back never floods the object store.
+    ds.write_parquet(
+        run.key(layout.IMAGES_DATA),
+        filesystem=run.fs,
+        max_rows_per_file=layout.IMAGE_ROWS_PER_FILE,
+    )
 
 
 def _rendered_seeds(run: RunDir, files: list[str]) -> dict[tuple[str, int], int]:
