@@ -99,9 +99,10 @@ def test_each_shard_is_read_and_decoded_in_one_task_within_the_feed_buffer(clust
     run = RunDir(tmp_path)
     rows = feed.read_rows(run, [str(tmp_path / f"part-{i}.parquet") for i in range(3)], SKILL)
     assert feed.scan(rows)[0] == 12
-    assert "ReadParquet->MapBatches(_digest_sum)" in rows.select_columns(["prompt", "image"]).map_batches(
+    digests = rows.select_columns(["prompt", "image"]).map_batches(
         feed._digest_sum, batch_format="numpy", batch_size=None, **feed.DATA_TASKS
-    ).materialize().stats()
+    )  # as feed.scan
+    assert "ReadParquet->MapBatches(_digest_sum)" in digests.materialize().stats()
     config = loop(feed_buffer_rows=5, resolution=16)
     train = feed.training_datasets(rows, [], config)["train"]
     assert sum(len(b["key"]) for b in train.iter_batches(batch_size=5)) == 12
