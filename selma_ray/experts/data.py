@@ -161,6 +161,4 @@ def cached_latents(ds, cache: tuple[Any, str], base: str, flip: bool, loop: dict
         ).write_parquet(run.key(data), filesystem=run.fs)
         done = run.write_manifest("latents", prefix, data=data)
         log.info("experts: cached latents in %s", run.url(data))
-    return layout.read_dataset(
-        run, [run.key(done["data"])], None, **DATA_TASKS, whole_files=True
-    )
+    return layout.read_dataset(run, [run.key(done["data"])], None, **DATA_TASKS, whole_files=True)
