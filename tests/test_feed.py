@@ -86,6 +86,28 @@ def test_split_and_hash_at_scale_agree_with_the_rule_and_ignore_order(cluster):
     assert feed.scan(ray.data.from_arrow(moved)) != feed.scan(ray.data.from_arrow(joined))
 
 
+def test_a_skills_read_skips_the_shards_whose_statistics_exclude_it(tmp_path):
+    import pyarrow.parquet as pq
+
+    from selma_ray.core import layout
+    from selma_ray.core.rundir import RunDir
+
+    table = rows_table(2)
+    for name, skills in {"a": ["counting", "counting"], "b": ["spatial", "style"]}.items():
+        pq.write_table(table.append_column("skill", pa.array(skills)), tmp_path / f"{name}.parquet")
+    pq.write_table(  # no statistics: kept, the pushed-down filter decides
+        table.append_column("skill", pa.array(["style", "style"])),
+        tmp_path / "c.parquet",
+        write_statistics=False,
+    )
+    files = [str(tmp_path / f"{n}.parquet") for n in "abc"]
+    run = RunDir(tmp_path)
+    assert layout.files_holding(run, files, "skill", "counting") == [files[0], files[2]]
+    assert layout.files_holding(run, files, "skill", "spatial") == files[1:]
+    with pytest.raises(RuntimeError, match="no images for skill 'zebra'"):
+        feed.read_rows(run, files[:2], "zebra")
+
+
 def test_each_shard_is_read_and_decoded_in_one_task_within_the_feed_buffer(cluster, tmp_path):
     """The read fuses with the maps after it (the shard's bytes never wait whole in the object
     store), and the read-ahead budget is ``feed_buffer_rows`` decoded rows, also under Ray Train."""
