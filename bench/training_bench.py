@@ -5,7 +5,8 @@ Both arms run ``selma_ray.experts.recipe.ExpertTrainer.train_step`` for ``--step
 same batch size with the tiny preset's loop settings, one torch thread each (what Ray gives a
 1-CPU worker), and save a checkpoint every ``--checkpoint-every`` steps:
 - plain: the bench process itself, batches preprocessed once and held in memory;
-- Ray Train: ``TorchTrainer(train_expert)`` with one worker (1 CPU) fed by a Ray Data shard,
+- Ray Train: ``TorchTrainer(train_expert)`` with one worker (1 CPU) fed by a Ray Data shard
+  (``--feed``, default ``stream``: re-read through the shuffle buffer every epoch),
   timed by the worker (``steps_per_second`` in its last report: the loop only, after the
   model is loaded, with the checkpoint reports).
 Both arms time only the step loop (model loading and Ray start-up are outside the timing).
@@ -47,10 +48,10 @@ def write_images(root: Path, skills: list[str], per_skill: int) -> None:
     testing.write_images(root, skills, per_skill)
 
 
-def loop_config(steps: int, checkpoint_every: int) -> dict:
+def loop_config(steps: int, checkpoint_every: int, feed: str = "stream") -> dict:
     from selma_ray.config import load_config
 
-    cfg = load_config("tiny", [f"experts.max_steps={steps}"])
+    cfg = load_config("tiny", [f"experts.max_steps={steps}", f"experts.feed={feed}"])
     return {
         **cfg.experts.model_dump(),
         "base": cfg.models.base,
@@ -100,13 +101,14 @@ def ray_steps_per_second(loop: dict, table, storage: Path) -> tuple[float, float
     from selma_ray.experts.recipe import train_expert
 
     datasets = feed.training_datasets(ray.data.from_arrow(table), [], loop)
-    mode = feed.feed_mode(loop, table.num_rows, 1, 32)  # auto: held in the worker
+    mode = feed.feed_mode(loop, table.num_rows, 1, 32)  # experts.feed (--feed)
     result = TorchTrainer(
         train_expert,
         train_loop_config={**loop, "feed_mode": mode},
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"training-bench-{time.time_ns()}", storage_path=str(storage)),
         datasets=datasets,
+        dataset_config=feed.data_config(loop),  # as the experts stage
     ).fit()
     return float(result.metrics["steps_per_second"]), result.metrics["median_step_seconds"]
 
@@ -117,6 +119,9 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--images", type=int, default=64, help="rows per epoch")
     parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument(
+        "--feed", choices=["stream", "memory", "auto"], default="stream", help="experts.feed"
+    )
     args = parser.parse_args()
     header(
         "P3",
@@ -127,14 +132,15 @@ def main() -> None:
             "images": args.images,
             "resolution": 32,
             "warm-up steps": args.warmup_steps,
+            "Ray feed": args.feed,
         },
         "1 per arm (Ray worker with 1 CPU)",
         ("torch", "ray", "diffusers", "peft"),
     )
     import ray
 
-    loop = {**loop_config(args.steps, args.checkpoint_every), "select": "last"}
-    warm = {**loop_config(args.warmup_steps, args.warmup_steps), "select": "last"}
+    loop = {**loop_config(args.steps, args.checkpoint_every, args.feed), "select": "last"}
+    warm = {**loop_config(args.warmup_steps, args.warmup_steps, args.feed), "select": "last"}
     print(
         f"both arms: {args.steps} steps x batch {loop['batch_size']} "
         f"(gradient accumulation {loop['gradient_accumulation']}), dtype "
