@@ -535,16 +535,22 @@ def test_paper_presets_evaluate_like_the_paper_and_benchmark_files_are_checked()
         load_config("sd14", ["eval.vqa_mode=likelihood"])
 
 
+# The first two prompts of each benchmark sample, scored in generate mode.
+BENCHMARK_FILES = (
+    f"eval.dsg_file={DSG_SAMPLE}",
+    f"eval.tifa_file={TIFA_SAMPLE}",
+    "eval.max_prompts=2",
+    "eval.scorers=[clip, dsg, tifa]",
+    "eval.vqa_mode=generate",
+)
+
+
 def test_benchmark_files_replace_the_prompts_file_and_keep_their_questions(tmp_path):
     root = tmp_path / "run"
     _training(root)
     cfg = _cfg(
         root,
-        f"eval.dsg_file={DSG_SAMPLE}",
-        f"eval.tifa_file={TIFA_SAMPLE}",
-        "eval.max_prompts=2",
-        "eval.scorers=[clip, dsg, tifa]",
-        "eval.vqa_mode=generate",
+        *BENCHMARK_FILES,
     )
     prompts, dropped = eval_inputs.load_eval_prompts(cfg, RunDir(root))
     # the first 2 of each benchmark; eval.prompts_file (builtin:tiny_eval.csv) is not used
@@ -671,11 +677,7 @@ def test_eval_stage_scores_dsg1k_and_tifa_prompts_each_by_its_protocol(tmp_path)
     root = make_run(tmp_path / "run", SKILLS)
     cfg = _cfg(
         root,
-        f"eval.dsg_file={DSG_SAMPLE}",
-        f"eval.tifa_file={TIFA_SAMPLE}",
-        "eval.max_prompts=2",
-        "eval.scorers=[clip, dsg, tifa]",
-        "eval.vqa_mode=generate",
+        *BENCHMARK_FILES,
         "eval.dsg_average=question",
         "eval.variants=[base, merged]",
         "eval.steps=2",
