@@ -229,13 +229,7 @@ def vae_encode_peak(res: int) -> float:
             self.seen.discard(key)
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-    ).eval()
+    vae = sd_vae().eval()
     x = torch.randn(1, 3, res, res)
     tracker = Peak()
     with torch.no_grad(), tracker:
@@ -243,16 +237,21 @@ def vae_encode_peak(res: int) -> float:
     return tracker.peak / (128 * res * res * 4)
 
 
+def sd_vae() -> AutoencoderKL:
+    """The SD / SDXL VAE's architecture (random weights)."""
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+    )
+
+
 def main() -> None:
     gib = 2**30
     with init_empty_weights():
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=2,
-        )
+        vae = sd_vae()
         text = {
             "clip-l": count(CLIPTextModel(CLIPTextConfig(**TEXT["clip-l"]))),
             "openclip-h": count(CLIPTextModel(CLIPTextConfig(**TEXT["openclip-h"]))),
