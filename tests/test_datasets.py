@@ -161,6 +161,28 @@ def test_cli_summary_and_bad_args(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_exits_non_zero_when_nothing_is_imported_and_keeps_the_old_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src = tmp_path / "folder"
+    src.mkdir()
+    (src / "a.png").write_bytes(image_bytes())
+    (src / "a.txt").write_text("an apple")
+    out = tmp_path / "out"
+    assert main(["--skill", "counting", "--out", str(out), str(src)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    empty, corrupt = tmp_path / "empty", tmp_path / "bad.tar"
+    empty.mkdir()
+    corrupt.write_bytes(b"not a tar")
+    for sources in ([empty], [corrupt], [empty, corrupt]):
+        capsys.readouterr()
+        assert main(["--skill", "counting", "--out", str(out), *map(str, sources)]) == 1
+        got = capsys.readouterr()
+        assert "imported 0 pairs" in got.out and "no pair imported" in got.err
+        assert sorted(p.name for p in out.iterdir()) == before  # the earlier import survives
+    assert [r["prompt"] for r in read_out(out)] == ["an apple"]
+
+
 def test_config_real_data_is_validated() -> None:
     cfg = load_config("tiny", ["images.real_data={counting: [/data/a.tar]}"])
     assert cfg.images.real_data == {"counting": ["/data/a.tar"]}

@@ -305,7 +305,8 @@ def import_sources(
     image_column: str = "image",
     text_column: str | None = None,
 ) -> ImportReport:
-    """Import ``sources`` as ``skill`` pairs into the Parquet folder ``out`` (atomically)."""
+    """Import ``sources`` as ``skill`` pairs into the Parquet folder ``out`` (atomically). An
+    import that finds no pair leaves ``out`` as it was (see ``report.total``)."""
     for s in sources:
         source_kind(s)  # fail on a missing path before writing anything
     final = Path(out).expanduser().resolve()
@@ -316,7 +317,10 @@ def import_sources(
         for i, source in enumerate(sources):
             rows = read_pairs(source, skill, report, image_column, text_column)
             write_shards(rows, tmp, f"real-{skill}-{i:03d}")
-        replace_dir(tmp, final)
+        if report.total:
+            replace_dir(tmp, final)
+        else:
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -362,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"skipped {len(report.skipped)}")
     for where, reason in report.skipped:
         print(f"  {where}: {reason}")
+    if not report.total:
+        print(f"error: no pair imported; {args.out} was left as it was", file=sys.stderr)
+        return 1
     return 0
 
 
