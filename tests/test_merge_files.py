@@ -195,6 +195,30 @@ def test_cli_error_exits_2_with_a_message_not_a_traceback(tmp_path):
     assert "error: no adapter at" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_cli_refuses_an_out_that_would_destroy_data(tmp_path, shapes, capsys):
+    a = write_expert(tmp_path / "a", shapes, 1)
+    b = write_expert(tmp_path / "b", shapes, 2)
+    (tmp_path / "note.txt").write_text("keep me")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.txt").write_text("keep me too")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [
+        (a, "is the input"),  # an input folder
+        (a / "logs", "is the input"),  # inside one
+        (tmp_path, "is the input"),  # holding one
+        (tmp_path / "note.txt", "is a file"),
+        (tmp_path / "full", "not empty; pass --force"),
+    ]
+    for out, message in cases:
+        for force in ([], ["--force"]) if message != "not empty; pass --force" else ([],):
+            assert main(["--out", str(out), *force, str(a), str(b)]) == 2, out
+            assert message in capsys.readouterr().err, out
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert main(["--out", str(tmp_path / "full"), "--force", str(a), str(b)]) == 0
+    assert not (tmp_path / "full" / "old.txt").exists()
+    assert (tmp_path / "full" / "manifest.json").is_file()
+
+
 def test_cli_reports_bad_input_with_exit_status_2(tmp_path, shapes, capsys):
     a = write_expert(tmp_path / "a", shapes, 1)
     b = write_expert(tmp_path / "b", shapes, 2, rank=2)

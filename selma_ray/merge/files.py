@@ -170,6 +170,22 @@ def merge_adapters(
     return merge_loaded(loaded, shas, method, weights, Path(out_dir), **options)
 
 
+def check_out(out: str, adapters: list[str], force: bool) -> None:
+    """Refuses an ``--out`` that would destroy data: an input, a folder inside one or holding
+    one, a file, or (without ``force``) a non-empty folder."""
+    target = Path(out).resolve()
+    for name in adapters:
+        source = Path(name).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise ValueError(
+                f"--out {out} is the input {name}, inside it or holds it; choose another folder"
+            )
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise ValueError(f"--out {out} is a folder that is not empty; pass --force to replace it")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input)."""
     from selma_ray.core.logs import setup_logging
@@ -182,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="folder or .safetensors")
     parser.add_argument("--method", choices=METHODS, default="paper")
-    parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    parser.add_argument("--out", required=True, help="output folder, new or empty")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--weights", help="comma-separated, one per adapter (default: per method)")
     parser.add_argument("--density", type=float, default=0.5, help="ties/dare keep fraction")
     parser.add_argument("--rank", type=int, default=None, help="svd rank (default: max input)")
@@ -194,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if len(set(args.adapters)) != len(args.adapters):
             raise ValueError("an adapter is given twice")
+        check_out(args.out, args.adapters, args.force)
         weights = None
         if args.weights:
             values = args.weights.split(",")
