@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_ray.config import SelmaConfig
-from selma_ray.models import TINY_SD
+from selma_ray.models import TINY_SD, TINY_SDXL
 from selma_ray.models.llm_data import engine_bundles
 
 PIPELINES = {
@@ -26,6 +26,7 @@ PIPELINES = {
 # Well-known checkpoints: family and native (training) resolution.
 KNOWN_MODELS: dict[str, tuple[str, int]] = {
     TINY_SD: ("sd1", 32),
+    TINY_SDXL: ("sdxl", 32),
     "CompVis/stable-diffusion-v1-4": ("sd1", 512),
     "runwayml/stable-diffusion-v1-5": ("sd1", 512),
     "stable-diffusion-v1-5/stable-diffusion-v1-5": ("sd1", 512),
@@ -201,7 +202,7 @@ def diffusion_model_info(model: str) -> DiffusionModelInfo:
     """Family and native resolution of a diffusion model id or folder, without loading it."""
     if model in KNOWN_MODELS:
         family, native = KNOWN_MODELS[model]
-        source = "built-in" if model == TINY_SD else "known hub id"
+        source = "built-in" if model in (TINY_SD, TINY_SDXL) else "known hub id"
         return DiffusionModelInfo(model, family, PIPELINES[family], native, source)
     index = Path(model) / "model_index.json"
     if index.is_file():
@@ -295,7 +296,10 @@ def build_plan(cfg: SelmaConfig) -> dict[str, Any]:
                 "train_resolution": train_res,
                 "data_resolution": data_res,
                 "resize": bool(data_res and train_res and data_res != train_res),
-                "lora": {"rank": ec.rank, "alpha": ec.alpha, "targets": ec.target_modules},
+                # the settings' own names (experts.rank, experts.alpha, ...)
+                "rank": ec.rank,
+                "alpha": ec.alpha,
+                "target_modules": ec.target_modules,
                 "learning_rate": ec.learning_rate,
                 "lr_scheduler": ec.lr_scheduler,
                 # the batch of one optimizer step: micro-batch x accumulation x workers
@@ -338,6 +342,8 @@ def build_plan(cfg: SelmaConfig) -> dict[str, Any]:
 
 
 def _eval_plan(cfg: SelmaConfig) -> dict[str, Any]:
+    from selma_ray.eval.scorers import unavailable
+
     ev, res = cfg.eval, cfg.resources.eval
     models = {"clip": ev.clip_model, "pick": f"{ev.pick_model} ({ev.pick_processor} processor)"}
     questions = (
@@ -351,6 +357,9 @@ def _eval_plan(cfg: SelmaConfig) -> dict[str, Any]:
         f"{ev.tifa_vqa_model or ev.vqa_model} ({ev.vqa_mode})"
     )
     models["image_reward"], models["hps"] = ev.image_reward_model, f"HPS {ev.hps_version}"
+    for name in ev.scorers:
+        if unavailable(name):
+            models[name] += " (not installed here: skipped)"
     return {
         "enabled": ev.enabled,
         "prompts": " + ".join(f for f in (ev.dsg_file, ev.tifa_file) if f) or ev.prompts_file,

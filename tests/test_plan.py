@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from selma_ray.config import load_config
+from selma_ray.eval.scorers import unavailable
 from selma_ray.plan import build_plan, diffusion_model_info, format_plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,8 @@ def test_paper_presets_plan_the_paper_settings(preset, pipeline, resolution):
     )
     assert images["images"] == 5 * 1000  # five skills, 1K prompts each, one image per prompt
     assert experts["train_resolution"] == resolution and not experts["resize"]
-    assert experts["lora"] == {"rank": 128, "alpha": 128.0, "targets": PAPER_TARGETS}
+    assert (experts["rank"], experts["alpha"]) == (128, 128.0)
+    assert experts["target_modules"] == PAPER_TARGETS
     assert (experts["learning_rate"], experts["lr_scheduler"]) == (3e-4, "constant")
     assert (experts["batch_size"], experts["max_steps"]) == (64, 5000)
     assert experts["mixed_precision"] == "fp16" and experts["peak_gpus"] == 5
@@ -48,6 +50,8 @@ def test_paper_presets_plan_the_paper_settings(preset, pipeline, resolution):
     assert scorers["clip"] == "openai/clip-vit-large-patch14"
     assert scorers["pick"].startswith("yuvalkirstain/PickScore_v1")
     assert scorers["dsg"].startswith("DSG-1K builtin:dsg-1k-anns.sample.csv")
+    for name in ("image_reward", "hps"):  # optional packages, absent from the CPU setup
+        assert scorers[name].endswith("(not installed here: skipped)") == bool(unavailable(name))
     assert plan["warnings"] == []  # the paper's protocol: nothing to warn about
 
 
@@ -95,6 +99,13 @@ def test_local_model_folders_are_read_from_their_configs(tmp_path):
     assert (info.family, info.native_resolution, info.source) == ("sdxl", 1024, "local folder")
     unknown = diffusion_model_info("someone/some-model")
     assert unknown.family == "unknown" and unknown.native_resolution is None
+    tiny = diffusion_model_info("tiny-sdxl")
+    assert (tiny.family, tiny.pipeline, tiny.native_resolution, tiny.source) == (
+        "sdxl",
+        "StableDiffusionXLPipeline",
+        32,
+        "built-in",
+    )
 
 
 def test_job_prints_the_plan_without_starting_ray():
