@@ -311,3 +311,13 @@ def test_to_yaml_is_loadable_as_a_preset_file(tmp_path):
     path = tmp_path / "dumped.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(str(path)) == cfg
+
+
+def test_a_custom_skill_named_like_a_builtin_is_an_error_unless_it_says_it_replaces_it():
+    spec = "{name: counting, description: my counting, seeds: [a, b, c]}"
+    with pytest.raises(ConfigError, match=r"\['counting'\] have the names of built-in skills"):
+        load_config("tiny", [f"prompts.custom_skills=[{spec}]"])
+    spec = spec.replace("}", ", replaces_builtin: true}")
+    cfg = load_config("tiny", [f"prompts.custom_skills=[{spec}]"])
+    skill = get_skills(["counting"], cfg.prompts.all_custom_skills())[0]
+    assert (skill.description, skill.source) == ("my counting", "custom")

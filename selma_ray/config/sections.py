@@ -110,6 +110,9 @@ class SkillSpec(_Section):
     seeds: list[str] = Field(min_length=3, description="At least 3 example descriptions.")
     max_words: int = Field(30, ge=3)
     extra_rule: str = ""
+    replaces_builtin: bool = Field(
+        False, description="True to replace the built-in skill of the same name."
+    )
 
 
 class OpenAIBackend(_Section):
@@ -199,7 +202,14 @@ class PromptsSection(_Section):
     def _skills_exist(self) -> PromptsSection:
         from selma_ray.core.skills import SKILLS
 
-        custom = {s.name for s in self.all_custom_skills()}
+        specs = self.all_custom_skills()
+        custom = {s.name for s in specs}
+        clash = sorted(s.name for s in specs if s.name in SKILLS and not s.replaces_builtin)
+        if clash:
+            raise ValueError(
+                f"custom skills {clash} have the names of built-in skills; rename them, or set "
+                "replaces_builtin: true on each to replace the built-in one"
+            )
         unknown = [n for n in self.skills if n not in SKILLS and n not in custom]
         if unknown:
             raise ValueError(
