@@ -219,6 +219,18 @@ def test_cli_refuses_an_out_that_would_destroy_data(tmp_path, shapes, capsys):
     assert (tmp_path / "full" / "manifest.json").is_file()
 
 
+def test_cli_warns_about_options_the_method_does_not_use(tmp_path, shapes, capsys):
+    a = write_expert(tmp_path / "a", shapes, 1)
+    b = write_expert(tmp_path / "b", shapes, 2)
+    args = [str(a), str(b), "--out"]
+    assert main([*args, str(tmp_path / "o1"), "--rank", "2", "--density", "0.3"]) == 0
+    err = capsys.readouterr().err
+    assert "--rank is not used by --method paper (only by svd)" in err
+    assert "--density is not used by --method paper" in err
+    assert main([*args, str(tmp_path / "o2"), "--method", "ties", "--density", "0.3"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_cli_reports_bad_input_with_exit_status_2(tmp_path, shapes, capsys):
     a = write_expert(tmp_path / "a", shapes, 1)
     b = write_expert(tmp_path / "b", shapes, 2, rank=2)

@@ -170,6 +170,14 @@ def merge_adapters(
     return merge_loaded(loaded, shas, method, weights, Path(out_dir), **options)
 
 
+# The CLI options only some methods use.
+OPTION_USERS = {
+    "density": ("ties", "dare_linear", "dare_ties"),
+    "rank": ("svd",),
+    "seed": ("dare_linear", "dare_ties"),
+}
+
+
 def check_out(out: str, adapters: list[str], force: bool) -> None:
     """Refuses an ``--out`` that would destroy data: an input, a folder inside one or holding
     one, a file, or (without ``force``) a non-empty folder."""
@@ -201,13 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder, new or empty")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--weights", help="comma-separated, one per adapter (default: per method)")
-    parser.add_argument("--density", type=float, default=0.5, help="ties/dare keep fraction")
+    parser.add_argument("--density", type=float, help="ties/dare keep fraction (default 0.5)")
     parser.add_argument("--rank", type=int, default=None, help="svd rank (default: max input)")
-    parser.add_argument("--seed", type=int, default=0, help="DARE drop-mask seed")
+    parser.add_argument("--seed", type=int, help="DARE drop-mask seed (default 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     args = parser.parse_args(argv)
     setup_logging("WARNING")
+    for flag, users in OPTION_USERS.items():
+        if getattr(args, flag) is not None and args.method not in users:
+            print(
+                f"warning: --{flag} is not used by --method {args.method} (only by "
+                f"{', '.join(users)}); ignored",
+                file=sys.stderr,
+            )
+    args.density = 0.5 if args.density is None else args.density
+    args.seed = 0 if args.seed is None else args.seed
     try:
         if len(set(args.adapters)) != len(args.adapters):
             raise ValueError("an adapter is given twice")
