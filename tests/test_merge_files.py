@@ -231,6 +231,15 @@ def test_cli_warns_about_options_the_method_does_not_use(tmp_path, shapes, capsy
     assert "warning" not in capsys.readouterr().err
 
 
+def test_cli_names_the_device_flag_when_cuda_is_missing(tmp_path, shapes, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    a = write_expert(tmp_path / "a", shapes, 1)
+    assert main([str(a), "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "error: --device cuda, but no CUDA device" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_input_with_exit_status_2(tmp_path, shapes, capsys):
     a = write_expert(tmp_path / "a", shapes, 1)
     b = write_expert(tmp_path / "b", shapes, 2, rank=2)

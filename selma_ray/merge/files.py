@@ -229,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(args.adapters)) != len(args.adapters):
             raise ValueError("an adapter is given twice")
         check_out(args.out, args.adapters, args.force)
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda, but no CUDA device is visible to this process")
         weights = None
         if args.weights:
             values = args.weights.split(",")
