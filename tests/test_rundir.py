@@ -17,6 +17,7 @@ from selma_ray.core.rundir import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    current_umask,
     replace_dir,
     safe_child,
 )
@@ -194,3 +195,21 @@ def test_a_killed_commit_leaves_the_outputs_without_a_manifest(tmp_path, monkeyp
     with pytest.raises(KilledBeforeCommit):
         run.write_manifest("fp", "merged", outputs=run.outputs(["merged/f.txt"]))
     assert run.read_manifest("merged") is None and not run.is_done("fp", "merged")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_outputs_and_committed_folders_get_the_mode_the_umask_allows(tmp_path, mask):
+    import tempfile
+
+    old = os.umask(mask)
+    try:
+        assert current_umask() == mask
+        atomic_write_text(tmp_path / "out.json", "{}")
+        folder = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700, as every staging folder is
+        replace_dir(folder, tmp_path / "committed")
+        RunDir(tmp_path / "run").write_manifest("fp", "stage")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "committed").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "run" / "stage" / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -47,10 +47,31 @@ class KilledBeforeCommit(RuntimeError):
     """Raised by the ``SELMA_KILL_BEFORE_COMMIT`` test hook."""
 
 
+def current_umask() -> int:
+    """The process's umask (Linux: read, not set, so other threads never see it change)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shared_mode(path: Path | str, directory: bool = False) -> None:
+    """Gives a temporary file or folder (``mkstemp``: 0600, ``mkdtemp``: 0700) the mode a plain
+    ``open`` or ``mkdir`` would have, so that a run directory shared by a team stays readable
+    by those the umask lets in."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        shared_mode(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -75,6 +96,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written folder into place, replacing an older one."""
+    shared_mode(tmp, directory=True)
     if final.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         os.replace(final, trash / final.name)
