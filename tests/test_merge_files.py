@@ -240,6 +240,19 @@ def test_cli_names_the_device_flag_when_cuda_is_missing(tmp_path, shapes, capsys
     assert "error: --device cuda, but no CUDA device" in capsys.readouterr().err
 
 
+def test_cli_errors_name_the_input_files(tmp_path, shapes, capsys):
+    a = write_expert(tmp_path / "a", shapes, 1)
+    b = write_expert(tmp_path / "b", shapes, 2, rank=2)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert main(["--out", str(tmp_path / "o"), str(a), str(corrupt)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {corrupt}: cannot be read as a LoRA" in err and "Traceback" not in err
+    assert main(["--out", str(tmp_path / "o"), str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "ranks differ" in err and f"{a} (rank 4)" in err and f"{b} (rank 2)" in err
+
+
 def test_cli_reports_bad_input_with_exit_status_2(tmp_path, shapes, capsys):
     a = write_expert(tmp_path / "a", shapes, 1)
     b = write_expert(tmp_path / "b", shapes, 2, rank=2)

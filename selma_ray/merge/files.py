@@ -165,9 +165,27 @@ def merge_adapters(
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {list(METHODS)}")
     check_weights(list(inputs), weights, method)  # fail before loading anything
-    loaded = {n: read_lora(p) for n, p in inputs.items()}
+    loaded = {n: _read_named(p) for n, p in inputs.items()}
     shas = {n: file_sha256(weight_file(p)) for n, p in inputs.items()}
-    return merge_loaded(loaded, shas, method, weights, Path(out_dir), **options)
+    try:
+        return merge_loaded(loaded, shas, method, weights, Path(out_dir), **options)
+    except ValueError as e:  # a layer's shapes or ranks: say which input has which
+        ranks = ", ".join(
+            f"{p} (rank {max(m.rank for m in loaded[n][0].values())})" for n, p in inputs.items()
+        )
+        raise ValueError(f"{e} [inputs: {ranks}]") from e
+
+
+def _read_named(path: str) -> tuple[merge_math.Adapter, dict[str, Any] | None]:
+    """``read_lora``, with any error about the file's content naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        return read_lora(path)
+    except FileNotFoundError:
+        raise  # already names the path
+    except (SafetensorError, ValueError, OSError, KeyError) as e:
+        raise ValueError(f"{path}: cannot be read as a LoRA: {e}") from e
 
 
 # The CLI options only some methods use.
