@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config",
         "-c",
         default=DEFAULT_PRESET,
-        help="preset name (tiny, sd14, sd2, sdxl, weak_to_strong) or YAML path",
+        help="preset name (tiny, sd14, sd2, sdxl, weak_to_strong) or a YAML file of your own, "
+        "layered on its base: (default: tiny)",
     )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
@@ -123,7 +124,7 @@ def print_eval(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from selma_ray.config import ConfigError, load_config
+    from selma_ray.config import ConfigError, config_sources, load_config
     from selma_ray.core.logs import setup_logging
 
     setup_logging(args.log_level)
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         from selma_ray.pipeline import format_status, plan_status
         from selma_ray.plan import build_plan, format_plan
 
+        print(f"config: {config_sources(args.config, args.overrides)}")
         print(format_plan(build_plan(cfg)))
         print(format_status(plan_status(cfg)))
         return 0

@@ -10,6 +10,7 @@ from selma_ray.config import (
     PAPER_SKILLS,
     ConfigError,
     SelmaConfig,
+    config_sources,
     list_presets,
     load_config,
     validate,
@@ -321,3 +322,37 @@ def test_a_custom_skill_named_like_a_builtin_is_an_error_unless_it_says_it_repla
     cfg = load_config("tiny", [f"prompts.custom_skills=[{spec}]"])
     skill = get_skills(["counting"], cfg.prompts.all_custom_skills())[0]
     assert (skill.description, skill.source) == ("my counting", "custom")
+
+
+def test_a_config_file_is_layered_on_its_base_and_names_its_own_run(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("prompts: {per_skill: 2}\nresources: {experts: {max_concurrent: 3}}\n")
+    cfg, tiny = load_config(str(mine)), load_config("tiny")
+    assert cfg.prompts.per_skill == 2 and cfg.resources.experts.max_concurrent == 3
+    # everything else is the tiny preset's, not the schema's paper-sized defaults
+    assert (cfg.images.steps, cfg.experts.rank, cfg.experts.max_steps) == (
+        tiny.images.steps,
+        tiny.experts.rank,
+        tiny.experts.max_steps,
+    )
+    assert cfg.resources.experts.use_gpu == tiny.resources.experts.use_gpu
+    assert (cfg.run.name, cfg.run.dir) == ("mine", "runs/mine")
+    assert config_sources(str(mine), ["experts.rank=2"]) == f"tiny < {mine} + 1 override(s)"
+    paper = tmp_path / "paper.yaml"
+    paper.write_text(
+        "base: sd14\nrun: {name: p}\nmerge: {weights: {counting: 2.0}}\n"
+        "prompts: {skills: [counting]}\n"
+    )
+    cfg = load_config(str(paper))
+    assert cfg.experts.rank == 128 and cfg.merge.weights == {"counting": 2.0}
+    assert (cfg.run.name, cfg.run.dir) == ("p", "runs/p")
+    on = tmp_path / "on.yaml"  # a file on a file, relative to it
+    on.write_text("base: paper.yaml\nexperts: {rank: 8}\n")
+    assert load_config(str(on)).experts.rank == 8
+    assert config_sources(str(on)) == f"sd14 < {paper} < {on}"
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("base: null\n")
+    assert load_config(str(bare)).experts.rank == SelmaConfig().experts.rank
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="more than 8 deep"):
+        load_config(str(tmp_path / "loop.yaml"))
