@@ -134,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from selma_ray.plan import config_problems
+
+    problems = config_problems(cfg)  # paths and names: before any work, --plan included
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     if args.plan:
         from selma_ray.pipeline import format_status, plan_status
         from selma_ray.plan import build_plan, format_plan

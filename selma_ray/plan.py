@@ -10,12 +10,13 @@ needs (``expert_memory``) and warns when that exceeds ``resources.experts.gpu_me
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from selma_ray.config import SelmaConfig
-from selma_ray.models import TINY_SD, TINY_SDXL
+from selma_ray.models import TINY_SD, TINY_SDXL, is_builtin
 from selma_ray.models.llm_data import engine_bundles
 
 PIPELINES = {
@@ -369,6 +370,51 @@ def _eval_plan(cfg: SelmaConfig) -> dict[str, Any]:
         "seeds_per_prompt": ev.seeds_per_prompt,
         "actors": f"{res.min_size}-{res.max_size} x {_gpus(res.num_gpus)}",
     }
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def config_problems(cfg: SelmaConfig) -> list[str]:
+    """What the config names that is not there, found before any work (the job and ``--plan``
+    stop on it): local model folders, eval files (``builtin:`` ones too) and real-data
+    sources must exist, and real data must name a skill of the run. Hub ids are checked for
+    their form only: they cannot be resolved offline. Checked where the job starts, not when
+    a config is parsed: a config also loads on machines that do not hold these files."""
+    from selma_ray.eval.dsg import resolve_path
+
+    problems = []
+    for key in ("llm", "generator", "base", "vae"):
+        value = getattr(cfg.models, key)
+        if value:
+            problems += _model_problem(f"models.{key}", value)
+    if cfg.eval.enabled:
+        for key in ("prompts_file", "questions_file", "dsg_file", "tifa_file"):
+            value = getattr(cfg.eval, key)
+            if value and value != "generated" and "://" not in value:
+                try:
+                    resolve_path(value)
+                except ValueError as e:
+                    problems.append(f"eval.{key}: {e}")
+    for skill, sources in cfg.images.real_data.items():
+        if skill not in cfg.prompts.skills:
+            problems.append(
+                f"images.real_data: {skill!r} is not one of prompts.skills {cfg.prompts.skills}"
+            )
+        for source in sources:
+            if "://" not in source and not Path(source).expanduser().exists():
+                problems.append(f"images.real_data.{skill}: {source!r} does not exist")
+    return problems
+
+
+def _model_problem(key: str, value: str) -> list[str]:
+    if is_builtin(value) or Path(value).expanduser().exists():
+        return []
+    if value.startswith(("/", "./", "../", "~")):
+        return [f"{key}: the folder {value!r} does not exist"]
+    if HUB_ID.match(value):
+        return []  # a hub id: resolved when loaded
+    return [f"{key}: {value!r} is neither a built-in model, a hub id (org/name) nor a folder"]
 
 
 def format_plan(plan: dict[str, Any]) -> str:

@@ -120,3 +120,43 @@ def test_job_prints_the_plan_without_starting_ray():
     assert "train_resolution: 1024" in done.stdout
     assert "training resizes 768px images to 1024px" in done.stdout
     assert "Started a local Ray instance" not in done.stdout + done.stderr
+
+
+def test_shipped_presets_name_nothing_missing():
+    from selma_ray.config import list_presets
+    from selma_ray.plan import config_problems
+
+    for name in list_presets():
+        assert config_problems(load_config(name)) == [], name
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.prompts_file=/nonexistent.csv", "eval.prompts_file: eval prompts/questions file"),
+        ("eval.prompts_file=builtin:nope.csv", "no built-in benchmark 'nope.csv'"),
+        ("images.real_data={counting: [/no/such.tar]}", "real_data.counting: '/no/such.tar'"),
+        ("images.real_data={countin: [.]}", "'countin' is not one of prompts.skills"),
+        ("models.base=/nonexistent/path", "models.base: the folder '/nonexistent/path'"),
+        ("models.generator=not a model", "neither a built-in model, a hub id"),
+    ],
+)
+def test_paths_and_names_the_config_refers_to_are_checked_before_any_work(override, message):
+    from selma_ray.plan import config_problems
+
+    problems = config_problems(load_config("tiny", [override]))
+    assert len(problems) == 1 and message in problems[0], problems
+    assert config_problems(load_config("tiny", ["models.base=org/model-v1.5"])) == []
+
+
+def test_the_job_and_its_plan_stop_on_a_missing_file():
+    for extra in ([], ["--plan"]):
+        done = subprocess.run(
+            [sys.executable, "jobs/full_pipeline.py", "eval.prompts_file=/nonexistent.csv", *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2 and "error: eval.prompts_file" in done.stderr, done.stderr
+        assert "Started a local Ray instance" not in done.stdout + done.stderr

@@ -177,7 +177,8 @@ def judge_answer(question: Question, generated: str, nearest: bool | None = None
     return match_choice(generated, question.choices) if nearest else normalize_answer(generated)
 
 
-def _resolve_path(path: str) -> Path:
+def resolve_path(path: str) -> Path:
+    """A benchmark or prompts file: ``builtin:NAME`` (shipped) or a path that must exist."""
     if path.startswith("builtin:"):
         name = path.removeprefix("builtin:")
         file = BENCHMARKS / name
@@ -218,7 +219,7 @@ def read_prompts(path: str) -> list[EvalPrompt]:
     """Eval prompts from a .txt, .csv or TIFA .json file (TIFA and DSG-1K files bring their
     questions: a DSG-1K annotation CSV has one row per question and becomes one prompt per
     item_id)."""
-    file = _resolve_path(path)
+    file = resolve_path(path)
     if file.suffix == ".json":
         return read_tifa(file)
     if file.suffix == ".csv":
@@ -268,7 +269,7 @@ def _dsg_question(file: Path, n: int, r: dict[str, str]) -> Question:
 
 
 def _dsg_rows(path: str) -> tuple[Path, list[dict[str, str]]]:
-    file = _resolve_path(path)
+    file = resolve_path(path)
     rows = _read_csv(file)
     if not rows:
         raise ValueError(f"{file}: no rows (expected the DSG-1K annotation CSV)")
@@ -317,7 +318,7 @@ def read_dsg1k(path: str) -> list[EvalPrompt]:
 def read_tifa(path: str | Path) -> list[EvalPrompt]:
     """TIFA JSON (one entry per question) -> prompts with their questions, in file order;
     category = the source data set in the id (``coco``, ``drawbench``, ...)."""
-    file = _resolve_path(str(path))
+    file = resolve_path(str(path))
     data = json.loads(file.read_text())
     if not isinstance(data, list):
         raise ValueError(f"{file}: TIFA JSON must be a list of question entries")
@@ -350,7 +351,7 @@ def read_tifa(path: str | Path) -> list[EvalPrompt]:
 
 def read_questions(path: str) -> dict[str, list[Question]]:
     """Questions by prompt id from a DSG-1K CSV or a TIFA JSON file."""
-    if _resolve_path(path).suffix == ".json":
+    if resolve_path(path).suffix == ".json":
         return {p.id: p.questions for p in read_tifa(path)}
     return read_dsg_csv(path)
 
