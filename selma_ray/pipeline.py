@@ -29,9 +29,15 @@ from selma_ray.core.storage import is_local
 
 log = logging.getLogger(__name__)
 
-# Settings that change how a stage runs but not what it makes.
 # How a stage runs, not what it makes: changing these never re-runs it.
-NOT_LINEAGE = {"experts": {"max_failures", "max_nonfinite_steps", "feed_buffer_rows"}}
+NOT_LINEAGE = {
+    "experts": {
+        "max_failures",
+        "max_nonfinite_steps",
+        "feed_buffer_rows",
+        "feed_prefetch_batches",
+    }
+}
 
 
 def _section(cfg: SelmaConfig, name: str, drop: set[str] = frozenset()) -> dict[str, Any]:

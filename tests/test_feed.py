@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -237,3 +238,78 @@ def test_each_rank_gets_the_same_rows_in_every_run_and_epoch(cluster):
         assert first[rank][0] == first[rank][1]  # every epoch
     assert len(first[0][0]) == len(first[1][0]) == 12
     assert not set(first[0][0]) & set(first[1][0])
+
+
+def test_prefetching_hands_out_the_same_batches_and_counts_only_those_taken(cluster):
+    """The prefetch thread changes when batches are prepared, never which: the same batches as
+    without it, and ``position`` counts the batches the trainer took, not those prepared."""
+    config = loop(crop="random", random_flip=True)
+    ahead, position = batches({**config, "feed_prefetch_batches": 16}, "stream", 5)
+    plain, _ = batches({**config, "feed_prefetch_batches": 0}, "stream", 5)
+    assert keys_of(ahead) == keys_of(plain)
+    for a, b in zip(ahead, plain, strict=True):
+        assert np.array_equal(a["pixel_values"], b["pixel_values"])
+    assert position == (1, 2)  # 3 batches an epoch; 16 were asked ahead
+
+
+def test_ahead_raises_the_producers_error_and_stops_it_when_closed():
+    def failing():
+        yield 1
+        raise ValueError("broken shard")
+
+    got = feed.Ahead(failing(), 4)
+    assert next(got) == 1
+    with pytest.raises(ValueError, match="broken shard"):
+        next(got)
+
+    closed, started = [], []
+
+    def endless():
+        started.append(True)
+        try:
+            yield from itertools.count()
+        finally:
+            closed.append(True)
+
+    got = feed.Ahead(endless(), 2)
+    for _ in range(50):  # the thread starts with the iterator, before anything is asked
+        if started:
+            break
+        time.sleep(0.05)
+    assert started == [True]
+    assert [next(got) for _ in range(3)] == [0, 1, 2]
+    got.close()
+    for _ in range(50):  # the thread sees the stop at its next put (within 0.1 s)
+        if closed:
+            break
+        time.sleep(0.05)
+    assert closed == [True]
+    assert list(feed.Ahead(iter([1, 2]), 1)) == [1, 2]
+    with pytest.raises(ValueError, match="at least 1"):
+        feed.Ahead(iter([]), 0)
+
+
+def test_a_feed_held_back_by_its_budget_does_not_spin_a_core(cluster, tmp_path):
+    """While the trainer is busy and the feed's budget is full, Ray Data's scheduling loop
+    would step without waiting and take a core (and the GIL) from the training process
+    (``LoopPacer``). The process that iterates must stay mostly idle while its consumer is."""
+    import pyarrow.parquet as pq
+
+    from selma_ray.core.rundir import RunDir
+
+    table = rows_table(48, 16, 16).append_column("skill", pa.array([SKILL] * 48))
+    files = []
+    for i in range(12):
+        files.append(str(tmp_path / f"part-{i:02d}.parquet"))
+        pq.write_table(table.slice(4 * i, 4), files[-1])
+    rows = feed.read_rows(RunDir(tmp_path), files, SKILL)
+    train = feed.training_datasets(rows, [], loop(feed_buffer_rows=4, resolution=16))["train"]
+    assert feed.LoopPacer in train.context.custom_execution_callback_classes
+    wall, cpu = time.perf_counter(), time.process_time()
+    taken = 0
+    for batch in train.iter_batches(batch_size=4):
+        taken += len(batch["key"])
+        time.sleep(0.15)  # the training step
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert taken == 48
+    assert cpu < 0.3 * wall, f"the iterating process used {cpu:.2f} s of CPU in {wall:.2f} s"

@@ -376,6 +376,13 @@ class ExpertsSection(_Section):
         "trainer, whatever the data size. Ray Data gives a quarter of a dataset's budget to "
         "its finished outputs, so below four image shards (4 x 32 rows) the feed stalls.",
     )
+    feed_prefetch_batches: int = Field(
+        16,
+        ge=0,
+        description="Batches the worker prepares ahead of the training step, in a thread (crops, "
+        "flips, token ids), so that the next epoch's read starts before this one ends. "
+        "0 = none.",
+    )
     validation_batch_size: int = Field(
         8, ge=1, description="Held-out images VAE-encoded at once when validation is set up."
     )

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from selma_ray.core.udf import require_columns
 
@@ -37,6 +41,8 @@ DATA_CPUS = 0.1  # read and decode tasks: small, so scarce CPUs never starve the
 # this cap, and with DATA_CPUS alone 2 CPUs would run 20 of them, each holding a shard.
 DATA_TASKS: dict[str, Any] = {"num_cpus": DATA_CPUS, "concurrency": 2}
 HASH_MOD = 2**64
+T = TypeVar("T")
+LOOP_PERIOD_S = 0.02  # the shortest step of a feed execution's scheduling loop (LoopPacer)
 
 
 def unit(*parts: Any) -> int:
@@ -274,9 +280,41 @@ def training_datasets(
         # Workers iterate these inside the trials; their progress bars would only linger on
         # the driver's console (a stopped worker never closes them).
         ds.context.enable_progress_bars = False
+        pace(ds.context)
         execution_options(ds.context.execution_options, loop)
         datasets[name] = ds
     return datasets
+
+
+class LoopPacer(ExecutionCallback):
+    """Lets a feed execution's scheduling loop take a step at most every ``LOOP_PERIOD_S``.
+
+    Ray Data's loop (Ray 2.60) waits in ``ray.wait`` only while tasks are still running. Held
+    back by the feed's object-store budget (a finished task whose output it may not read
+    yet, or no task running while the consumer trains), it steps again at once: it spins a
+    core in the process that iterates the dataset (the Train worker, or Ray Train's split
+    coordinator), and there takes the GIL from the training step (on 2 CPUs, steps 8x
+    slower while the epoch's execution lasted). Pacing costs a finished task at most
+    ``LOOP_PERIOD_S`` before its output is read; a step that waited in ``ray.wait`` is not
+    delayed further."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+
+    def on_execution_step(self, executor) -> None:
+        rest = LOOP_PERIOD_S - (time.monotonic() - self._last)
+        if rest > 0:
+            time.sleep(rest)
+        self._last = time.monotonic()
+
+
+def pace(context) -> None:
+    """Adds ``LoopPacer`` to a dataset's ``DataContext`` (once)."""
+    if LoopPacer not in context.custom_execution_callback_classes:
+        context.custom_execution_callback_classes = [
+            *context.custom_execution_callback_classes,
+            LoopPacer,
+        ]
 
 
 def execution_options(options, loop: dict[str, Any]):
@@ -369,7 +407,28 @@ class Feed:
         self.size = config["resolution"] or _size(config["base"])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch, skip = self.position
+        return self.start()
+
+    def start(self) -> Iterator[dict[str, Any]]:
+        """The model inputs from ``position`` on. With ``feed_prefetch_batches``, a thread
+        starts preparing them now (the first epoch's read can overlap the model's loading),
+        and keeps that many ahead of the trainer, so that each epoch's read starts while the
+        trainer still steps through the last one's final batches."""
+        depth = self.config.get("feed_prefetch_batches", 0)
+        batches = self._batches(*self.position)
+        return self._hand_out(Ahead(batches, depth) if depth else batches)
+
+    def _hand_out(self, source: Iterator[tuple[int, int, dict[str, Any]]]):
+        try:
+            for epoch, index, inputs in source:
+                self.position = (epoch, index + 1)
+                yield inputs
+        finally:
+            if isinstance(source, Ahead):
+                source.close()
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(epoch, index in the epoch, model inputs) from ``(epoch, skip)`` on, forever."""
         c = self.config
         while True:
             taken = 0
@@ -377,8 +436,8 @@ class Feed:
                 taken += 1
                 if index < skip:
                     continue
-                self.position = (epoch, index + 1)
-                yield model_inputs(batch, c, epoch, self.size, c["crop"], c["random_flip"])
+                inputs = model_inputs(batch, c, epoch, self.size, c["crop"], c["random_flip"])
+                yield epoch, index, inputs
             if not taken:
                 raise RuntimeError("this worker's training shard is empty; use fewer workers")
             epoch, skip = epoch + 1, 0
@@ -412,6 +471,69 @@ class Feed:
             rows = len(self._rows["key"])
             log.info("experts: [%s] %d rows held in the worker", self.config["skill"], rows)
         return self._rows
+
+
+class Ahead(Iterator[T]):
+    """``items``, drawn by a background thread (started now) at most ``depth`` ahead of the
+    consumer. An error in the thread is raised to the consumer; ``close()`` (or dropping this
+    iterator) stops the thread at its next item, and closes ``items`` there."""
+
+    def __init__(self, items: Iterator[T], depth: int):
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be at least 1, got {depth}")
+        self._slots: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        # The thread holds the queue, the event and ``items``, never ``self``: a dropped
+        # iterator is collected, and its ``__del__`` stops the thread.
+        threading.Thread(
+            target=_produce,
+            args=(items, self._slots, self._stop),
+            name="selma-feed-prefetch",
+            daemon=True,
+        ).start()
+
+    def __next__(self) -> T:
+        error, item = self._slots.get()
+        if error is not None:
+            self.close()
+            raise error
+        if item is _END:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+_END = object()
+
+
+def _produce(items: Iterator[Any], slots: queue.Queue, stop: threading.Event) -> None:
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for item in items:
+            if not put((None, item)):
+                break
+        else:
+            put((None, _END))
+    except BaseException as e:  # handed to the consumer, raised there
+        put((e, None))
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:

@@ -20,6 +20,7 @@ cached latents and text embeddings (``selma_ray.experts.data``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -509,8 +510,18 @@ class ExpertTrainer:
         self.scaler.load_state_dict(saved["scaler"])
         self.step = int(saved["step"])
         self.skipped_steps = int(saved.get("skipped_steps", 0))
-        epoch, taken = saved.get("data_position", (0, 0))
-        self.data_position = (int(epoch), int(taken))
+        self.data_position = saved_position(Path(ckpt), saved)
+
+
+def saved_position(ckpt: Path, state: dict[str, Any] | None = None) -> tuple[int, int]:
+    """The feed's (epoch, batches taken in it) a checkpoint was saved at ((0, 0) for a
+    checkpoint older than the streamed feed)."""
+    if state is None:
+        import torch
+
+        state = torch.load(Path(ckpt) / STATE_FILE, weights_only=True)
+    epoch, taken = state.get("data_position", (0, 0))
+    return int(epoch), int(taken)
 
 
 def _work(config: dict[str, Any]) -> tuple[RunDir, str] | None:
@@ -598,13 +609,23 @@ def train_expert(config: dict[str, Any]) -> None:
     _check_not_stopped(config)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    trainer = ExpertTrainer(config, ray.train.torch.get_device())
-    resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt:
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt:
+        # The feed starts first, from the checkpoint's data position: its first read then
+        # overlaps the loading of the model.
+        feed = Feed(
+            ray.train.get_dataset_shard("train"),
+            config,
+            rank,
+            saved_position(Path(ckpt)) if ckpt else (0, 0),
+            config.get("feed_mode", "stream"),
+        )
+        batches = feed.start()
+        trainer = ExpertTrainer(config, ray.train.torch.get_device())
+        if ckpt:
             trainer.load(Path(ckpt))
-        resumed_from = trainer.step
+    resumed_from = trainer.step
+    if checkpoint:
         log.info(
             "experts: [%s] resumed at step %d (data: epoch %d, batch %d)",
             config["skill"],
@@ -632,14 +653,6 @@ def train_expert(config: dict[str, Any]) -> None:
         writer = SummaryWriter(str(log_dir), purge_step=trainer.step + 1 if trainer.step else None)
 
     try:
-        feed = Feed(
-            ray.train.get_dataset_shard("train"),
-            config,
-            rank,
-            trainer.data_position,
-            config.get("feed_mode", "stream"),
-        )
-        batches = iter(feed)
         losses: list[float] = []
         start, start_step = time.perf_counter(), trainer.step
         last, step_seconds = start, []  # wall time per step, data fetch and reports included
