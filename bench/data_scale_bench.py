@@ -161,13 +161,14 @@ def run_arm(n: int, steps: int, resolution: int) -> dict[str, Any]:
 
     from selma_ray.core import layout
     from selma_ray.core.rundir import RunDir
+    from selma_ray.experts import feed as training_feed
     from selma_ray.experts.stage import prepare_data
 
     run = RunDir(synthesize(n))
     loop = loop_config(resolution, "stream", steps)
     job = {
         "run": run.spec,
-        "images": layout.images_files(run),
+        "images": training_feed.skill_files(run, layout.images_files(run), SKILLS),
         "fingerprints": dict.fromkeys(SKILLS, "bench"),
         "resources": {"workers_per_expert": 1},
         "loop": loop,
@@ -197,7 +198,8 @@ def speed_arm(n: int, feed: str, steps: int, resolution: int) -> float:
 
     run = RunDir(synthesize(n))
     loop = {**loop_config(resolution, feed, steps), "skill": SKILLS[0], "feed_mode": feed}
-    rows = training_feed.read_rows(run, layout.images_files(run), SKILLS[0])
+    files = training_feed.skill_files(run, layout.images_files(run), SKILLS[:1])[SKILLS[0]]
+    rows = training_feed.read_rows(run, files, SKILLS[0])
     count, _ = training_feed.scan(rows)
     held_out, _ = training_feed.split_validation(rows, count, 0, SKILLS[0], 0.1, None)
     train = training_feed.training_datasets(rows, held_out, loop)["train"]

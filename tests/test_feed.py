@@ -90,7 +90,6 @@ def test_split_and_hash_at_scale_agree_with_the_rule_and_ignore_order(cluster):
 def test_a_skills_read_skips_the_shards_whose_statistics_exclude_it(tmp_path):
     import pyarrow.parquet as pq
 
-    from selma_ray.core import layout
     from selma_ray.core.rundir import RunDir
 
     table = rows_table(2)
@@ -103,10 +102,12 @@ def test_a_skills_read_skips_the_shards_whose_statistics_exclude_it(tmp_path):
     )
     files = [str(tmp_path / f"{n}.parquet") for n in "abc"]
     run = RunDir(tmp_path)
-    assert layout.files_holding(run, files, "skill", "counting") == [files[0], files[2]]
-    assert layout.files_holding(run, files, "skill", "spatial") == files[1:]
+    assert feed.skill_files(run, files, ["counting", "spatial"]) == {
+        "counting": [files[0], files[2]],
+        "spatial": files[1:],
+    }
     with pytest.raises(RuntimeError, match="no images for skill 'zebra'"):
-        feed.read_rows(run, files[:2], "zebra")
+        feed.skill_files(run, files[:2], ["counting", "zebra"])
 
 
 def test_each_shard_is_read_and_decoded_in_one_task_within_the_feed_buffer(cluster, tmp_path):

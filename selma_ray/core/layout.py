@@ -70,27 +70,32 @@ def read_table(run: RunDir, files: list[str], columns: list[str] | None, filter:
     return dataset.to_table(columns=columns, filter=filter)
 
 
-def files_holding(run: RunDir, files: list[str], column: str, value: Any) -> list[str]:
-    """The Parquet ``files`` in ``run.fs`` that may hold rows where ``column == value``,
-    judged from their footers' row-group statistics (a file without them is kept). A read
-    of one skill then has no task per shard of the other skills."""
+def files_holding(
+    run: RunDir, files: list[str], column: str, values: list[Any]
+) -> dict[Any, list[str]]:
+    """For each of ``values``, the Parquet ``files`` in ``run.fs`` that may hold rows where
+    ``column`` equals it, judged from the files' row-group statistics (a file without them is
+    kept for every value). Each footer is read once, whatever the number of values; a read
+    of one value then has no task per shard of the others."""
     import pyarrow.parquet as pq
 
-    keep = []
+    keep: dict[Any, list[str]] = {v: [] for v in values}
     for file in files:
         with run.fs.open_input_file(file) as f:
             meta = pq.ParquetFile(f).metadata
         names = meta.schema.names
-        if column not in names:
-            keep.append(file)
-            continue
-        index = names.index(column)
-        for group in range(meta.num_row_groups):
-            stats = meta.row_group(group).column(index).statistics
-            if stats is None or not stats.has_min_max or stats.min <= value <= stats.max:
-                keep.append(file)
-                break
+        index = names.index(column) if column in names else None
+        for value in values:
+            if index is None or any(
+                _may_hold(meta.row_group(g).column(index).statistics, value)
+                for g in range(meta.num_row_groups)
+            ):
+                keep[value].append(file)
     return keep
+
+
+def _may_hold(stats: Any, value: Any) -> bool:
+    return stats is None or not stats.has_min_max or stats.min <= value <= stats.max
 
 
 def read_dataset(

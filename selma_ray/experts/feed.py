@@ -342,16 +342,29 @@ def data_config(loop: dict[str, Any]):
     return DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
+def skill_files(run, files: list[str], skills: list[str]) -> dict[str, list[str]]:
+    """For each skill, the committed image shards that may hold it (from their Parquet
+    statistics, each footer read once): a skill's read then has no task per shard of the
+    others."""
+    from selma_ray.core import layout
+
+    by_skill = layout.files_holding(run, files, "skill", skills)
+    for skill, held in by_skill.items():
+        if not held:
+            raise RuntimeError(
+                f"experts: no images for skill {skill!r} in the images stage's output"
+            )
+    return by_skill
+
+
 def read_rows(run, files: list[str], skill: str):
-    """A skill's rows (keys, prompt, PNG bytes) from the committed image shards that may hold
-    it, read with small tasks and the skill filter pushed into the Parquet scan."""
+    """A skill's rows (keys, prompt, PNG bytes) from image shards (those ``skill_files``
+    keeps for it), read with small tasks and the skill filter pushed into the Parquet
+    scan."""
     from ray.data.expressions import col
 
     from selma_ray.core import layout
 
-    files = layout.files_holding(run, files, "skill", skill)
-    if not files:
-        raise RuntimeError(f"experts: no images for skill {skill!r} in the images stage's output")
     return layout.read_dataset(
         run,
         files,
@@ -429,7 +442,11 @@ class Feed:
 
     def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """(epoch, index in the epoch, model inputs) from ``(epoch, skip)`` on, forever."""
+        from selma_ray.experts.data import load_tokenizers
+
         c = self.config
+        if not c.get("cache_latents"):
+            load_tokenizers(c["base"])  # while the first read runs, not after it
         while True:
             taken = 0
             for index, batch in enumerate(self._epoch(epoch)):

@@ -73,7 +73,7 @@ def prepare_data(job: dict[str, Any], skill: str) -> dict[str, Any]:
 
     loop, run = job["loop"], RunDir.from_spec(job["run"])
     work = work_dir(skill, job["fingerprints"][skill])
-    rows = feed.read_rows(run, job["images"], skill)
+    rows = feed.read_rows(run, job["images"][skill], skill)
     count, data_hash = feed.scan(rows)
     if not count:
         raise RuntimeError(f"experts: no images for skill {skill!r} in the images stage's output")
@@ -268,7 +268,7 @@ def run_experts(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, An
         ec, res = cfg.experts, cfg.resources.experts
         job = {
             "run": run.spec,
-            "images": layout.images_files(run),
+            "images": feed.skill_files(run, layout.images_files(run), todo),
             "fingerprints": fps,
             "lineage": lineage.inputs,
             "fault_drill": fault_drill(),
