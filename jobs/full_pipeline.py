@@ -142,11 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         return 2
     if args.plan:
-        from selma_ray.pipeline import format_status, plan_status
+        from selma_ray.pipeline import drift_warning, format_status, plan_status
         from selma_ray.plan import build_plan, format_plan
 
         print(f"config: {config_sources(args.config, args.overrides)}")
         print(format_plan(build_plan(cfg)))
+        drift = drift_warning(cfg)
+        if drift:
+            print(f"  ! {drift}")
         print(format_status(plan_status(cfg)))
         return 0
 

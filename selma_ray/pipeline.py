@@ -241,6 +241,46 @@ def plan_status(cfg: SelmaConfig) -> list[tuple[str, str]]:
     return status
 
 
+def config_drift(cfg: SelmaConfig) -> list[str]:
+    """The settings (dotted keys; never their values, which may hold storage secrets) in
+    which the run that the run directory holds (its ``config.yaml``) differs from ``cfg``;
+    empty when they agree or the directory holds no run yet."""
+    if is_local(cfg.run.dir) and not Path(cfg.run.dir).expanduser().is_dir():
+        return []
+    run = open_run(cfg)
+    if not run.exists("config.yaml"):
+        return []
+    old = _flat(yaml.safe_load(run.read_text("config.yaml")) or {})
+    new = _flat(cfg.model_dump(mode="json"))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT))
+
+
+_ABSENT = object()
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def drift_warning(cfg: SelmaConfig, shown: int = 8) -> str | None:
+    """A warning when ``run.dir`` holds a run made with another config, or None."""
+    keys = config_drift(cfg)
+    if not keys:
+        return None
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return (
+        f"run.dir {cfg.run.dir} holds a run made with a different config (it differs in "
+        f"{', '.join(keys[:shown])}{more}): this job redoes, in that run, the stages listed "
+        "below as changed. To keep that run, give this one its own run.dir=..."
+    )
+
+
 def format_status(status: list[tuple[str, str]]) -> str:
     return "\n".join(["stages in this run directory:"] + [f"  {n}: {w}" for n, w in status])
 

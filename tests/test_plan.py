@@ -160,3 +160,28 @@ def test_the_job_and_its_plan_stop_on_a_missing_file():
         )
         assert done.returncode == 2 and "error: eval.prompts_file" in done.stderr, done.stderr
         assert "Started a local Ray instance" not in done.stdout + done.stderr
+
+
+def test_plan_warns_when_the_run_dir_holds_a_run_made_with_another_config(tmp_path):
+    from selma_ray.pipeline import config_drift, drift_warning
+
+    run_dir = f"run.dir={tmp_path / 'runs' / 'tiny'}"
+    assert config_drift(load_config("tiny", [run_dir])) == []  # no run there yet
+    earlier = load_config("tiny", [run_dir])
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "config.yaml").write_text(earlier.to_yaml())
+    assert drift_warning(load_config("tiny", [run_dir])) is None  # the same config
+    other = load_config("tiny", [run_dir, "prompts.per_skill=3", "experts.rank=2"])
+    assert config_drift(other) == ["experts.rank", "prompts.per_skill"]
+    done = subprocess.run(
+        [sys.executable, "jobs/full_pipeline.py", "--plan", run_dir, "prompts.per_skill=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "holds a run made with a different config (it differs in prompts.per_skill)" in (
+        done.stdout
+    )
+    assert "give this one its own run.dir=" in done.stdout
