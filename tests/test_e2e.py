@@ -362,3 +362,34 @@ def test_second_run_repeats_no_stage(head, first_run):
             for line in out.splitlines()
         ), f"stage {stage} was repeated:\n{out[-3000:]}"
     assert {p: p.stat().st_mtime_ns for p in manifests} == before
+
+
+def test_serve_deploy_of_the_runs_serve_yaml_answers(head, first_run):
+    """The README's local route ends with `serve deploy <run>/serve.yaml`: the config the job
+    wrote deploys with the CLI (token auth on, as `ray start --head` left it), over the app
+    the job started, and answers for the run's adapters."""
+    serve_yaml = head["run_dir"] / "serve.yaml"
+    done = subprocess.run(
+        [str(BIN / "serve"), "deploy", "--address", head["dashboard"], str(serve_yaml)],
+        env={**ray_env(), "RAY_AUTH_MODE": "token"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    deadline, resp = time.monotonic() + 300, None
+    while time.monotonic() < deadline:
+        status = subprocess.run(
+            [str(BIN / "serve"), "status", "--address", head["dashboard"]],
+            env={**ray_env(), "RAY_AUTH_MODE": "token"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        if "RUNNING" in status and "DEPLOYING" not in status:
+            resp = generate(head, "merged")
+            if resp.status_code == 200:
+                break
+        time.sleep(2)
+    assert resp is not None and resp.status_code == 200, status
+    assert resp.headers["content-type"] == "image/png"

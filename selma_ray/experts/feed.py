@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import numpy as np
+from ray.data import TaskPoolStrategy
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from selma_ray.core.udf import require_columns
@@ -39,7 +40,11 @@ ROW_COLUMNS = [*KEY_COLUMNS, "prompt", "image"]
 DATA_CPUS = 0.1  # read and decode tasks: small, so scarce CPUs never starve the feed
 # Tasks in flight per feed dataset. A read fuses with the maps after it only when all share
 # this cap, and with DATA_CPUS alone 2 CPUs would run 20 of them, each holding a shard.
-DATA_TASKS: dict[str, Any] = {"num_cpus": DATA_CPUS, "concurrency": 2}
+DATA_CONCURRENCY = 2
+DATA_TASKS: dict[str, Any] = {
+    "num_cpus": DATA_CPUS,
+    "compute": TaskPoolStrategy(size=DATA_CONCURRENCY),
+}
 HASH_MOD = 2**64
 T = TypeVar("T")
 LOOP_PERIOD_S = 0.02  # the shortest step of a feed execution's scheduling loop (LoopPacer)
@@ -370,7 +375,8 @@ def read_rows(run, files: list[str], skill: str):
         files,
         [*ROW_COLUMNS, "skill"],
         filter=col("skill") == skill,
-        **DATA_TASKS,
+        num_cpus=DATA_CPUS,
+        concurrency=DATA_CONCURRENCY,
         whole_files=True,
     ).select_columns(ROW_COLUMNS)
 
