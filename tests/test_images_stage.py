@@ -76,7 +76,14 @@ def images_by_key(run: RunDir) -> dict[tuple[str, int], bytes]:
     return keys
 
 
-def test_images_do_not_depend_on_batch_size(tmp_path: Path) -> None:
+def test_images_do_not_depend_on_batch_size_and_shards_keep_the_row_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same images whatever the batch size; no shard holds more than IMAGE_ROWS_PER_FILE rows
+    (the feed decodes a shard in one task), here capped at 2."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(layout, "IMAGE_ROWS_PER_FILE", 2)
     results = []
     for bs in (1, 3):
         cfg, run = setup_run(tmp_path / f"bs{bs}", 6, f"images.batch_size={bs}")
@@ -84,6 +91,8 @@ def test_images_do_not_depend_on_batch_size(tmp_path: Path) -> None:
         assert summary["rendered"] == 6 and summary["reused"] == 0
         assert summary["broken_retried"] == 0 and summary["broken_dropped"] == 0
         results.append(images_by_key(run))
+        rows = [pq.read_metadata(f).num_rows for f in layout.images_files(run)]
+        assert max(rows) <= 2 and sum(rows) == 6, rows
     assert len(results[0]) == 6
     assert results[0] == results[1]
 

@@ -145,7 +145,7 @@ def cached_latents(ds, cache: tuple[Any, str], base: str, flip: bool, loop: dict
     import ray
 
     from selma_ray.core import layout
-    from selma_ray.experts.feed import DATA_CPUS, DATA_TASKS
+    from selma_ray.experts.feed import DATA_CPUS, READ_TASKS
 
     run, prefix = cache
     done = run.read_manifest(prefix)
@@ -161,4 +161,4 @@ def cached_latents(ds, cache: tuple[Any, str], base: str, flip: bool, loop: dict
         ).write_parquet(run.key(data), filesystem=run.fs)
         done = run.write_manifest("latents", prefix, data=data)
         log.info("experts: cached latents in %s", run.url(data))
-    return layout.read_dataset(run, [run.key(done["data"])], None, **DATA_TASKS, whole_files=True)
+    return layout.read_dataset(run, [run.key(done["data"])], None, **READ_TASKS, whole_files=True)

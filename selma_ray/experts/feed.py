@@ -45,6 +45,7 @@ DATA_TASKS: dict[str, Any] = {
     "num_cpus": DATA_CPUS,
     "compute": TaskPoolStrategy(size=DATA_CONCURRENCY),
 }
+READ_TASKS: dict[str, Any] = {"num_cpus": DATA_CPUS, "concurrency": DATA_CONCURRENCY}  # reads
 HASH_MOD = 2**64
 T = TypeVar("T")
 LOOP_PERIOD_S = 0.02  # the shortest step of a feed execution's scheduling loop (LoopPacer)
@@ -375,8 +376,7 @@ def read_rows(run, files: list[str], skill: str):
         files,
         [*ROW_COLUMNS, "skill"],
         filter=col("skill") == skill,
-        num_cpus=DATA_CPUS,
-        concurrency=DATA_CONCURRENCY,
+        **READ_TASKS,
         whole_files=True,
     ).select_columns(ROW_COLUMNS)
 
