@@ -262,6 +262,8 @@ def test_ahead_raises_the_producers_error_and_stops_it_when_closed():
     assert next(got) == 1
     with pytest.raises(ValueError, match="broken shard"):
         next(got)
+    with pytest.raises(StopIteration):  # a failed iterator stays ended, never blocks
+        next(got)
 
     closed, started = [], []
 

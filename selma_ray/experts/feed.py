@@ -516,6 +516,8 @@ class Ahead(Iterator[T]):
         ).start()
 
     def __next__(self) -> T:
+        if self._stop.is_set():  # ended, failed or closed: the thread puts nothing more
+            raise StopIteration
         error, item = self._slots.get()
         if error is not None:
             self.close()
