@@ -175,6 +175,21 @@ def test_ray_is_started_from_the_image(config: dict) -> None:
     assert "venv" not in head + worker
 
 
+def test_every_node_runs_ray_with_token_auth_and_the_submitters_token(
+    config: dict, text: str
+) -> None:
+    """Ray 2.60 leaves auth off on a fresh node: each start command turns it on, with the
+    token generated on the submitter's machine (copied to every node), which the header's
+    commands generate and send."""
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        assert re.search(r"export RAY_AUTH_MODE=token; ray start ", start), key
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    top = " ".join(header(text).split())
+    generate, export = top.find("ray get-auth-token --generate"), top.find("RAY_AUTH_MODE=token")
+    assert 0 <= generate < export < top.find("ray job submit")
+
+
 def test_workers_and_head_carry_iam_instance_profiles(config: dict, text: str) -> None:
     """Workers read and write the run bucket with their instance profile (no keys); the
     head's profile may pass the workers' role on. The header gives both policies."""

@@ -29,7 +29,7 @@ SKIPPED_BY_DESIGN = {
     "make run": "the two commands (make run is the pipeline, make test this suite)",
     "python jobs/full_pipeline.py --config sd14 prompts.per_skill=200": "paper scale on GPUs",
     "tensorboard --logdir runs/tiny/experts": "benchmarks take minutes",
-    "ray up cluster.yaml": "AWS (twice: the overview and the cluster launcher section)",
+    "ray get-auth-token --generate": "AWS (twice: the overview and the cluster launcher)",
     "export RAY_AUTH_MODE=token": "the local-head route: tests/test_e2e.py runs it",
     "REGISTRY=$(aws sts get-caller-identity": "Docker and AWS",
     "eksctl create iamserviceaccount": "Kubernetes",
