@@ -183,3 +183,21 @@ def test_readme_example_runs_as_written(workdir, example):
     gap = missing(example.expected, output)
     assert gap is None, f"the output lacks {gap!r}: {where}"
     assert "Traceback" not in output, where
+
+
+def test_the_stage_table_runs_in_the_pipelines_order_and_the_tiny_row_states_its_preset():
+    """The numbered stage table follows the stage graph's run order (serve last), and the
+    presets table's tiny row gives the tiny preset's own counts."""
+    from selma_ray.config import load_config
+    from selma_ray.pipeline import ORDER
+
+    text = README.read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d) \| ([a-z ]+?) \|", text, flags=re.M)
+    names = {"skill prompts": "prompts", "evaluate": "eval"}
+    assert [int(n) for n, _ in rows] == list(range(1, len(ORDER) + 2))
+    assert [names.get(s, s) for _, s in rows] == [*ORDER, "serve"]
+    tiny = load_config("tiny")
+    (row,) = [line for line in text.splitlines() if line.startswith("| `tiny` (default)")]
+    assert f"{tiny.prompts.per_skill} prompts/skill" in row
+    assert f"{tiny.images.steps} sampling steps per image" in row
+    assert f"{tiny.experts.max_steps} training steps per expert" in row
