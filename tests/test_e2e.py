@@ -122,11 +122,12 @@ def wait_for_head(proc: subprocess.Popen, gcs: str, dashboard: str, timeout: flo
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM lets the head shut its processes down; SIGKILL to the group ends stragglers."""
+    """SIGTERM lets the head shut its processes down; SIGKILL to the group ends stragglers
+    (the head's own temp dir is removed after, so nothing it leaves behind survives)."""
     pgid = os.getpgid(proc.pid)
     proc.terminate()
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
     try:
