@@ -218,13 +218,21 @@ def _why(stage: Stage, cfg: SelmaConfig, run: RunDir, lin: Lineage) -> list[str]
     return reasons
 
 
+def existing_run(cfg: SelmaConfig) -> RunDir | None:
+    """The run directory ``cfg`` names, or None for a local one not created yet (so that
+    looking does not create it)."""
+    if is_local(cfg.run.dir) and not Path(cfg.run.dir).expanduser().is_dir():
+        return None
+    return open_run(cfg)
+
+
 def plan_status(cfg: SelmaConfig) -> list[tuple[str, str]]:
     """For the run directory ``cfg`` names: each stage with ``done`` or why it would run.
     A stage downstream of one that runs is marked as following it, since what it sees then
     depends on what the upstream stage writes."""
-    if is_local(cfg.run.dir) and not Path(cfg.run.dir).expanduser().is_dir():
+    run = existing_run(cfg)
+    if run is None:
         return [(name, "not run yet") for name in ORDER]
-    run = open_run(cfg)
     status: list[tuple[str, str]] = []
     running: set[str] = set()
     for name in ORDER:
@@ -245,10 +253,8 @@ def config_drift(cfg: SelmaConfig) -> list[str]:
     """The settings (dotted keys; never their values, which may hold storage secrets) in
     which the run that the run directory holds (its ``config.yaml``) differs from ``cfg``;
     empty when they agree or the directory holds no run yet."""
-    if is_local(cfg.run.dir) and not Path(cfg.run.dir).expanduser().is_dir():
-        return []
-    run = open_run(cfg)
-    if not run.exists("config.yaml"):
+    run = existing_run(cfg)
+    if run is None or not run.exists("config.yaml"):
         return []
     old = _flat(yaml.safe_load(run.read_text("config.yaml")) or {})
     new = _flat(cfg.model_dump(mode="json"))
