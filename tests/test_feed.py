@@ -140,7 +140,10 @@ def test_each_shard_is_read_and_decoded_in_one_task_within_the_feed_buffer(clust
 def batches(config: dict, mode: str, count: int, position=(0, 0), rows: int = 10):
     ds = feed.training_datasets(ray.data.from_arrow(rows_table(rows)), [], config)["train"]
     stream = feed.Feed(ds, config, rank=0, position=position, mode=mode)
-    return list(itertools.islice(iter(stream), count)), stream.position
+    source = iter(stream)
+    got = list(itertools.islice(source, count))
+    source.close()  # stops its prefetch thread, which would take CPU from the next test
+    return got, stream.position
 
 
 def keys_of(got: list[dict]) -> list[list[str]]:
@@ -316,3 +319,40 @@ def test_a_feed_held_back_by_its_budget_does_not_spin_a_core(cluster, tmp_path):
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert taken == 48
     assert cpu < 0.3 * wall, f"the iterating process used {cpu:.2f} s of CPU in {wall:.2f} s"
+
+
+def test_the_local_shuffle_buffer_deals_every_row_once_in_a_seeded_order():
+    """``local_shuffle`` over whole blocks: every row exactly once, batches of the asked size
+    (the last one smaller), the same order for a seed and another for another seed, and rows
+    from a later block drawn before earlier ones once they share the buffer."""
+
+    def blocks():
+        for start in (0, 5, 10):  # three blocks of 5 rows, images of two shapes
+            rows = range(start, start + 5)
+            shape = (2, 2, 3) if start < 10 else (3, 2, 3)
+            yield {
+                "key": np.asarray([f"r{i}" for i in rows], dtype=object),
+                "image": np.stack([np.full(shape, i, dtype=np.uint8) for i in rows]),
+                "original_size": np.asarray([[i, i] for i in rows], dtype=np.int64),
+            }
+
+    def run(seed: int, buffer_rows: int = 8) -> list[dict]:
+        return list(feed.local_shuffle(blocks(), 4, buffer_rows, seed))
+
+    got = run(0)
+    assert [len(b["key"]) for b in got] == [4, 4, 4, 3]
+    order = [str(k) for b in got for k in b["key"]]
+    assert sorted(order) == sorted(f"r{i}" for i in range(15))
+    assert order != sorted(order, key=lambda k: int(k[1:]))
+    for batch in got:  # every column stays with its row
+        columns = (batch["key"], batch["image"], batch["original_size"])
+        for key, image, size in zip(*columns, strict=True):
+            assert int(image.flat[0]) == int(size[0]) == int(str(key)[1:])
+    again = run(0)
+    assert [[str(k) for k in b["key"]] for b in again] == [[str(k) for k in b["key"]] for b in got]
+    assert [str(k) for b in run(1) for k in b["key"]] != order
+    whole = [str(k) for b in run(0, buffer_rows=15) for k in b["key"]]
+    assert any(int(k[1:]) >= 10 for k in whole[:4])  # a full buffer: a full permutation
+    for batch in got:  # one shape: a uint8 array; two: an object array of images
+        shapes = {np.shape(image) for image in batch["image"]}
+        assert batch["image"].dtype == (np.uint8 if len(shapes) == 1 else object)
