@@ -199,7 +199,7 @@ def speed_arm(n: int, feed: str, steps: int, resolution: int) -> float:
     run = RunDir(synthesize(n))
     loop = {**loop_config(resolution, feed, steps), "skill": SKILLS[0], "feed_mode": feed}
     files = training_feed.skill_files(run, layout.images_files(run), SKILLS[:1])[SKILLS[0]]
-    rows = training_feed.read_rows(run, files, SKILLS[0])
+    rows = training_feed.read_rows(run, files, SKILLS[:1])
     count, _ = training_feed.scan(rows)
     held_out, _ = training_feed.split_validation(rows, count, 0, SKILLS[0], 0.1, None)
     train = training_feed.training_datasets(rows, held_out, loop)["train"]

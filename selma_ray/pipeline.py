@@ -66,9 +66,13 @@ def _images_config(cfg: SelmaConfig) -> dict[str, Any]:
     }
 
 
-def _experts_config(cfg: SelmaConfig, skill: str) -> dict[str, Any]:
+def _experts_config(cfg: SelmaConfig, unit: str) -> dict[str, Any]:
     vae = {"vae": cfg.models.vae} if cfg.models.vae else {}  # the VAE the latents come from
-    return {**_section(cfg, "experts"), "base": cfg.models.base, "seed": cfg.run.seed, **vae}
+    # A joint LoRA by its skills; an expert's slice is as it was before joint LoRAs existed
+    # (and without the joint LoRAs, which another expert's training does not depend on).
+    joint = {"skills": cfg.experts.joint[unit]} if unit in cfg.experts.joint else {}
+    section = _section(cfg, "experts", {"joint"})
+    return {**section, "base": cfg.models.base, "seed": cfg.run.seed, **vae, **joint}
 
 
 def _merge_config(cfg: SelmaConfig) -> dict[str, Any]:
@@ -152,27 +156,40 @@ GRAPH: dict[str, Stage] = {
 ORDER = list(GRAPH)
 
 
-def upstream_digest(run: RunDir, stage: Stage, cfg: SelmaConfig, unit: str | None) -> str | None:
+def stage_units(name: str, cfg: SelmaConfig) -> list[str]:
+    """The units of a per-skill stage: the skills, and for experts also the joint LoRAs."""
+    return list(cfg.expert_units()) if name == "experts" else list(cfg.prompts.skills)
+
+
+def upstream_digest(
+    run: RunDir, stage: Stage, cfg: SelmaConfig, unit: str | None, consumer: str = ""
+) -> str | None:
     """The digest ``stage``'s outputs recorded: for one unit where both sides split by skill,
-    else for all of it. Per-skill stages that keep one manifest per skill (experts) are
-    combined over the run's skills."""
+    else for all of it. Per-skill stages that keep one manifest per unit (experts) are
+    combined over their units: the merge reads only the skills' experts, the others every
+    unit. A joint LoRA's images are those of its skills."""
     if stage.name == "experts":
-        units = [unit] if unit else cfg.prompts.skills
+        units = [unit] if unit else stage_units("experts", cfg)
+        if consumer == "merge":
+            units = [u for u in units if u in cfg.prompts.skills]
         digests = {u: output_digest(run.read_manifest(*stage.manifest_parts(u))) for u in units}
         return digests[unit] if unit else digest(digests)
-    return output_digest(run.read_manifest(*stage.manifest_parts()), unit)
+    manifest = run.read_manifest(*stage.manifest_parts())
+    if unit in cfg.experts.joint:
+        return digest({s: output_digest(manifest, s) for s in cfg.experts.joint[unit]})
+    return output_digest(manifest, unit)
 
 
 def lineage(name: str, cfg: SelmaConfig, run: RunDir) -> Lineage:
     """Fingerprints for stage ``name`` from its config slice and its upstream outputs as they
     stand now in ``run``."""
     stage = GRAPH[name]
-    units = cfg.prompts.skills if stage.per_skill else [None]
+    units = stage_units(name, cfg) if stage.per_skill else [None]
     inputs: dict[str | None, dict[str, Any]] = {}
     for unit in units:
         config = stage.config(cfg, unit) if stage.per_skill else stage.config(cfg)
         upstream = {
-            u: upstream_digest(run, GRAPH[u], cfg, unit if stage.per_skill else None)
+            u: upstream_digest(run, GRAPH[u], cfg, unit if stage.per_skill else None, name)
             for u in stage.upstream
         }
         inputs[unit] = {"unit": unit, "config": digest(config), "upstream": upstream}
@@ -202,7 +219,7 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _why(stage: Stage, cfg: SelmaConfig, run: RunDir, lin: Lineage) -> list[str]:
     """Why a stage (or which of its units) would run now; empty when it is done."""
-    units = cfg.prompts.skills if stage.name == "experts" else [None]  # a manifest per expert
+    units = stage_units("experts", cfg) if stage.name == "experts" else [None]  # one each
     reasons = []
     for unit in units:
         manifest = run.read_manifest(*stage.manifest_parts(unit))

@@ -228,7 +228,7 @@ def test_two_ddp_workers_train_disjoint_rows_into_one_lora_of_the_mean_gradient(
 
     write_images(tmp_path, ["counting"], per_skill=6)
     run = RunDir(tmp_path)
-    rows = feed.read_rows(run, layout.images_files(run), "counting")
+    rows = feed.read_rows(run, layout.images_files(run), ["counting"])
     held_out, _ = feed.split_validation(rows, 6, 0, "counting", 0.0, 2)
     loop = {
         **load_config("tiny", []).experts.model_dump(),

@@ -110,6 +110,18 @@ def test_a_skills_read_skips_the_shards_whose_statistics_exclude_it(tmp_path):
         feed.skill_files(run, files[:2], ["counting", "zebra"])
 
 
+def test_a_joint_loras_read_takes_the_rows_of_its_skills_and_no_others(cluster, tmp_path):
+    import pyarrow.parquet as pq
+
+    from selma_ray.core.rundir import RunDir
+
+    table = rows_table(9).append_column("skill", pa.array(["a", "b", "c"] * 3))
+    pq.write_table(table, tmp_path / "part.parquet")
+    rows = feed.read_rows(RunDir(tmp_path), [str(tmp_path / "part.parquet")], ["a", "c"])
+    got = sorted(str(r["prompt_id"]) for r in rows.take_all())
+    assert got == [f"{SKILL}-{i:03d}" for i in range(9) if i % 3 != 1]
+
+
 def test_each_shard_is_read_and_decoded_in_one_task_within_the_feed_buffer(cluster, tmp_path):
     """The read fuses with the maps after it (the shard's bytes never wait whole in the object
     store), and the read-ahead budget is ``feed_buffer_rows`` decoded rows, also under Ray Train."""
@@ -121,7 +133,7 @@ def test_each_shard_is_read_and_decoded_in_one_task_within_the_feed_buffer(clust
     for i in range(3):  # fewer files than Ray Data's target parallelism: it would split them
         pq.write_table(table.slice(4 * i, 4), tmp_path / f"part-{i}.parquet")
     run = RunDir(tmp_path)
-    rows = feed.read_rows(run, [str(tmp_path / f"part-{i}.parquet") for i in range(3)], SKILL)
+    rows = feed.read_rows(run, [str(tmp_path / f"part-{i}.parquet") for i in range(3)], [SKILL])
     assert feed.scan(rows)[0] == 12
     digests = rows.select_columns(["prompt", "image"]).map_batches(
         feed._digest_sum, batch_format="numpy", batch_size=None, **feed.DATA_TASKS
@@ -308,7 +320,7 @@ def test_a_feed_held_back_by_its_budget_does_not_spin_a_core(cluster, tmp_path):
     for i in range(12):
         files.append(str(tmp_path / f"part-{i:02d}.parquet"))
         pq.write_table(table.slice(4 * i, 4), files[-1])
-    rows = feed.read_rows(RunDir(tmp_path), files, SKILL)
+    rows = feed.read_rows(RunDir(tmp_path), files, [SKILL])
     train = feed.training_datasets(rows, [], loop(feed_buffer_rows=4, resolution=16))["train"]
     assert feed.LoopPacer in train.context.custom_execution_callback_classes
     wall, cpu = time.perf_counter(), time.process_time()

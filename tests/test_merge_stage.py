@@ -31,10 +31,10 @@ from selma_ray.testing import commit_images
 SKILLS = ["counting", "everyday_scenes"]
 
 
-def make_run(root: Path, *overrides: str, base: str = TINY_SD):
+def make_run(root: Path, *overrides: str, base: str = TINY_SD, skills: list[str] = SKILLS):
     cfg = load_config(
         "tiny",
-        [f"run.dir={root}", f"prompts.skills=[{', '.join(SKILLS)}]", f"models.base={base}"]
+        [f"run.dir={root}", f"prompts.skills=[{', '.join(skills)}]", f"models.base={base}"]
         + list(overrides),
     )
     run = RunDir(root)
@@ -43,7 +43,7 @@ def make_run(root: Path, *overrides: str, base: str = TINY_SD):
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     unet.add_adapter(config)
     shapes = {k: v.shape for k, v in get_peft_model_state_dict(unet).items()}
-    for i, skill in enumerate(SKILLS):
+    for i, skill in enumerate(skills):
         gen = torch.Generator().manual_seed(i)
         state = {k: torch.randn(s, generator=gen) * 0.3 for k, s in shapes.items()}
         save_adapter(run.path("experts", skill), state, config.to_dict())
@@ -178,3 +178,40 @@ def test_run_merge_in_a_ray_actor_then_skips_and_drops_stale_methods(tmp_path):
     assert run.read_manifest("merges", "svd")["r"] == 2
     assert not stale.exists()
     assert again["skipped"] is True and again["method"] == "paper"
+
+
+def test_a_subset_merge_is_the_default_method_over_its_experts_only_and_goes_when_dropped(
+    tmp_path,
+):
+    import ray
+    from safetensors.torch import load_file
+
+    skills = [*SKILLS, "dense_detail"]
+    pair = "merge.subsets={pair: [counting, everyday_scenes]}"
+    cfg, run = make_run(tmp_path / "run", pair, skills=skills)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        run_stage("merge", cfg, run)
+        assert "merged-pair" in find_adapters(run) and "merged-paper" in find_adapters(run)
+        weights = {
+            n: load_file(run.path(*p, WEIGHT_NAME))
+            for n, p in {
+                "pair": ("merges", "pair"),
+                "all": ("merged",),
+                **{s: ("experts", s) for s in skills},
+            }.items()
+        }
+        key = next(k for k in weights["pair"] if "lora_A" in k or "lora.down" in k)
+        mean = (weights["counting"][key] + weights["everyday_scenes"][key]) / 2
+        assert torch.allclose(weights["pair"][key], mean, atol=1e-6)  # paper: mean of the A's
+        assert not torch.allclose(weights["all"][key], mean, atol=1e-3)  # all three differ
+        dropped = load_config("tiny", [*_overrides(cfg), "merge.subsets={}"])
+        run_stage("merge", dropped, run)
+    finally:
+        ray.shutdown()
+    assert "merged-pair" not in find_adapters(run)
+    assert not run.path("merges", "pair").exists()
+
+
+def _overrides(cfg) -> list[str]:
+    return [f"run.dir={cfg.run.dir}", f"prompts.skills=[{', '.join(cfg.prompts.skills)}]"]

@@ -25,7 +25,7 @@ from pydantic import (
 from selma_ray.core.skills import SKILLS
 from selma_ray.eval import LABELS as SCORER_LABELS
 from selma_ray.images import SCHEDULER_NAMES
-from selma_ray.merge import Method
+from selma_ray.merge import METHODS, Method
 
 PAPER_SKILLS = list(SKILLS)  # the paper's five, in its order
 
@@ -261,6 +261,17 @@ SchedulerName = Literal[SCHEDULER_NAMES]
 ScorerName = Literal[tuple(SCORER_LABELS)]
 
 
+def _named_groups(key: str, groups: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Named groups of skills (``experts.joint``, ``merge.subsets``): names usable as folder
+    names, each group at least two distinct skills."""
+    for name, members in groups.items():
+        if not re.match(SKILL_NAME, name):
+            raise ValueError(f"{key}: {name!r} is not a valid name ({SKILL_NAME})")
+        if len(set(members)) != len(members) or len(members) < 2:
+            raise ValueError(f"{key}.{name} must list at least two distinct skills, got {members}")
+    return groups
+
+
 class ImagesSection(_Section):
     steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0.0)
@@ -277,6 +288,12 @@ class ImagesSection(_Section):
         default_factory=dict,
         description="skill -> image folders, Parquet or WebDataset tars used instead of "
         "rendering that skill (see selma_ray.images.real_data).",
+    )
+    real_data_use: Literal["pairs", "prompts"] = Field(
+        "pairs",
+        description="pairs: real_data's images and captions are the skill's training data; "
+        "prompts: its captions are the skill's prompts (no LLM) and the generator renders them "
+        "(the paper's 'ground-truth prompt + generated image').",
     )
 
     @field_validator("resolution")
@@ -383,9 +400,20 @@ class ExpertsSection(_Section):
         "flips, token ids), so that the next epoch's read starts before this one ends. "
         "0 = none.",
     )
+    joint: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="name -> skills: one LoRA trained on the pooled images of those skills, "
+        "with an expert's steps and batch, exported to experts/<name>/ beside the experts "
+        "(the paper's multi-skill LoRA baseline).",
+    )
     validation_batch_size: int = Field(
         8, ge=1, description="Held-out images VAE-encoded at once when validation is set up."
     )
+
+    @field_validator("joint")
+    @classmethod
+    def _joint_valid(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return _named_groups("experts.joint", v)
 
     @model_validator(mode="after")
     def _cache_compatible(self) -> ExpertsSection:
@@ -456,10 +484,24 @@ class MergeSection(_Section):
             raise ValueError(f"weights must be >= 0 and not all zero, got {v}")
         return v
 
+    subsets: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="name -> skills: a merge of only those experts with the default method, "
+        "written to merges/<name>/ and served as merged-<name> (the paper's merge of 3 of 5).",
+    )
+
+    @field_validator("subsets")
+    @classmethod
+    def _subsets_valid(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return _named_groups("merge.subsets", v)
+
     @model_validator(mode="after")
     def _default_is_a_method(self) -> MergeSection:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must be unique, got {self.methods}")
+        taken = sorted(set(self.subsets) & set(METHODS))
+        if taken:
+            raise ValueError(f"merge.subsets names {taken} are merge methods; rename them")
         if self.default not in self.methods:
             raise ValueError(
                 f"default ({self.default!r}) must be one of methods {self.methods}; "
@@ -702,7 +744,29 @@ class SelmaConfig(_Section):
                 f"merge.weights must give one weight per skill in prompts.skills "
                 f"{self.prompts.skills}; got {sorted(weights)}"
             )
+        skills = set(self.prompts.skills)
+        for key, groups in (
+            ("experts.joint", self.experts.joint),
+            ("merge.subsets", self.merge.subsets),
+        ):
+            for name, members in groups.items():
+                unknown = sorted(set(members) - skills)
+                if unknown:
+                    raise ValueError(
+                        f"{key}.{name} names skills {unknown} that are not in prompts.skills "
+                        f"{self.prompts.skills}"
+                    )
+        clash = sorted(set(self.experts.joint) & skills)
+        if clash:
+            raise ValueError(
+                f"experts.joint names {clash} are skills; give the joint LoRAs other names"
+            )
         return self
+
+    def expert_units(self) -> dict[str, list[str]]:
+        """The experts stage's units, each with the skills whose images it trains on: one
+        expert per skill, then each joint LoRA (``experts.joint``)."""
+        return {**{s: [s] for s in self.prompts.skills}, **self.experts.joint}
 
     def fingerprint(self, *sections: str, extra: Any = None) -> str:
         """A stable hash of the named sections (and ``extra``), for stage manifests."""

@@ -364,10 +364,10 @@ def skill_files(run, files: list[str], skills: list[str]) -> dict[str, list[str]
     return by_skill
 
 
-def read_rows(run, files: list[str], skill: str):
-    """A skill's rows (keys, prompt, PNG bytes) from image shards (those ``skill_files``
-    keeps for it), read with small tasks and the skill filter pushed into the Parquet
-    scan."""
+def read_rows(run, files: list[str], skills: list[str]):
+    """The rows (keys, prompt, PNG bytes) of ``skills`` (one, or a joint LoRA's several)
+    from image shards (those ``skill_files`` keeps for them), read with small tasks and the
+    skill filter pushed into the Parquet scan."""
     from ray.data.expressions import col
 
     from selma_ray.core import layout
@@ -376,7 +376,7 @@ def read_rows(run, files: list[str], skill: str):
         run,
         files,
         [*ROW_COLUMNS, "skill"],
-        filter=col("skill") == skill,
+        filter=col("skill").is_in(list(skills)),
         **READ_TASKS,
         whole_files=True,
     ).select_columns(ROW_COLUMNS)

@@ -73,7 +73,7 @@ def prepare_data(job: dict[str, Any], skill: str) -> dict[str, Any]:
 
     loop, run = job["loop"], RunDir.from_spec(job["run"])
     work = work_dir(skill, job["fingerprints"][skill])
-    rows = feed.read_rows(run, job["images"][skill], skill)
+    rows = feed.read_rows(run, job["images"][skill], job["members"][skill])
     count, data_hash = feed.scan(rows)
     if not count:
         raise RuntimeError(f"experts: no images for skill {skill!r} in the images stage's output")
@@ -161,6 +161,7 @@ def _train_one(
     )
     info = {
         "skill": skill,
+        "skills": job["members"][skill],  # the skills whose images it learned from
         "base_model": loop["base"],
         "rank": loop["rank"],
         "alpha": loop["alpha"],
@@ -255,10 +256,12 @@ def export_expert(
 
 
 def run_experts(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]:
-    """Train every unfinished skill expert in parallel; returns the stage summary."""
+    """Train every unfinished skill expert (and joint LoRA, ``experts.joint``) in parallel;
+    returns the stage summary."""
     from ray import tune
 
-    skills = cfg.prompts.skills
+    members = cfg.expert_units()
+    skills = list(members)
     fps = lineage.units
     todo = [s for s in skills if not run.is_done(fps[s], STAGE, s)]
     for s in skills:
@@ -266,9 +269,13 @@ def run_experts(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, An
             log.info("experts: [%s] finished earlier with the same inputs, skipping", s)
     if todo:
         ec, res = cfg.experts, cfg.resources.experts
+        needed = sorted({skill for unit in todo for skill in members[unit]})
+        files = feed.skill_files(run, layout.images_files(run), needed)
         job = {
             "run": run.spec,
-            "images": feed.skill_files(run, layout.images_files(run), todo),
+            # A unit's shards: those of its skills (a joint LoRA's span several skills).
+            "images": {u: sorted({f for s in members[u] for f in files[s]}) for u in todo},
+            "members": {u: members[u] for u in todo},
             "fingerprints": fps,
             "lineage": lineage.inputs,
             "fault_drill": fault_drill(),

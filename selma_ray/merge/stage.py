@@ -3,9 +3,10 @@
 The rules are pure functions in ``selma_ray.merge.methods`` and adapter files are read and
 written by ``selma_ray.merge.files``; this module runs the stage. Each method in
 ``merge.methods`` goes to ``merges/<method>/`` (the experts' diffusers LoRA format, with a
-manifest: method, weights, input sha256, score). ``merged/`` gets ``merge.default`` or, with
-``merge.select=validation``, the method with the lowest denoising loss on a fixed sample of the
-run's images (``selma_ray.merge.validate``).
+manifest: method, weights, input sha256, score), and each of ``merge.subsets`` (a merge of a
+few experts with the default method) to ``merges/<name>/``. ``merged/`` gets ``merge.default``
+or, with ``merge.select=validation``, the method with the lowest denoising loss on a fixed
+sample of the run's images (``selma_ray.merge.validate``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ def merge_run(job: dict[str, Any]) -> dict[str, Any]:
             out = local / "out" / method
             done[method] = merge_loaded(loaded, shas, method, job["weights"], out, **job["options"])
             log.info("merge: %s of %d experts -> %s", method, len(inputs), run.url(MERGES, method))
+        for name, skills in job["subsets"].items():  # merges of a chosen few experts
+            weights = job["weights"]
+            done[name] = merge_loaded(
+                {s: loaded[s] for s in skills},
+                {s: shas[s] for s in skills},
+                job["default"],
+                {s: weights[s] for s in skills} if weights else None,
+                local / "out" / name,
+                **job["options"],
+            )
+            log.info("merge: %s of %s -> %s", job["default"], skills, run.url(MERGES, name))
         del loaded
         scores: dict[str, float] = {}
         chosen = job["default"]
@@ -105,6 +117,7 @@ def merge_job(cfg: SelmaConfig, run: RunDir, fingerprint: str) -> dict[str, Any]
         "inputs": {s: layout.expert_dir(s) for s in cfg.prompts.skills},
         "images": layout.images_files(run) if mc.select == "validation" else [],
         "methods": list(mc.methods),
+        "subsets": dict(mc.subsets),
         "default": mc.default,
         "select": mc.select,
         "weights": mc.weights,
@@ -130,8 +143,8 @@ def run_merge(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]
     if cfg.merge.device == "cuda" and res.num_gpus <= 0:
         raise ValueError("merge.device=cuda needs resources.merge.num_gpus > 0")
     run.drop_manifest(STAGE)  # un-commit: merged/ is rewritten below
-    for old in run.listdir(MERGES):  # merges of methods no longer configured would be served
-        if old not in cfg.merge.methods:
+    for old in run.listdir(MERGES):  # merges no longer configured would be served
+        if old not in cfg.merge.methods and old not in cfg.merge.subsets:
             run.delete(MERGES, old)
     actor = (
         ray.remote(MergeActor)
@@ -145,7 +158,7 @@ def run_merge(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any]
     run.written.update(info.pop("shas"))
     log.info("merge: 'merged' is %s (%s) -> %s", info["method"], cfg.merge.select, info["adapter"])
     written = [f"{STAGE}/{WEIGHT_NAME}"]
-    written += [f"{MERGES}/{m}/{WEIGHT_NAME}" for m in cfg.merge.methods]
+    written += [f"{MERGES}/{m}/{WEIGHT_NAME}" for m in [*cfg.merge.methods, *cfg.merge.subsets]]
     return run.write_manifest(
         fp, STAGE, **info, lineage=lineage.inputs, outputs=run.outputs(written)
     )
