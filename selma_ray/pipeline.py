@@ -58,8 +58,10 @@ def _prompts_config(cfg: SelmaConfig, skill: str) -> dict[str, Any]:
 
 def _images_config(cfg: SelmaConfig) -> dict[str, Any]:
     real = {k: [content_digest(s) for s in v] for k, v in sorted(cfg.images.real_data.items())}
+    use = {"real_data_use": "prompts"} if cfg.images.real_data_use == "prompts" else {}
     return {
-        **_section(cfg, "images", {"real_data"}),
+        **_section(cfg, "images", {"real_data", "real_data_use"}),
+        **use,  # only when set: a run from before the setting keeps its fingerprint
         "real_data": real,
         "generator": cfg.models.generator,
         "seed": cfg.run.seed,
@@ -76,7 +78,9 @@ def _experts_config(cfg: SelmaConfig, unit: str) -> dict[str, Any]:
 
 
 def _merge_config(cfg: SelmaConfig) -> dict[str, Any]:
-    return {**_section(cfg, "merge"), "skills": cfg.prompts.skills, "base": cfg.models.base}
+    subsets = {"subsets": cfg.merge.subsets} if cfg.merge.subsets else {}  # as for real_data_use
+    section = _section(cfg, "merge", {"subsets"})
+    return {**section, **subsets, "skills": cfg.prompts.skills, "base": cfg.models.base}
 
 
 def _eval_config(cfg: SelmaConfig) -> dict[str, Any]:

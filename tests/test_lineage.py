@@ -147,6 +147,22 @@ def test_an_expert_setting_redoes_experts_merge_and_eval_only(made):
     }
 
 
+def test_a_joint_lora_or_a_subset_merge_redoes_only_what_uses_it(made):
+    """Experiments add arms to a finished run: a joint LoRA is one more experts unit (the
+    experts already trained and the merge stay done), a subset merge redoes only the merge,
+    and settings left at their defaults keep the fingerprints of runs made before them."""
+    cfg, run = made
+    both = "{both: [counting, everyday_scenes]}"
+    before = fingerprints(cfg, run)
+    joint = tiny(Path(cfg.run.dir), f"experts.joint={both}")
+    assert changed(before, fingerprints(joint, run)) == {"eval"}
+    assert set(lineage("experts", joint, run).units) == {*SKILLS, "both"}
+    subset = tiny(Path(cfg.run.dir), f"merge.subsets={both}")
+    assert changed(before, fingerprints(subset, run)) == {"merge"}
+    defaults = tiny(Path(cfg.run.dir), "images.real_data_use=pairs", "experts.joint={}")
+    assert changed(before, fingerprints(defaults, run)) == set()
+
+
 def test_a_skill_files_content_counts_not_its_path(tmp_path):
     skills_file = tmp_path / "skills.yaml"
 

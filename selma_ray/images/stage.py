@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
-from itertools import chain
+from itertools import chain, islice
 from typing import Any
 
 from selma_ray.config import SelmaConfig
@@ -133,6 +133,24 @@ def image_rows(cfg: SelmaConfig, prompt_rows: list[dict[str, Any]]) -> list[dict
                     "seed": seed,
                 }
             )
+    return rows
+
+
+def real_prompts(cfg: SelmaConfig) -> list[dict[str, Any]]:
+    """With ``images.real_data_use=prompts``: each real_data skill's captions as prompts to
+    render, the first ``prompts.per_skill`` its sources hold (the images are not kept)."""
+    rows = []
+    for skill, sources in cfg.images.real_data.items():
+        report = datasets.ImportReport()
+        pairs = chain.from_iterable(datasets.read_pairs(s, skill, report) for s in sources)
+        taken = [
+            {"id": r["prompt_id"], "skill": skill, "prompt": r["prompt"]}
+            for r in islice(pairs, cfg.prompts.per_skill)
+        ]
+        if not taken:
+            raise RuntimeError(f"images: real_data for {skill!r} holds no captions: {sources}")
+        log.info("images: [%s] rendering %d real captions from %s", skill, len(taken), sources)
+        rows += taken
     return rows
 
 
@@ -282,15 +300,20 @@ def run_images(cfg: SelmaConfig, run: RunDir, lineage: Lineage) -> dict[str, Any
         log.info("images: finished earlier with the same inputs, skipping")
         return {**(run.read_manifest(STAGE) or {}), "skipped": True}
     real = cfg.images.real_data
-    prompt_rows = layout.load_prompts(run, cfg.prompts.skills)
-    planned = image_rows(cfg, [p for p in prompt_rows if p["skill"] not in real])
-    if not planned and not real:
-        raise RuntimeError("images: the prompts stage produced no prompts to render")
     for skill, sources in real.items():
         for source in sources:
             datasets.source_kind(source)  # a missing source fails before any rendering
         if skill not in cfg.prompts.skills:
             log.warning("images: real_data skill %r is not in prompts.skills; no expert", skill)
+    prompt_rows = [
+        p for p in layout.load_prompts(run, cfg.prompts.skills) if p["skill"] not in real
+    ]
+    if cfg.images.real_data_use == "prompts":  # real captions, rendered by the generator
+        prompt_rows += real_prompts(cfg)
+        real = {}
+    planned = image_rows(cfg, prompt_rows)
+    if not planned and not real:
+        raise RuntimeError("images: the prompts stage produced no prompts to render")
     tag = uuid.uuid4().hex[:8]
     kept, reused = _reuse_old_rows(run, cfg, planned, tag)
     todo = [r for r in planned if (r["prompt_id"], r["image_index"]) not in reused]
