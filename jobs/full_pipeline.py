@@ -43,6 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="print the stage plan (models, resolutions, resources) and which stages of the run "
         "directory would run and why; runs nothing",
     )
+    p.add_argument(
+        "--experiment",
+        choices=["table1", "table2", "table4", "figure1"],
+        default=None,
+        help="run every arm of one of the paper's comparisons and write "
+        "<run.dir>/experiment/<name>/results.md, results.json and report.html "
+        "(with --plan: its arms, what they share, GPU-hours and peak GPUs)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -141,6 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
         return 2
+    experiment = None
+    if args.experiment:
+        from selma_ray.experiments import design
+
+        try:
+            experiment = design.build(args.experiment, cfg)
+        except (ValueError, ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.plan and experiment is not None:
+        print(f"config: {config_sources(args.config, args.overrides)}")
+        print(design.format_plan(design.plan(experiment)))
+        return 0
     if args.plan:
         from selma_ray.pipeline import drift_warning, format_status, plan_status
         from selma_ray.plan import build_plan, format_plan
@@ -173,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     started_here = connect(args.address)
+    if experiment is not None:
+        from selma_ray.experiments.results import markdown, run_experiment
+
+        print(markdown(run_experiment(experiment, cfg, run_pipeline)))
+        return 0
     try:
         summary = run_pipeline(cfg, deploy=args.deploy)
     except StorageError as e:  # e.g. a local run.dir that some nodes cannot see

@@ -390,8 +390,13 @@ def deploy_serve(cfg: SelmaConfig, run: RunDir) -> str:
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
-def run_pipeline(cfg: SelmaConfig, deploy: bool | None = None) -> dict[str, Any]:
-    """Run every stage (skipping finished ones); returns the run summary."""
+def run_pipeline(
+    cfg: SelmaConfig,
+    deploy: bool | None = None,
+    stage_kwargs: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run every stage (skipping finished ones); returns the run summary. ``stage_kwargs``
+    passes keyword arguments to a stage's function (e.g. the prompts stage's ``generate``)."""
     run = open_run(cfg, check=True)
     check_shared_run_dir(run)  # a local run.dir on a multi-node cluster stops here
     run.write_text(cfg.to_yaml(), "config.yaml")
@@ -399,7 +404,7 @@ def run_pipeline(cfg: SelmaConfig, deploy: bool | None = None) -> dict[str, Any]
     for name in ORDER:
         log.info("=== stage %s ===", name)
         start = time.perf_counter()
-        result = run_stage(name, cfg, run)
+        result = run_stage(name, cfg, run, **(stage_kwargs or {}).get(name, {}))
         seconds = time.perf_counter() - start
         summary["stages"][name] = {
             "seconds": round(seconds, 1),
