@@ -240,7 +240,8 @@ def build_plan(cfg: SelmaConfig) -> dict[str, Any]:
     """Every stage's models, settings and resources, plus warnings worth reading first."""
     pc, ic, ec, res = cfg.prompts, cfg.images, cfg.experts, cfg.resources
     skills = pc.skills
-    rendered = [s for s in skills if s not in ic.real_data]
+    imported = ic.real_data if ic.real_data_use == "pairs" else {}  # else captions rendered
+    rendered = [s for s in skills if s not in imported]
     gen = diffusion_model_info(cfg.models.generator)
     base = diffusion_model_info(cfg.models.base)
     data_res = ic.resolution or gen.native_resolution

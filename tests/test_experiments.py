@@ -178,3 +178,18 @@ def test_results_print_the_papers_figure_beside_ours_where_it_has_one():
     text = markdown(doc)
     assert "| SELMA (merged) | generated | 0.5 [0.4, 0.6] |" in text
     assert "77.7" in text and "Not yet checked" in text
+
+
+def test_a_run_whose_every_skill_is_imported_writes_its_images_on_a_fresh_disk(tmp_path):
+    """figure1's real-pairs data run: no skill is rendered, so nothing made the images folder
+    before the import writes to it."""
+    folder = image_folder(tmp_path / "real", ["two cats", "three dogs"])
+    cfg = tiny(
+        tmp_path / "run", "prompts.skills=[counting]", f"images.real_data={{counting: [{folder}]}}"
+    )
+    run = open_run(cfg)
+    run_stage("prompts", cfg, run, generate=SeededLLM())
+    run_stage("images", cfg, run)
+    files = layout.images_files(run)
+    prompts = [r["prompt"] for f in files for r in pq.read_table(f, columns=["prompt"]).to_pylist()]
+    assert sorted(prompts) == ["three dogs", "two cats"]

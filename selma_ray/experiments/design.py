@@ -156,15 +156,22 @@ def _figure1(cfg: SelmaConfig) -> Experiment:
             "figure1 compares real and generated data: set images.real_data={skill: [path]} "
             "for the skills to compare (an image folder, Parquet or WebDataset tars)"
         )
+    # The real-data runs train only the skills compared (their merge is not an arm).
+    only = {
+        "prompts": {"skills": list(real)},
+        "experts": {"joint": {}},
+        "merge": {"weights": None, "subsets": {}},
+    }
     runs = {
         GENERATED: _with(cfg, images={"real_data": {}, "real_data_use": "pairs"}),
         REAL_PROMPTS: _with(
             cfg,
             run={"dir": data_dir(cfg, REAL_PROMPTS)},
             images={"real_data_use": "prompts"},
+            **only,
         ),
         REAL_PAIRS: _with(
-            cfg, run={"dir": data_dir(cfg, REAL_PAIRS)}, images={"real_data_use": "pairs"}
+            cfg, run={"dir": data_dir(cfg, REAL_PAIRS)}, images={"real_data_use": "pairs"}, **only
         ),
     }
     arms = [Arm("base", "base")]
@@ -203,11 +210,11 @@ def plan(exp: Experiment) -> dict[str, Any]:
         hours = gpu_hours(cfg, stages)
         total += sum(hours.values())
         peak = max(peak, _peak_gpus(cfg, stages))
-        arms = [a.name for a in exp.arms if a.data == source or a.adapter == "base"]
+        arms = [a.name for a in exp.arms if a.data == source]
         runs[source] = {
             "run_dir": cfg.run.dir,
             "arms": arms,
-            "shared": f"prompts, images ({stages['images']['images']}), and "
+            "shared": f"prompts, images ({stages['images']['images']} rendered), and "
             f"{len(cfg.expert_units())} LoRAs trained once for {len(arms)} arms",
             "gpu_hours": {k: round(v, 2) for k, v in hours.items()},
         }

@@ -278,6 +278,8 @@ def write_shards(
 
     if filesystem is None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+    elif filesystem.type_name == "local":  # a run whose every skill is imported has none yet
+        filesystem.create_dir(str(out_dir), recursive=True)
     buf: list[dict[str, Any]] = []
     total = shard = 0
 
