@@ -315,11 +315,12 @@ def build_plan(cfg: SelmaConfig) -> dict[str, Any]:
                 "mixed_precision": ec.mixed_precision,
                 "vae": cfg.models.vae or "the base's own, in float32",
                 "memory_per_gpu": memory,
-                "experts": len(skills),
-                "at_once": min(res.experts.max_concurrent, len(skills)),
+                "experts": len(cfg.expert_units()),  # joint LoRAs included
+                "at_once": min(res.experts.max_concurrent, len(cfg.expert_units())),
                 "per_expert": f"{res.experts.workers_per_expert} worker(s) x "
                 f"{_gpus(1 if res.experts.use_gpu else 0)}",
-                "peak_gpus": per_expert_gpus * min(res.experts.max_concurrent, len(skills)),
+                "peak_gpus": per_expert_gpus
+                * min(res.experts.max_concurrent, len(cfg.expert_units())),
             },
             "merge": {
                 "methods": cfg.merge.methods,

@@ -143,7 +143,10 @@ def _table4(cfg: SelmaConfig) -> Experiment:
     arms = [Arm("base", "base", paper="base")]
     arms += [Arm(f"expert: {s}", s, paper=f"expert/{s}") for s in skills]
     arms += [Arm(f"multi-skill LoRA ({k})", n, paper=n) for n, k in zip(joint, groups, strict=True)]
-    arms += [Arm(f"merge ({n.split('-')[0]})", f"merged-{n}", paper=f"merge-{n}") for n in subsets]
+    arms += [
+        Arm(f"merge ({n.split('-')[0]})", f"merged-{n}", paper=f"merge-{n.split('-')[0]}")
+        for n in subsets
+    ]
     arms.append(Arm("merge (all)", "merged", paper="merge-all"))
     notes = [f"{len(skills)} skills: {', '.join(skills)}"]
     return Experiment("table4", _title("table4"), arms, {GENERATED: run}, notes)

@@ -111,12 +111,13 @@ def markdown(doc: dict[str, Any]) -> str:
     """``results.md``: ours (mean [95% CI]) and the paper's figure, per column."""
     cols = doc["columns"]
     head = ["arm", "data"] + [f"{LABELS.get(c, c)} (ours)" for c in cols]
-    head += [f"{LABELS.get(c, c)} (paper)" for c in cols]
+    paper_cols = [c for c in cols if c in PAPER_COLUMNS]  # the paper reports no others
+    head += [f"{LABELS.get(c, c)} (paper)" for c in paper_cols]
     lines = [f"# {doc['title']}", "", "| " + " | ".join(head) + " |"]
     lines.append("|" + "---|" * len(head))
     for row in doc["rows"]:
         cells = [row["arm"], row["data"]] + [_cell(row["ours"].get(c)) for c in cols]
-        cells += [_paper_cell(row["paper"], c) for c in cols]
+        cells += [_paper_cell(row["paper"], c) for c in paper_cols]
         lines.append("| " + " | ".join(cells) + " |")
     paper = doc["paper"]
     lines += [
