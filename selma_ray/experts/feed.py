@@ -9,9 +9,8 @@ every run and epoch. Each worker then:
 
 - draws the **order** of every epoch from a generator seeded by (run seed, skill, epoch, rank):
   with ``feed=memory`` its shard is read once into the worker and fully permuted every epoch;
-  with ``feed=stream`` it is read from storage every epoch, whole blocks, through the
-  worker's own local shuffle buffer (``shuffle_buffer`` rows, ``local_shuffle``) seeded the
-  same way (a full ``random_shuffle`` per epoch would be
+  with ``feed=stream`` it is read from storage every epoch through a local shuffle buffer
+  (``shuffle_buffer`` rows) seeded the same way (a full ``random_shuffle`` per epoch would be
   an all-to-all exchange holding the whole data set in the object store);
 - draws **crops and flips** from a generator seeded by (run seed, skill, epoch, row), in the
   worker, so the same seed gives the same batches and another epoch other ones;
@@ -471,8 +470,12 @@ class Feed:
         seed = order_seed(c["seed"], c["skill"], epoch, self.rank)
         bs = c["batch_size"]
         if self.mode == "stream":
-            blocks = self.shard.iter_batches(batch_size=None, batch_format="numpy")
-            yield from local_shuffle(blocks, bs, c["shuffle_buffer"], seed)
+            yield from self.shard.iter_batches(
+                batch_size=bs,
+                batch_format="numpy",
+                local_shuffle_buffer_size=c["shuffle_buffer"],
+                local_shuffle_seed=seed % 2**32,
+            )
             return
         rows = self._held()
         n = len(rows["key"])
@@ -491,49 +494,6 @@ class Feed:
             rows = len(self._rows["key"])
             log.info("experts: [%s] %d rows held in the worker", self.config["skill"], rows)
         return self._rows
-
-
-def local_shuffle(
-    blocks: Iterator[dict[str, np.ndarray]], batch_size: int, buffer_rows: int, seed: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of ``batch_size`` rows drawn at random, by a generator seeded with ``seed``, from
-    a buffer of at least ``buffer_rows`` rows refilled from ``blocks`` (whole Ray Data blocks,
-    read in order); the last batch of the epoch may be smaller.
-
-    The worker's own buffer instead of Ray Data's ``local_shuffle_buffer_size``: the buffer
-    holds references to rows of the blocks it came from, and a batch copies only its own rows,
-    so the per-batch work in the training process is a few list operations."""
-    rng = np.random.default_rng(seed)
-    pool: list[tuple[dict[str, np.ndarray], int]] = []
-    fill = max(buffer_rows, batch_size)
-    for block in blocks:
-        pool.extend((block, row) for row in range(_rows_in(block)))
-        while len(pool) >= fill:
-            yield _draw(pool, batch_size, rng)
-    while pool:
-        yield _draw(pool, min(batch_size, len(pool)), rng)
-
-
-def _rows_in(block: dict[str, np.ndarray]) -> int:
-    return len(next(iter(block.values()))) if block else 0
-
-
-def _draw(
-    pool: list[tuple[dict[str, np.ndarray], int]], count: int, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """Removes ``count`` random rows from ``pool`` and returns them as one batch."""
-    picks = []
-    for _ in range(count):
-        i = int(rng.integers(len(pool)))
-        pool[i], pool[-1] = pool[-1], pool[i]
-        picks.append(pool.pop())
-    batch = {}
-    for name in picks[0][0]:
-        column = [block[name][row] for block, row in picks]
-        numeric = all(block[name].dtype != object for block, _ in picks)
-        same = numeric and len({np.shape(v) for v in column}) == 1
-        batch[name] = np.stack(column) if same else _objects(column)
-    return batch
 
 
 class Ahead(Iterator[T]):
