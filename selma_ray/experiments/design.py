@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from selma_ray.config import SelmaConfig, load_config
+from selma_ray.config import SelmaConfig
 from selma_ray.experiments import NAMES
 
 GENERATED = "generated"  # LLM prompts, rendered by the run's generator
@@ -280,7 +280,3 @@ def format_plan(p: dict[str, Any]) -> str:
     lines.append(f"  peak GPUs: {p['peak_gpus']:g}")
     lines += [f"  note: {n}" for n in p["notes"]]
     return "\n".join(lines)
-
-
-def load(name: str, preset: str, overrides: list[str]) -> Experiment:
-    return build(name, load_config(preset, overrides))
