@@ -209,6 +209,40 @@ def test_crops_and_flips_are_drawn_per_row_epoch_and_seed():
     assert np.allclose(centre["pixel_values"][0], expected)
 
 
+def test_the_shuffle_buffer_hands_each_row_out_once_and_keeps_no_block_alive():
+    """The stream feed's buffer copies rows out of each block: a block (in the worker, a view
+    into the object store) is dropped once read, whatever rows of it wait in the buffer."""
+    import gc
+    import weakref
+
+    alive: list[weakref.ref] = []
+
+    def blocks():
+        for j in range(5):
+            pixels = np.full((6, 2, 2, 3), j, dtype=np.uint8)
+            alive.append(weakref.ref(pixels))
+            keys = np.asarray([f"r{j}-{i}" for i in range(6)], dtype=object)
+            yield {"key": keys, "image": pixels, "size": np.arange(6) + 10 * j}
+
+    rng = np.random.default_rng(0)
+    got = []
+    for batch in feed.shuffled(blocks(), rng, batch_size=4, buffer=8):
+        gc.collect()
+        assert sum(ref() is not None for ref in alive) <= 1  # only the block being read
+        got.append(batch)
+    keys = [str(k) for b in got for k in b["key"]]
+    assert sorted(keys) == sorted(f"r{j}-{i}" for j in range(5) for i in range(6))
+    assert keys != sorted(keys)  # drawn at random, not in block order
+    assert [len(b["key"]) for b in got] == [4] * 7 + [2]
+    assert got[0]["image"].dtype == np.uint8 and got[0]["image"].shape == (4, 2, 2, 3)
+    for b in got:  # each row's columns stay together
+        for key, image, size in zip(b["key"], b["image"], b["size"], strict=True):
+            j, i = map(int, key[1:].split("-"))
+            assert image.max() == j and size == 10 * j + i
+    again = list(feed.shuffled(blocks(), np.random.default_rng(0), 4, 8))
+    assert [list(b["key"]) for b in again] == [list(b["key"]) for b in got]
+
+
 def test_auto_holds_small_shards_in_the_worker_and_streams_large_ones():
     small = loop(feed="auto", feed_memory_mb=1)
     assert feed.feed_mode(small, rows=10, workers=1, size=32) == "memory"

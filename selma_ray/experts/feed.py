@@ -9,9 +9,10 @@ every run and epoch. Each worker then:
 
 - draws the **order** of every epoch from a generator seeded by (run seed, skill, epoch, rank):
   with ``feed=memory`` its shard is read once into the worker and fully permuted every epoch;
-  with ``feed=stream`` it is read from storage every epoch through a local shuffle buffer
-  (``shuffle_buffer`` rows) seeded the same way (a full ``random_shuffle`` per epoch would be
-  an all-to-all exchange holding the whole data set in the object store);
+  with ``feed=stream`` it is read from storage every epoch, block by block, through a
+  shuffle buffer (``shuffle_buffer`` rows, ``shuffled``) seeded the same way (a full
+  ``random_shuffle`` per epoch would be an all-to-all exchange holding the whole data set
+  in the object store);
 - draws **crops and flips** from a generator seeded by (run seed, skill, epoch, row), in the
   worker, so the same seed gives the same batches and another epoch other ones;
 - keeps its **position** (epoch, batches taken in it), which the checkpoint stores, so a
@@ -470,12 +471,8 @@ class Feed:
         seed = order_seed(c["seed"], c["skill"], epoch, self.rank)
         bs = c["batch_size"]
         if self.mode == "stream":
-            yield from self.shard.iter_batches(
-                batch_size=bs,
-                batch_format="numpy",
-                local_shuffle_buffer_size=c["shuffle_buffer"],
-                local_shuffle_seed=seed % 2**32,
-            )
+            blocks = self.shard.iter_batches(batch_size=None, batch_format="numpy")
+            yield from shuffled(blocks, np.random.default_rng(seed), bs, c["shuffle_buffer"])
             return
         rows = self._held()
         n = len(rows["key"])
@@ -494,6 +491,59 @@ class Feed:
             rows = len(self._rows["key"])
             log.info("experts: [%s] %d rows held in the worker", self.config["skill"], rows)
         return self._rows
+
+
+def shuffled(
+    blocks: Iterator[dict[str, np.ndarray]], rng: np.random.Generator, batch_size: int, buffer: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of ``batch_size`` rows drawn at random (from ``rng``) out of a buffer of at
+    least ``buffer`` rows, refilled block by block; the last batch may be smaller.
+
+    Each row is copied out of its block as it enters the buffer, so the buffer never keeps a
+    block (a zero-copy view into the object store) alive: the feed's object-store budget is
+    freed as soon as a block is read, and memory here is at most ``buffer`` rows plus one
+    block. Every row is handed out exactly once per pass; the order depends only on the block
+    order and ``rng``. Ray's ``local_shuffle_buffer_size`` batcher does the same job with a
+    concatenation per batch, about three times the worker's CPU per batch on small batches.
+    """
+    if batch_size < 1 or buffer < 1:
+        raise ValueError(f"batch_size and buffer must be at least 1, got {batch_size}, {buffer}")
+    pool: list[dict[str, Any]] = []
+    for block in blocks:
+        pool.extend(_rows(block))
+        while len(pool) >= buffer + batch_size:
+            yield _draw(pool, rng, batch_size)
+    while pool:
+        yield _draw(pool, rng, min(batch_size, len(pool)))
+
+
+def _rows(block: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    """A block's rows, each value a copy (strings as they are: they own their data)."""
+    columns = list(block.items())
+    for i in range(len(columns[0][1]) if columns else 0):
+        yield {k: _own(v[i]) for k, v in columns}
+
+
+def _own(value: Any) -> Any:
+    return value.copy() if isinstance(value, np.ndarray | np.generic) else value
+
+
+def _draw(pool: list[dict[str, Any]], rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Removes ``n`` random rows from ``pool`` (swap with the last, pop) as one batch."""
+    rows = []
+    for _ in range(n):
+        i = int(rng.integers(len(pool)))
+        pool[i], pool[-1] = pool[-1], pool[i]
+        rows.append(pool.pop())
+    return {k: _stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _stack(values: list[Any]) -> np.ndarray:
+    """Equal-shaped arrays stacked; anything else (strings, ragged images) as objects."""
+    arrays = all(isinstance(v, np.ndarray | np.generic) for v in values)
+    if arrays and len({(v.dtype, v.shape) for v in values}) == 1 and values[0].dtype != object:
+        return np.stack(values)
+    return _objects(values)
 
 
 class Ahead(Iterator[T]):

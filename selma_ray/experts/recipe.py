@@ -656,8 +656,11 @@ def train_expert(config: dict[str, Any]) -> None:
         losses: list[float] = []
         start, start_step = time.perf_counter(), trainer.step
         last, step_seconds = start, []  # wall time per step, data fetch and reports included
+        data_wait = 0.0  # of that, waiting for the feed's batches
         while trainer.step < config["max_steps"]:
+            fetch = time.perf_counter()
             micro_batches = [next(batches) for _ in range(config["gradient_accumulation"])]
+            data_wait += time.perf_counter() - fetch
             try:
                 out = trainer.train_step(micro_batches)
             except NonFiniteTrainingError as e:
@@ -691,6 +694,7 @@ def train_expert(config: dict[str, Any]) -> None:
                 "workers": ctx.get_world_size(),
                 "steps_per_second": (trainer.step - start_step) / (time.perf_counter() - start),
                 "median_step_seconds": statistics.median(step_seconds),
+                "data_wait_fraction": data_wait / (time.perf_counter() - start),
                 "skill": config["skill"],
             }
             val_loss = trainer.validation_loss()
