@@ -91,6 +91,9 @@ def plain_steps_per_second(loop: dict, table) -> tuple[float, float]:
     return loop["max_steps"] / (time.perf_counter() - start), statistics.median(step_seconds)
 
 
+DATA_WAIT: list[float] = []  # each Ray run's share of loop time spent waiting for batches
+
+
 def ray_steps_per_second(loop: dict, table, storage: Path) -> tuple[float, float]:
     """(steps/s, median step seconds) reported by a one-worker TorchTrainer (Ray running)."""
     import ray
@@ -110,6 +113,7 @@ def ray_steps_per_second(loop: dict, table, storage: Path) -> tuple[float, float
         datasets=datasets,
         dataset_config=feed.data_config(loop),  # as the experts stage
     ).fit()
+    DATA_WAIT.append(result.metrics["data_wait_fraction"])
     return float(result.metrics["steps_per_second"]), result.metrics["median_step_seconds"]
 
 
@@ -177,6 +181,9 @@ def main() -> None:
         "  median step (ms), in run order: "
         f"plain {[round(s * 1e3) for s in medians['plain']]}, "
         f"ray {[round(s * 1e3) for s in medians['ray']]}"
+    )
+    print(
+        f"  Ray worker's wait for batches, share of loop time: {[round(w, 3) for w in DATA_WAIT]}"
     )
     by_rate = result.ratio(lambda m: m["ray"] / m["plain"])
     by_median = paired(medians, "plain", "ray")

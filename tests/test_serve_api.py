@@ -11,7 +11,14 @@ from fastapi import HTTPException
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from selma_ray.config import ServeSection
-from selma_ray.serving.app import GenerationRequest, authorized, forward, run_ref
+from selma_ray.serving.app import (
+    GenerationRequest,
+    authorized,
+    forward,
+    model_list,
+    requested_adapter,
+    run_ref,
+)
 
 
 @pytest.mark.parametrize(
@@ -51,10 +58,41 @@ def test_request_schema_rejects_unknown_fields_and_bad_sizes():
         {"prompt": "x", "sizes": "32x32"},
         {"prompt": "x", "size": "big"},
         {"prompt": "x", "n": 0},
-        {"prompt": "x", "response_format": "url"},
+        {"prompt": "x", "quality": "best"},
+        {"prompt": "x", "style": "bold"},
     ):
         with pytest.raises(ValidationError):
             GenerationRequest(**bad)
+
+
+def test_model_selects_the_adapter_like_adapter_and_a_disagreement_is_a_400():
+    def chosen(**body):
+        return requested_adapter(GenerationRequest(prompt="x", **body))
+
+    assert chosen() == "merged"
+    assert chosen(model="counting") == chosen(adapter="counting") == "counting"
+    assert chosen(model="counting", adapter="counting") == "counting"
+    assert chosen(quality="hd", style="vivid", user="u-1") == "merged"  # OpenAI's extras
+    for body, says in (
+        ({"model": "counting", "adapter": "merged"}, "disagree"),
+        ({"model": "counting", "adapter": {"counting": 1.0}}, "disagree"),
+        ({"response_format": "url"}, "only 'b64_json'"),
+    ):
+        with pytest.raises(HTTPException) as err:
+            chosen(**body)
+        assert err.value.status_code == 400 and says in err.value.detail
+
+
+def test_the_model_list_has_openais_shape():
+    adapters = [
+        {"name": "merged", "kind": "merged", "skill": None},
+        {"name": "base", "kind": "base", "skill": None},
+        {"name": "counting", "kind": "expert", "skill": "counting"},
+    ]
+    listed = model_list(adapters, created=1700000000)
+    assert listed["object"] == "list"
+    assert [m["id"] for m in listed["data"]] == ["base", "counting", "merged"]
+    assert all(m["object"] == "model" and m["created"] == 1700000000 for m in listed["data"])
 
 
 def test_playground_page_is_self_contained_and_uses_the_api():

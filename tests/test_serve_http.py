@@ -169,7 +169,10 @@ def test_concurrent_requests_are_batched_and_match_requests_alone(live):
         ({"prompt": "x", "seed": 2**31 - 1, "n": 2}, 422, "seed + n - 1"),
         ({"prompt": ""}, 422, "prompt"),
         ({"prompt": "x", "unknown_field": 1}, 422, "unknown_field"),
-        ({"prompt": "x", "response_format": "url"}, 422, "b64_json"),
+        ({"prompt": "x", "response_format": "url"}, 400, "only 'b64_json'"),
+        ({"prompt": "x", "model": "counting", "adapter": "merged"}, 400, "disagree"),
+        ({"prompt": "x", "model": "selma"}, 404, "counting"),
+        ({"prompt": "x", "quality": "ultra"}, 422, "hd"),
         ([1, 2], 422, "dict"),
         ("not json", 422, "JSON"),
     ],
@@ -182,6 +185,46 @@ def test_bad_requests_get_a_4xx_that_says_what_is_allowed(live, body, status, sa
         resp = requests.post(url, json=body, timeout=60)
     assert resp.status_code == status, resp.text
     assert says in resp.text
+
+
+def test_the_openai_sdk_picks_adapters_by_model_and_lists_them(live):
+    """The real ``openai`` client, as a new user would call it: ``model=`` selects the
+    adapter (the same image as ``adapter=``), ``quality``, ``style`` and ``user`` are taken,
+    and ``models.list()`` names every adapter."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    listed = {m.id: m for m in client.models.list()}
+    assert set(listed) == {"base", "merged", "counting", "everyday_scenes"}
+    assert all(m.object == "model" and m.owned_by == "selma_ray" for m in listed.values())
+    images = {}
+    for name in sorted(listed):
+        out = client.images.generate(
+            model=name,
+            prompt="two red apples on a table",
+            quality="standard",
+            style="natural",
+            user="someone",
+            extra_body={"seed": 3},
+        )
+        assert abs(out.created - time.time()) < 600
+        images[name] = base64.b64decode(out.data[0].b64_json)
+        assert images[name] == gen(live, name, seed=3).content  # model= is adapter=
+    assert len(set(images.values())) == len(images)
+    agreed = client.images.generate(
+        model="counting", prompt="two red apples on a table", extra_body={"adapter": "counting"}
+    )
+    assert agreed.data[0].b64_json
+    with pytest.raises(openai.BadRequestError, match="disagree"):
+        client.images.generate(
+            model="counting", prompt="x", extra_body={"adapter": "everyday_scenes"}
+        )
+    with pytest.raises(openai.BadRequestError, match="b64_json"):
+        client.images.generate(model="merged", prompt="x", response_format="url")
+    with pytest.raises(openai.NotFoundError, match="valid"):
+        client.images.generate(model="dall-e-3", prompt="x")
+    with pytest.raises(openai.UnprocessableEntityError, match="colour"):
+        client.images.generate(model="merged", prompt="x", extra_body={"colour": "red"})
 
 
 def test_png_accept_with_several_images_is_refused(live):

@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selma_ray.config import ServeSection
 from selma_ray.core.rundir import RunDir
@@ -46,9 +49,27 @@ class GenerationRequest(BaseModel):
     size: str | None = Field(
         None, pattern=r"^\d{1,5}x\d{1,5}$", description="'WIDTHxHEIGHT'; default: the run's."
     )
-    response_format: Literal["b64_json"] = "b64_json"
-    adapter: str | dict[str, float] = Field(
-        "merged", description="'merged', a skill, 'merged-<method>', 'base', or a weighted mix."
+    response_format: str = Field(
+        "b64_json", description="Only 'b64_json': images come back inline, never as URLs."
+    )
+    adapter: str | dict[str, float] | None = Field(
+        None,
+        description="'merged' (the default), a skill, 'merged-<method>', 'base', or a "
+        "weighted mix.",
+    )
+    model: str | None = Field(
+        None,
+        description="The adapter, as OpenAI-compatible clients name it: the same names as "
+        "adapter (GET /v1/models lists them). With adapter too, both must name the same one.",
+    )
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
+        None, description="Accepted from OpenAI clients and ignored: num_inference_steps sets it."
+    )
+    style: Literal["vivid", "natural"] | None = Field(
+        None, description="Accepted from OpenAI clients and ignored."
+    )
+    user: str | None = Field(
+        None, max_length=256, description="An end-user id from OpenAI clients; not stored."
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     num_inference_steps: int | None = Field(None, ge=1, description="Default: from the run.")
@@ -56,17 +77,56 @@ class GenerationRequest(BaseModel):
     negative_prompt: str | None = None
 
 
+class OpenAIError(BaseModel):
+    """The same message in OpenAI's error shape, which OpenAI SDKs show to their users."""
+
+    message: str
+    type: str
+    code: int
+
+
 class ErrorDetail(BaseModel):
     detail: str
+    error: OpenAIError
 
 
 class InvalidRequest(BaseModel):
     """A limit's message (a string) or the request schema's errors (a list)."""
 
     detail: str | list[dict[str, Any]]
+    error: OpenAIError
+
+
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "service_unavailable"}
+
+
+def error_body(status: int, detail: Any) -> dict[str, Any]:
+    """``{"detail": ..., "error": {"message", "type", "code"}}``: FastAPI's shape for our own
+    clients and OpenAI's for theirs (a list of schema errors becomes one message)."""
+    if isinstance(detail, list):
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in detail
+        )
+    else:
+        message = str(detail)
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"detail": detail, "error": {"message": message, "type": kind, "code": status}}
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(
+        error_body(exc.status_code, exc.detail), exc.status_code, headers=exc.headers
+    )
+
+
+@api.exception_handler(RequestValidationError)
+async def _schema_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(jsonable_encoder(error_body(422, exc.errors())), 422)
 
 
 ERROR_401 = {"model": ErrorDetail, "description": "Missing or wrong API key."}
+DEFAULT_ADAPTER = "merged"
 ERROR_503 = {
     "model": ErrorDetail,
     "description": "No image replica could answer (one was lost or is starting); "
@@ -83,6 +143,45 @@ def authorized(api_key: str, path: str, headers: Any) -> bool:
     given = headers.get("authorization", "").removeprefix("Bearer ").strip()
     given = given or headers.get("x-api-key", "")
     return hmac.compare_digest(given.encode(), api_key.encode())
+
+
+def requested_adapter(req: GenerationRequest) -> str | dict[str, float]:
+    """What a request asks for: ``adapter``, or OpenAI's ``model`` (the same names), or the
+    merged adapter. Both given and different is a 400: no silent precedence."""
+    if req.response_format != "b64_json":
+        raise HTTPException(
+            400,
+            f"response_format={req.response_format!r} is not served: only 'b64_json' "
+            "(images come back inline; nothing is stored to link to)",
+        )
+    if req.model is not None and req.adapter is not None and req.model != req.adapter:
+        raise HTTPException(
+            400,
+            f"model={req.model!r} and adapter={req.adapter!r} disagree: both name the adapter "
+            "to use; send one of them, or the same name in both",
+        )
+    for chosen in (req.adapter, req.model):
+        if chosen is not None:
+            return chosen
+    return DEFAULT_ADAPTER
+
+
+def model_list(adapters: list[dict[str, Any]], created: int) -> dict[str, Any]:
+    """The adapters in OpenAI's model-list shape (``id`` is what ``model`` accepts)."""
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": a["name"],
+                "object": "model",
+                "created": created,
+                "owned_by": "selma_ray",
+                "kind": a["kind"],
+                "skill": a["skill"],
+            }
+            for a in sorted(adapters, key=lambda a: a["name"])
+        ],
+    }
 
 
 def _json(payload: dict[str, Any]) -> bytes:
@@ -266,6 +365,7 @@ class Ingress:
         self._overrides = limits
         self.limits = effective_limits(load_run_config(run).serve, limits)
         self._served: tuple[set[str], int] | None = None  # adapter names, native size
+        self.started = int(time.time())  # the models' ``created`` in /v1/models
         self.run = run
         self.api_key = os.environ.get(self.limits.api_key_env, "")
         if self.api_key:
@@ -324,6 +424,14 @@ class Ingress:
             "replica": await forward(self.diffusion.status.remote(), self.limits),
         }
 
+    @api.get("/v1/models", responses={401: ERROR_401, 503: ERROR_503})
+    async def models(self, request: Request) -> dict[str, Any]:
+        """The adapters as OpenAI's model list: each ``id`` is a valid ``model`` (and
+        ``adapter``) of a generation request; ``created`` is when this deployment started."""
+        self._authorize(request)
+        adapters = await forward(self.diffusion.adapters.remote(), self.limits)
+        return model_list(adapters, self.started)
+
     def _size(self, size: str | None, native: int) -> tuple[int, int]:
         lim = self.limits
         width, height = (int(v) for v in size.split("x")) if size else (native, native)
@@ -340,7 +448,11 @@ class Ingress:
         "/v1/images/generations",
         responses={
             200: {"content": {"application/json": {}, "image/png": {}}},
-            400: {"model": ErrorDetail, "description": "The body cannot be read (not UTF-8)."},
+            400: {
+                "model": ErrorDetail,
+                "description": "The body cannot be read (not UTF-8), model and adapter "
+                "disagree, or a response_format other than b64_json.",
+            },
             401: ERROR_401,
             404: {"model": ErrorDetail, "description": "Unknown adapter; lists the valid ones."},
             422: {
@@ -352,6 +464,7 @@ class Ingress:
     )
     async def generate(self, req: GenerationRequest, request: Request) -> Response:
         self._authorize(request)
+        adapter = requested_adapter(req)
         lim = self.limits
         if len(req.prompt) > lim.max_prompt_chars:
             raise HTTPException(
@@ -366,7 +479,7 @@ class Ingress:
             raise HTTPException(422, f"seed + n - 1 must be at most {2**31 - 1}")
         names, native = await self._served_adapters()
         try:
-            spec = parse_adapter_spec(req.adapter, names)
+            spec = parse_adapter_spec(adapter, names)
         except KeyError as e:
             raise HTTPException(404, str(e.args[0])) from None
         except ValueError as e:
