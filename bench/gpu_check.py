@@ -165,7 +165,7 @@ def _vae(channels: tuple[int, ...], size: int, groups: int = 32, **extra: Any) -
 
 def _clip(hidden: int, layers: int, heads: int, act: str = "quick_gelu", **extra) -> dict:
     return {
-        "vocab_size": 49408,
+        "vocab_size": extra.pop("vocab_size", 49408),
         "hidden_size": hidden,
         "intermediate_size": 4 * hidden,
         "num_hidden_layers": layers,
@@ -192,7 +192,7 @@ def spec(name: str, tiny: bool) -> Spec:
             "norm_num_groups": 8,
         }
         vae = _vae((16, 32), 64, groups=8)
-        text = _clip(32, 2, 4)
+        text = _clip(32, 2, 4, vocab_size=1000)  # the byte tokenizer's ids are < 514
         if name == "sd15":
             return Spec(name, {**unet, "cross_attention_dim": 32, "attention_head_dim": 8}, vae,
                         [text], 64)  # fmt: skip
@@ -205,7 +205,7 @@ def spec(name: str, tiny: bool) -> Spec:
             "projection_class_embeddings_input_dim": 6 * 8 + 32,
             "cross_attention_dim": 64,
         }
-        second = _clip(32, 2, 4, act="gelu", projection_dim=32)
+        second = _clip(32, 2, 4, act="gelu", projection_dim=32, vocab_size=1000)
         return Spec(name, {**unet, **xl}, {**vae, "scaling_factor": 0.13025}, [text, second], 64)
     if name == "sd15":
         unet = {
@@ -885,6 +885,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if args.tiny:  # the CPU suite runs beside other work: one thread, no spinning contention
+        torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         cfg = settings(args, Path(tmp))
         found = versions()
