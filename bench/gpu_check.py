@@ -53,11 +53,11 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
-
 from _common import ratio_line
 
 log = logging.getLogger("gpu_check")
@@ -547,9 +547,7 @@ def train(sec: Section, cfg: Settings, model: str, preset: str, dtype: str) -> N
     peak, unit = peak_memory_gib(cfg.device)
     sec.figure(f"{label} peak memory", peak, unit)
     sec.figure(f"{label} UNet fwd+bwd per image", flops / 1e12, "TFLOP")
-    sec.mfu(
-        f"{label}", flops * batch * steps_per_s / (cfg.peak_tflops * 1e12), TRAIN_MFU_GOAL
-    )
+    sec.mfu(f"{label}", flops * batch * steps_per_s / (cfg.peak_tflops * 1e12), TRAIN_MFU_GOAL)
     want = "float32" if cfg.cuda else "float32 (no autocast off CUDA)"
     sec.check(
         f"{label} VAE encodes in float32",
@@ -639,8 +637,6 @@ def section_render_cpu_gpu(sec: Section, cfg: Settings) -> None:
         f"(tolerance {RENDER_TOLERANCE}), image std {float(on_cpu.std()):.3f}, "
         f"device {cfg.device}",
     )
-    del pipe
-    reset_memory(cfg.device)
 
 
 # ---------------------------------------------------------------------------- generation
@@ -672,7 +668,7 @@ def section_generate(sec: Section, cfg: Settings) -> None:
     (FLOPs per image counted at 1 and 2 steps, then extrapolated: both are linear in steps)."""
     s = spec("sd15", cfg.tiny)
     pipe = generation_pipe(cfg)
-    one, two = (count_flops(lambda n=n: generate(pipe, 1, n, s.resolution)) for n in (1, 2))
+    one, two = (count_flops(partial(generate, pipe, 1, n, s.resolution)) for n in (1, 2))
     per_image = one + (two - one) * (cfg.gen_steps - 1)
     sec.figure(f"generate sd15 {s.resolution}px {cfg.gen_steps} steps per image", per_image / 1e12,
                "TFLOP")  # fmt: skip
@@ -694,8 +690,6 @@ def section_generate(sec: Section, cfg: Settings) -> None:
         sec.mfu(label, per_image * rate / (cfg.peak_tflops * 1e12), GENERATE_MFU_GOAL)
         if len(images) != batch:
             raise CheckFailed(f"asked for {batch} images, got {len(images)}")
-    del pipe
-    reset_memory(cfg.device)
 
 
 # ---------------------------------------------------------------------------- serving
@@ -761,8 +755,6 @@ def section_serve(sec: Section, cfg: Settings) -> None:
                "s/image")  # fmt: skip
     sec.figure(f"{label} fused adapter p50", p50_fused, "s/image")
     sec.figure(f"{label} switching / fused p50", p50_switch / p50_fused, "x")
-    del pipe
-    reset_memory(cfg.device)
 
 
 # ---------------------------------------------------------------------------- merge
@@ -798,9 +790,7 @@ def section_merge(sec: Section, cfg: Settings) -> None:
         )
         if method == "paper":
             on_cpu = merge(adapters, default_weights("paper", n), "paper", device="cpu")
-            diff = max(
-                float((on_cpu[k].A - merged[k].A).abs().max()) for k in list(merged)[:8]
-            )
+            diff = max(float((on_cpu[k].A - merged[k].A).abs().max()) for k in list(merged)[:8])
             sec.check("paper merge on device equals the CPU merge", diff < 1e-5, f"max {diff:.1e}")
 
 
@@ -856,7 +846,7 @@ def run_section(name: str, fn: Callable[[Section, Settings], None], cfg: Setting
         sec.status = "failed"
         sec.error = f"{type(e).__name__}: {e}"
         traceback.print_exc()
-        reset_memory(cfg.device)
+    reset_memory(cfg.device)  # the section's models are gone with its frame
     sec.seconds = time.perf_counter() - start
     print(f"== {name}: {sec.status} in {sec.seconds:.1f} s", flush=True)
     return sec
@@ -885,8 +875,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    threads = torch.get_num_threads()
     if args.tiny:  # the CPU suite runs beside other work: one thread, no spinning contention
         torch.set_num_threads(1)
+    try:
+        return _run(args, only)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, only: list[str]) -> int:
+    import torch
+
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         cfg = settings(args, Path(tmp))
         found = versions()
@@ -899,9 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         start = time.perf_counter()
         results = [
-            run_section(name, fn, cfg)
-            for name, fn in SECTIONS.items()
-            if not only or name in only
+            run_section(name, fn, cfg) for name, fn in SECTIONS.items() if not only or name in only
         ]
         total = time.perf_counter() - start
     failed = [r.name for r in results if r.status != "passed"]
