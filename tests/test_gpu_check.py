@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
+import _gpu_models  # noqa: E402
 import gpu_check  # noqa: E402
 
 # What the GPU machine lacks; a None entry in sys.modules makes ``import x`` raise ImportError.
@@ -101,14 +102,14 @@ def test_flop_count_matches_a_hand_count_for_one_attention_block():
     block = Attention(query_dim=dim, cross_attention_dim=ctx, heads=heads, dim_head=d)
     x, context = torch.randn(b, n, dim), torch.randn(b, m, ctx)
     hand = hand_attention_flops(b, n, m, dim, ctx, heads, d)
-    assert gpu_check.count_flops(lambda: block(x, encoder_hidden_states=context)) == hand
+    assert _gpu_models.count_flops(lambda: block(x, encoder_hidden_states=context)) == hand
 
     # Backward, with the context (like the UNet's text states) needing no gradient: the q and
     # out projections' gradients w.r.t. input and weight (2x their forward), the k and v
     # projections' w.r.t. weight only (1x), and five attention-sized matmuls (torch counts
     # fused attention's backward as dQ, dK, dV, dP plus the recomputed scores QK^T: 2.5x).
     x.requires_grad_(True)
-    counted = gpu_check.count_flops(
+    counted = _gpu_models.count_flops(
         lambda: block(x, encoder_hidden_states=context).square().sum().backward()
     )
     q_out = 2 * (2 * b * n * dim * heads * d)
@@ -142,11 +143,11 @@ def test_trainer_config_agrees_with_the_validated_preset(preset):
     from selma_ray.config import load_config
 
     cfg = load_config(preset, [])
-    ours = gpu_check.trainer_config(preset)
+    ours = _gpu_models.trainer_config(preset)
     experts = cfg.experts.model_dump()
     differ = {k: (v, experts[k]) for k, v in ours.items() if k in experts and experts[k] != v}
     assert differ == {}
-    assert set(gpu_check.EXPERT_DEFAULTS) <= set(experts)
+    assert set(_gpu_models.EXPERT_DEFAULTS) <= set(experts)
     assert ours["base"] == cfg.models.base and ours["vae"] is None
 
 
