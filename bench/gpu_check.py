@@ -78,6 +78,7 @@ PACKAGES = (
     "numpy",
     "pillow",
     "pyyaml",
+    "requests",
     "selma_ray",
     "ray",
 )
@@ -582,11 +583,37 @@ def versions() -> dict[str, str]:
     return out
 
 
+# Modules the check imports (module -> pip package); Ray, pydantic and pyarrow are not among them.
+NEEDED = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "peft": "peft",
+    "accelerate": "accelerate",
+    "safetensors": "safetensors",
+    "diffusers": "diffusers",
+    "PIL": "pillow",
+    "requests": "requests",  # diffusers' pipeline_utils imports it; transformers 5 does not
+    "selma_ray": "selma_ray",
+}
+
+
+def missing_modules() -> list[str]:
+    """The ``NEEDED`` modules that are not importable here, as ``module (pip package)``."""
+    import importlib.util
+
+    return [f"{m} ({pkg})" for m, pkg in NEEDED.items() if importlib.util.find_spec(m) is None]
+
+
 def environment(device) -> dict[str, Any]:
+    import diffusers
     import torch
+
+    import selma_ray
 
     env: dict[str, Any] = {
         "python": sys.version.split()[0],
+        "selma_ray_from": str(Path(selma_ray.__file__).parent),
+        "diffusers_from": str(Path(diffusers.__file__).parent),
         "platform": platform.platform(),
         "device": str(device),
         "torch_cuda": torch.version.cuda,
@@ -638,6 +665,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    print("BENCH gpu-check " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
+    missing = missing_modules()
+    if missing:
+        print(
+            f"MISSING modules the check imports: {', '.join(missing)}. Carry them as wheels "
+            "(bash scripts/prepare_gpu_check.sh puts diffusers and selma_ray in gpu_wheels/, "
+            "and requests and its dependencies in gpu_wheels/fallback/) and install them with "
+            "pip install --no-deps.",
+            flush=True,
+        )
+        return 2
 
     import torch
 
@@ -676,7 +714,6 @@ def _run(args: argparse.Namespace, only: list[str]) -> int:
         cfg = settings(args, Path(tmp))
         found = versions()
         env = environment(cfg.device)
-        print("BENCH gpu-check " + ", ".join(f"{k} {v}" for k, v in found.items()), flush=True)
         print("ENV " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
         if not cfg.cuda and not args.tiny:
             print("WARNING: no CUDA device; the full-size check on the CPU takes hours", flush=True)

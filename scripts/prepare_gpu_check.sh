@@ -9,6 +9,7 @@
 #
 # Then, on the GPU machine, from a copy of this checkout that includes FOLDER:
 #   pip install --no-deps gpu_wheels/*.whl && python bench/gpu_check.py
+# (and pip install --no-deps gpu_wheels/fallback/*.whl first if the check says requests is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,5 +28,13 @@ rm -rf "$DIR"
 mkdir -p "$DIR"
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$DIR" "diffusers==$DIFFUSERS"
 "$PY" -m pip wheel -q --no-deps -w "$DIR" .
-echo "GPU check wheels in $DIR/ (diffusers $DIFFUSERS, selma_ray):"
-ls -1 "$DIR"
+# diffusers imports requests, which transformers 5 no longer brings: pure-Python fallbacks, at
+# the versions installed here, for a GPU machine whose preflight says requests is missing.
+FALLBACK=()
+for pkg in requests urllib3 idna certifi charset-normalizer; do
+  FALLBACK+=("$pkg==$("$PY" -c "import importlib.metadata as m; print(m.version('$pkg'))")")
+done
+"$PY" -m pip download -q --no-deps --only-binary=:all: --platform any --python-version 3.10 \
+  --implementation py -d "$DIR/fallback" "${FALLBACK[@]}"
+echo "GPU check wheels in $DIR/ (diffusers $DIFFUSERS, selma_ray; fallback/: requests and its dependencies):"
+ls -1 "$DIR" "$DIR/fallback"

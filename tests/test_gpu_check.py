@@ -165,3 +165,13 @@ def test_a_failing_section_is_recorded_and_fails_the_run(tmp_path, monkeypatch, 
     assert merge["figures"]["before the failure"]["value"] == 1.0
     assert report["failed"] == ["merge"]
     assert "GPU check FAILED: merge" in capsys.readouterr().out
+
+
+def test_a_missing_module_stops_the_check_before_it_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "requests", None)  # as on a machine without it
+    assert gpu_check.main(["--tiny", "--cpu", "--only", "merge"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("BENCH gpu-check torch ")
+    assert "MISSING modules the check imports: requests (requests)" in out
+    assert not (tmp_path / "gpu_check.json").exists()
