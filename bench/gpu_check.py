@@ -417,10 +417,15 @@ def section_render_cpu_gpu(sec: Section, cfg: Settings) -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         on_device = render(pipe, cfg.render_size, cfg.render_steps)
+        pipe.disable_lora()  # the base alone: shows the adapter was loaded and matters
+        base = render(pipe, cfg.render_size, cfg.render_steps)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     diff = float(np.abs(on_cpu - on_device).max())
+    effect = float(np.abs(on_device - base).max())
     sec.figure("render CPU vs device max |diff|", diff, "of [0, 1]")
+    sec.figure("render adapter vs base max |diff|", effect, "of [0, 1]")
+    sec.check("the loaded adapter changes the image", effect > 0, f"max |diff| {effect:.2e}")
     sec.check(
         "adapter trained here renders the same image on the CPU",
         diff <= RENDER_TOLERANCE and float(on_cpu.std()) > 0,

@@ -81,6 +81,7 @@ def test_tiny_check_runs_end_to_end_without_ray_and_writes_every_section(tmp_pat
             assert f"{label} LoRA weights stay float32 under autocast" in checks
             assert f"{label} loss finite after 2 steps" in checks
     assert "adapter trained here renders the same image on the CPU" in checks
+    assert "the loaded adapter changes the image" in checks
     mfu = sections["train_sd15"]["ratios"]["train sd15 64px bf16"]
     assert mfu["value"] > 0 and mfu["goal"] == 0.4
 
