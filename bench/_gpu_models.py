@@ -82,12 +82,14 @@ class Spec:
         return len(self.text) == 2
 
 
-def _vae(channels: tuple[int, ...], size: int, groups: int = 32, **extra: Any) -> dict[str, Any]:
+def _vae(
+    channels: tuple[int, ...], size: int, groups: int = 32, layers: int = 2, **extra: Any
+) -> dict[str, Any]:
     return {
         "block_out_channels": channels,
         "down_block_types": ("DownEncoderBlock2D",) * len(channels),
         "up_block_types": ("UpDecoderBlock2D",) * len(channels),
-        "layers_per_block": 2 if groups == 32 else 1,
+        "layers_per_block": layers,
         "latent_channels": 4,
         "norm_num_groups": groups,
         "sample_size": size,
@@ -123,11 +125,11 @@ def spec(name: str, tiny: bool) -> Spec:
             "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
             "norm_num_groups": 8,
         }
-        vae = _vae((16, 32), 64, groups=8)
+        vae = _vae((16, 32), 64, groups=8, layers=1)
         text = _clip(32, 2, 4, vocab_size=1000)  # the byte tokenizer's ids are < 514
         if name == "sd15":
-            return Spec(name, {**unet, "cross_attention_dim": 32, "attention_head_dim": 8}, vae,
-                        [text], 64)  # fmt: skip
+            sd = {**unet, "cross_attention_dim": 32, "attention_head_dim": 8}
+            return Spec(name, sd, vae, [text], 64)
         xl = {
             "attention_head_dim": (2, 4),
             "use_linear_projection": True,
