@@ -104,8 +104,9 @@ class ExpertTrainer:
     alone in a plain process (tests, the P3 baseline)."""
 
     def __init__(self, config: dict[str, Any], device=None, pipe=None):
-        """``pipe``: an already built pipeline of ``config["base"]``'s kind to train on (the
-        GPU check builds real-shape models from configs); None loads ``config["base"]``."""
+        """``pipe``: an already built pipeline to train on (the GPU check builds real-shape
+        models from configs), whose VAE counts as ``models.vae`` (training dtype) only if
+        ``config["vae"]`` is set; None loads ``config["base"]`` (and ``config["vae"]``)."""
         import torch
         from diffusers import DDPMScheduler
         from diffusers.training_utils import cast_training_params
