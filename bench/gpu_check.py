@@ -710,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # per-load notes (no text-encoder LoRA keys ...)
 
     threads = torch.get_num_threads()
     if args.tiny:  # the CPU suite runs beside other work: one thread, no spinning contention
