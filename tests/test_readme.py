@@ -36,6 +36,7 @@ SKIPPED_BY_DESIGN = {
     "kubectl get rayjob selma-pipeline -w": "Kubernetes",
     "kubectl apply -k deploy/kuberay/serve": "Kubernetes",
     "curl -s http://127.0.0.1:8000/v1/adapters": "Serve answering: e2e and serve tests",
+    "bash scripts/prepare_gpu_check.sh": "the GPU check: a CUDA machine (tests/test_gpu_check.py)",
 }
 
 

@@ -86,25 +86,35 @@ def _lr_scheduler(optimizer, kind: str, max_steps: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
 
 
+def _load_pipeline(config: dict[str, Any]):
+    """The base pipeline of ``config["base"]``, with ``config["vae"]`` (models.vae) if set."""
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    from selma_ray.models import resolve, resolve_vae
+
+    components = {}
+    if config.get("vae"):  # models.vae, passed through by the experts stage
+        path, subfolder = resolve_vae(config["vae"])
+        components["vae"] = AutoencoderKL.from_pretrained(path, subfolder=subfolder)
+    return DiffusionPipeline.from_pretrained(resolve(config["base"]), **components)
+
+
 class ExpertTrainer:
     """One expert's LoRA model, optimizer and step count; runs in a Ray Train worker, or
     alone in a plain process (tests, the P3 baseline)."""
 
-    def __init__(self, config: dict[str, Any], device=None):
+    def __init__(self, config: dict[str, Any], device=None, pipe=None):
+        """``pipe``: an already built pipeline to train on (the GPU check builds real-shape
+        models from configs), whose VAE counts as ``models.vae`` (training dtype) only if
+        ``config["vae"]`` is set; None loads ``config["base"]`` (and ``config["vae"]``)."""
         import torch
-        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
+        from diffusers import DDPMScheduler
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
-        from selma_ray.models import resolve, resolve_vae
-
         self.config = config
         self.device = device or torch.device("cpu")
-        components = {}
-        if config.get("vae"):  # models.vae, passed through by the experts stage
-            path, subfolder = resolve_vae(config["vae"])
-            components["vae"] = AutoencoderKL.from_pretrained(path, subfolder=subfolder)
-        self.pipe = DiffusionPipeline.from_pretrained(resolve(config["base"]), **components)
+        self.pipe = pipe if pipe is not None else _load_pipeline(config)
         self.pipe.set_progress_bar_config(disable=True)
         self.unet, self.vae = self.pipe.unet, self.pipe.vae
         self.vae.enable_slicing()  # encode one image at a time: a 1024 px micro-batch is large
