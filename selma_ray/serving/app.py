@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = {"/", "/healthz", "/docs", "/openapi.json"}
 PLAYGROUND = (Path(__file__).parent / "playground.html").read_text()
 api = FastAPI(title="selma_ray images API", version="0.2.0")
+DEFAULT_ADAPTER = "merged"  # what a request that names none gets
 
 
 class MergeRequest(BaseModel):
@@ -158,7 +159,6 @@ async def _schema_error(request: Request, exc: RequestValidationError) -> JSONRe
 
 
 ERROR_401 = {"model": ErrorDetail, "description": "Missing or wrong API key."}
-DEFAULT_ADAPTER = "merged"
 ERROR_503 = {
     "model": ErrorDetail,
     "description": "No image replica could answer (one was lost or is starting); "
