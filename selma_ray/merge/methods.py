@@ -264,14 +264,21 @@ def trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
     Found with a k-th value threshold (3x faster than topk on CPU); magnitudes tied at the
     threshold are all kept, the only case where this differs from peft's topk.
     """
-    k = int(density * tensor.numel())
-    if density >= 1 or k >= tensor.numel():
-        return tensor
+    return trim_each(tensor.unsqueeze(0), density)[0]
+
+
+def trim_each(stacked: torch.Tensor, density: float) -> torch.Tensor:
+    """``trim`` applied to each ``stacked[i]`` on its own, in one batched k-th value call."""
+    flat = stacked.reshape(stacked.shape[0], -1)
+    numel = flat.shape[1]
+    k = int(density * numel)
+    if density >= 1 or k >= numel:
+        return stacked
     if k == 0:
-        return torch.zeros_like(tensor)
-    magnitude = tensor.abs()
-    threshold = magnitude.reshape(-1).kthvalue(tensor.numel() - k + 1).values
-    return tensor * (magnitude >= threshold)
+        return torch.zeros_like(stacked)
+    magnitude = flat.abs()
+    threshold = magnitude.kthvalue(numel - k + 1, dim=1, keepdim=True).values
+    return torch.where(magnitude >= threshold, flat, 0.0).reshape(stacked.shape)
 
 
 def dare_mask(shape: Sequence[int], density: float, seed: int, *where: object) -> torch.Tensor:
@@ -281,15 +288,18 @@ def dare_mask(shape: Sequence[int], density: float, seed: int, *where: object) -
     return torch.rand(tuple(shape), generator=gen) < density
 
 
-def disjoint_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def disjoint_mean(
+    tensors: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float]
+) -> torch.Tensor:
     """TIES steps 2-3: elect a sign per entry from the unweighted sum, then average the
-    weighted entries whose sign agrees with it (divided by how many agree)."""
-    stacked = torch.stack(list(tensors))
-    majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
-    agree = stacked.sign() == majority
+    weighted entries whose sign agrees with it (divided by how many agree). ``tensors`` may
+    come stacked already (one per row of dimension 0)."""
+    stacked = tensors if isinstance(tensors, torch.Tensor) else torch.stack(list(tensors))
+    # sign(x) == majority, where zeros agree with neither sign
+    agree = torch.where(stacked.sum(0) >= 0, stacked > 0, stacked < 0)
     w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
     w = w.reshape(-1, *([1] * (stacked.dim() - 1)))
-    return (stacked * w * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return (torch.where(agree, stacked, 0.0) * w).sum(0) / agree.sum(0).clamp(min=1)
 
 
 def sparse_module(
@@ -301,21 +311,23 @@ def sparse_module(
     name: str,
     indices: Sequence[int],
 ) -> LoraModule:
-    """ties / dare_linear / dare_ties on each factor separately; ``indices`` seed the masks."""
+    """ties / dare_linear / dare_ties on each factor separately; ``indices`` seed the masks.
+
+    The adapters' factors are stacked once per factor and trimmed or masked together."""
     out = {}
     for factor, fw in zip("AB", factor_weights(mods, weights), strict=True):
-        tensors = [getattr(m, factor) for m in mods]
+        stacked = torch.stack([getattr(m, factor) for m in mods])
         if method == "ties":
-            tensors = [trim(t, density) for t in tensors]
+            stacked = trim_each(stacked, density)
         else:
-            tensors = [
-                t * dare_mask(t.shape, density, seed, name, factor, i).to(t.device) / density
-                for t, i in zip(tensors, indices, strict=True)
-            ]
+            masks = torch.stack(
+                [dare_mask(stacked.shape[1:], density, seed, name, factor, i) for i in indices]
+            )
+            stacked = stacked * masks.to(stacked.device) / density
         if method == "dare_linear":
-            out[factor] = _weighted_sum(tensors, fw)
+            out[factor] = _weighted_sum(list(stacked), fw)
         else:
-            out[factor] = disjoint_mean(tensors, fw)
+            out[factor] = disjoint_mean(stacked, fw)
     return LoraModule(out["A"], out["B"], 1.0)
 
 
