@@ -267,21 +267,14 @@ def trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
     Found with a k-th value threshold (3x faster than topk on CPU); magnitudes tied at the
     threshold are all kept, the only case where this differs from peft's topk.
     """
-    return trim_each(tensor.unsqueeze(0), density)[0]
-
-
-def trim_each(stacked: torch.Tensor, density: float) -> torch.Tensor:
-    """``trim`` applied to each ``stacked[i]`` on its own, in one batched k-th value call."""
-    flat = stacked.reshape(stacked.shape[0], -1)
-    numel = flat.shape[1]
-    k = int(density * numel)
-    if density >= 1 or k >= numel:
-        return stacked
+    k = int(density * tensor.numel())
+    if density >= 1 or k >= tensor.numel():
+        return tensor
     if k == 0:
-        return torch.zeros_like(stacked)
-    magnitude = flat.abs()
-    threshold = magnitude.kthvalue(numel - k + 1, dim=1, keepdim=True).values
-    return torch.where(magnitude >= threshold, flat, 0.0).reshape(stacked.shape)
+        return torch.zeros_like(tensor)
+    magnitude = tensor.abs()
+    threshold = magnitude.reshape(-1).kthvalue(tensor.numel() - k + 1).values
+    return tensor * (magnitude >= threshold)
 
 
 def dare_mask(shape: Sequence[int], density: float, seed: int, *where: object) -> torch.Tensor:
@@ -291,18 +284,15 @@ def dare_mask(shape: Sequence[int], density: float, seed: int, *where: object) -
     return torch.rand(tuple(shape), generator=gen) < density
 
 
-def disjoint_mean(
-    tensors: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float]
-) -> torch.Tensor:
+def disjoint_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """TIES steps 2-3: elect a sign per entry from the unweighted sum, then average the
-    weighted entries whose sign agrees with it (divided by how many agree). ``tensors`` may
-    come stacked already (one per row of dimension 0)."""
-    stacked = tensors if isinstance(tensors, torch.Tensor) else torch.stack(list(tensors))
-    # sign(x) == majority, where zeros agree with neither sign
-    agree = torch.where(stacked.sum(0) >= 0, stacked > 0, stacked < 0)
+    weighted entries whose sign agrees with it (divided by how many agree)."""
+    stacked = torch.stack(list(tensors))
+    majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
+    agree = stacked.sign() == majority
     w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
     w = w.reshape(-1, *([1] * (stacked.dim() - 1)))
-    return (torch.where(agree, stacked, 0.0) * w).sum(0) / agree.sum(0).clamp(min=1)
+    return (stacked * w * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
 def sparse_module(
@@ -314,23 +304,21 @@ def sparse_module(
     name: str,
     indices: Sequence[int],
 ) -> LoraModule:
-    """ties / dare_linear / dare_ties on each factor separately; ``indices`` seed the masks.
-
-    The adapters' factors are stacked once per factor and trimmed or masked together."""
+    """ties / dare_linear / dare_ties on each factor separately; ``indices`` seed the masks."""
     out = {}
     for factor, fw in zip("AB", factor_weights(mods, weights), strict=True):
-        stacked = torch.stack([getattr(m, factor) for m in mods])
+        tensors = [getattr(m, factor) for m in mods]
         if method == "ties":
-            stacked = trim_each(stacked, density)
+            tensors = [trim(t, density) for t in tensors]
         else:
-            masks = torch.stack(
-                [dare_mask(stacked.shape[1:], density, seed, name, factor, i) for i in indices]
-            )
-            stacked = stacked * masks.to(stacked.device) / density
+            tensors = [
+                t * dare_mask(t.shape, density, seed, name, factor, i).to(t.device) / density
+                for t, i in zip(tensors, indices, strict=True)
+            ]
         if method == "dare_linear":
-            out[factor] = _weighted_sum(list(stacked), fw)
+            out[factor] = _weighted_sum(tensors, fw)
         else:
-            out[factor] = disjoint_mean(stacked, fw)
+            out[factor] = disjoint_mean(tensors, fw)
     return LoraModule(out["A"], out["B"], 1.0)
 
 
