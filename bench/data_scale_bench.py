@@ -170,6 +170,7 @@ def run_arm(n: int, steps: int, resolution: int) -> dict[str, Any]:
         "run": run.spec,
         "images": training_feed.skill_files(run, layout.images_files(run), SKILLS),
         "fingerprints": dict.fromkeys(SKILLS, "bench"),
+        "members": {skill: [skill] for skill in SKILLS},  # one expert per skill
         "resources": {"workers_per_expert": 1},
         "loop": loop,
     }
