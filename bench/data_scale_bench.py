@@ -100,7 +100,8 @@ def loop_config(resolution: int, feed: str, steps: int) -> dict[str, Any]:
 
 
 class StorePeak:
-    """Peak object-store bytes in use on the local node, sampled in a thread."""
+    """Peak object-store bytes in use on the local node, sampled in a thread, overall and per
+    ``phase`` (set by the caller: which part of the data path was running)."""
 
     def __init__(self) -> None:
         import ray
@@ -110,6 +111,7 @@ class StorePeak:
         state = get_state_from_address(ray.get_runtime_context().gcs_address)
         self._reply = lambda: get_memory_info_reply(state)
         self.peak, self.samples = 0, 0
+        self.phase, self.phases = "start", {}
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -119,6 +121,7 @@ class StorePeak:
             while not self._stop.is_set():
                 used = self._reply().store_stats.object_store_bytes_used
                 self.peak, self.samples = max(self.peak, int(used)), self.samples + 1
+                self.phases[self.phase] = max(self.phases.get(self.phase, 0), int(used))
                 time.sleep(0.1)
         except BaseException as e:  # raised again on exit: a dead sampler is no zero peak
             self._error = e
@@ -179,14 +182,16 @@ def run_arm(n: int, steps: int, resolution: int) -> dict[str, Any]:
         remote = ray.remote(num_cpus=1)(worker_part)
         with StorePeak() as store:
             for skill in SKILLS:
+                store.phase = "driver"  # the held-out split, the data hash, lazy datasets
                 prep = prepare_data(job, skill)
+                store.phase = "worker"  # validation set-up, then training from the feed
                 config = {**loop, "skill": skill, "feed_mode": prep["feed_mode"]}
                 data = prep["datasets"]
                 ray.get(remote.remote(data["train"], data.get("validation"), config, steps))
     finally:
         ray.shutdown()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"rss": rss, "store": store.peak}
+    return {"rss": rss, "store": store.peak, "store_phases": store.phases}
 
 
 def speed_arm(n: int, feed: str, steps: int, resolution: int) -> float:
@@ -252,6 +257,9 @@ def main() -> None:
             f"  N={n}: driver peak RSS {[round(r['rss'] / 2**20) for r in runs]} MiB, "
             f"object store peak {[round(r['store'] / 2**20, 1) for r in runs]} MiB"
         )
+        for phase in ("driver", "worker"):
+            peaks = [round(r["store_phases"].get(phase, 0) / 2**20, 1) for r in runs]
+            print(f"    object store peak while the {phase} part ran: {peaks} MiB")
 
     def mean(n: int, key: str) -> float:
         return sum(r[key] for r in mem[n]) / len(mem[n])
