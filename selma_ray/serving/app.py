@@ -2,9 +2,9 @@
 
 The diffusion deployment holds the base model with every expert and merge of a run loaded
 once, unfused; each request picks one by name (``adapter``, or OpenAI's ``model``), ``base``
-for none, or a weighted mix. Requests
-arriving together are micro-batched (``@serve.batch``) and grouped by adapter spec and
-sampling settings, so one forward pass never mixes adapters. Use it with
+for none, or a weighted mix. Requests arriving together are micro-batched (``@serve.batch``)
+and grouped by adapter spec and sampling settings, so one forward pass never mixes adapters.
+Use it with
 ``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or let
 ``jobs/full_pipeline.py`` deploy it at the end of a run.
 """
