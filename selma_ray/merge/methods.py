@@ -296,13 +296,11 @@ def disjoint_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     """TIES steps 2-3: elect a sign per entry from the unweighted sum, then average the
     weighted entries whose sign agrees with it (divided by how many agree)."""
     stacked = torch.stack(list(tensors))
-    flat = stacked.reshape(len(stacked), -1)
-    # An entry agrees with a positive sum when it is > 0, with a negative one when < 0: the
-    # agreeing entries are those of one sign, and the weighted sum over them one matmul.
-    kept = torch.where(flat.sum(0) >= 0, flat.clamp(min=0), flat.clamp(max=0))
-    agree = (kept != 0).sum(0, dtype=flat.dtype).clamp_(min=1)
-    w = torch.tensor(list(weights), dtype=flat.dtype, device=flat.device)
-    return ((w @ kept) / agree).reshape(stacked.shape[1:])
+    majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
+    agree = stacked.sign() == majority
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    w = w.reshape(-1, *([1] * (stacked.dim() - 1)))
+    return (stacked * w * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
 def sparse_module(
