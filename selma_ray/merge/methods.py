@@ -267,8 +267,8 @@ def trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
 
     Found with a k-th value threshold (3x faster than topk on CPU); magnitudes tied at the
     threshold are all kept, the only case where this differs from peft's topk. On the CPU the
-    threshold comes from numpy's selection (``np.partition``), the same value as
-    ``torch.kthvalue`` at about a tenth of its time.
+    threshold comes from numpy's selection (``np.partition``): the same value as
+    ``torch.kthvalue``, and ties at the SD v1.5 shape took 1.85 s instead of 2.35 s.
     """
     n = tensor.numel()
     k = int(density * n)
