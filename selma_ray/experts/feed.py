@@ -434,6 +434,13 @@ class Feed:
         starts preparing them now (the first epoch's read can overlap the model's loading),
         and keeps that many ahead of the trainer, so that each epoch's read starts while the
         trainer still steps through the last one's final batches."""
+        from selma_ray.experts.data import load_tokenizers
+
+        if not self.config.get("cache_latents"):
+            # Here, not in the prefetch thread: loading them imports diffusers, whose lazy
+            # modules fail ("cannot import name 'DiffusionPipeline'") when the trainer in the
+            # main thread imports diffusers at the same time.
+            load_tokenizers(self.config["base"])
         depth = self.config.get("feed_prefetch_batches", 0)
         batches = self._batches(*self.position)
         return self._hand_out(Ahead(batches, depth) if depth else batches)
@@ -449,11 +456,7 @@ class Feed:
 
     def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """(epoch, index in the epoch, model inputs) from ``(epoch, skip)`` on, forever."""
-        from selma_ray.experts.data import load_tokenizers
-
         c = self.config
-        if not c.get("cache_latents"):
-            load_tokenizers(c["base"])  # while the first read runs, not after it
         while True:
             taken = 0
             for index, batch in enumerate(self._epoch(epoch)):
