@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import threading
 import time
 
 import numpy as np
@@ -300,6 +301,27 @@ def test_prefetching_hands_out_the_same_batches_and_counts_only_those_taken(clus
     for a, b in zip(ahead, plain, strict=True):
         assert np.array_equal(a["pixel_values"], b["pixel_values"])
     assert position == (1, 2)  # 3 batches an epoch; 16 were asked ahead
+
+
+def test_the_prefetch_thread_holds_uint8_rows_and_the_trainers_thread_makes_inputs(
+    cluster, monkeypatch
+):
+    """What waits in the prefetch queue is decoded uint8 rows, never float32 pixels, and the
+    model inputs are made in the thread that takes the batch (in the prefetch thread they
+    took the GIL from the training step)."""
+    made_in, seen = [], []
+    real = feed.model_inputs
+
+    def recording(batch, *args):
+        made_in.append(threading.current_thread())
+        seen.append(batch["image"].dtype)
+        return real(batch, *args)
+
+    monkeypatch.setattr(feed, "model_inputs", recording)
+    got, _ = batches({**loop(crop="random"), "feed_prefetch_batches": 4}, "stream", 3)
+    assert made_in == [threading.current_thread()] * 3
+    assert seen == [np.dtype(np.uint8)] * 3
+    assert got[0]["pixel_values"].dtype == np.float32
 
 
 def test_ahead_raises_the_producers_error_and_stops_it_when_closed():

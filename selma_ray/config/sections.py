@@ -396,9 +396,8 @@ class ExpertsSection(_Section):
     feed_prefetch_batches: int = Field(
         16,
         ge=0,
-        description="Batches the worker prepares ahead of the training step, in a thread (crops, "
-        "flips, token ids), so that the next epoch's read starts before this one ends. "
-        "0 = none.",
+        description="Batches of decoded rows a thread in the worker reads ahead of the training "
+        "step, so that the next epoch's read starts before this one ends. 0 = none.",
     )
     joint: dict[str, list[str]] = Field(
         default_factory=dict,
