@@ -10,7 +10,7 @@ the expert data path, in a subprocess with its own local Ray cluster (2 CPUs):
   tiny-sd LoRA at ``--resolution`` px from the feed (``experts.feed=stream``).
 
 It prints the peak driver RSS (``ru_maxrss`` of the arm's process) and the peak object-store
-use (sampled every 0.1 s), for N = ``--small`` and N = ``--large``, run in the order small,
+use (sampled every 0.02 s), for N = ``--small`` and N = ``--large``, run in the order small,
 large, large, small after a warm-up. Then, at N = ``--small`` for one skill, training steps/s
 with the streamed feed vs the feed held in the worker (``feed=memory``, the materialized
 feed), over two epochs each, in ABBA order after a warm-up.
@@ -122,7 +122,7 @@ class StorePeak:
                 used = self._reply().store_stats.object_store_bytes_used
                 self.peak, self.samples = max(self.peak, int(used)), self.samples + 1
                 self.phases[self.phase] = max(self.phases.get(self.phase, 0), int(used))
-                time.sleep(0.1)
+                time.sleep(0.02)
         except BaseException as e:  # raised again on exit: a dead sampler is no zero peak
             self._error = e
 
@@ -151,11 +151,16 @@ def worker_part(train, validation, config: dict[str, Any], steps: int) -> float:
     trainer = ExpertTrainer(config)
     if validation is not None:
         trainer.set_validation(validation_batches(validation, config))
-    batches = iter(Feed(train, config, rank=0, mode=config["feed_mode"]))
-    start = time.perf_counter()
-    while trainer.step < steps:
-        trainer.train_step([next(batches)])
-    return steps / (time.perf_counter() - start)
+    batches = Feed(train, config, rank=0, mode=config["feed_mode"]).start()
+    try:
+        start = time.perf_counter()
+        while trainer.step < steps:
+            trainer.train_step([next(batches)])
+        return steps / (time.perf_counter() - start)
+    finally:
+        # Stops the prefetch thread and the feed's execution: this task's worker process
+        # lives on, and a feed left reading would hold its blocks into the next skill's part.
+        batches.close()
 
 
 def run_arm(n: int, steps: int, resolution: int) -> dict[str, Any]:

@@ -353,11 +353,8 @@ def test_ahead_raises_the_producers_error_and_stops_it_when_closed():
     assert started == [True]
     assert [next(got) for _ in range(3)] == [0, 1, 2]
     got.close()
-    for _ in range(50):  # the thread sees the stop at its next put (within 0.1 s)
-        if closed:
-            break
-        time.sleep(0.05)
-    assert closed == [True]
+    assert got.join(timeout=10)  # the thread sees the stop at its next put (within 0.1 s)
+    assert closed == [True]  # and has closed its items: joined means the source is shut
     assert list(feed.Ahead(iter([1, 2]), 1)) == [1, 2]
     with pytest.raises(ValueError, match="at least 1"):
         feed.Ahead(iter([]), 0)

@@ -460,6 +460,9 @@ class Feed:
         finally:
             if isinstance(source, Ahead):
                 source.close()
+                # Until the thread has closed the Ray Data iterator, the feed's execution
+                # runs on and holds its blocks in the object store.
+                source.join(timeout=10.0)
 
     def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """(epoch, index in the epoch, decoded rows) from ``(epoch, skip)`` on, forever."""
@@ -566,12 +569,13 @@ class Ahead(Iterator[T]):
         self._slots: queue.Queue = queue.Queue(maxsize=depth)
         # The thread holds the queue, the event and ``items``, never ``self``: a dropped
         # iterator is collected, and its ``__del__`` stops the thread.
-        threading.Thread(
+        self._thread = threading.Thread(
             target=_produce,
             args=(items, self._slots, self._stop),
             name="selma-feed-prefetch",
             daemon=True,
-        ).start()
+        )
+        self._thread.start()
 
     def __next__(self) -> T:
         if self._stop.is_set():  # ended, failed or closed: the thread puts nothing more
@@ -587,6 +591,13 @@ class Ahead(Iterator[T]):
 
     def close(self) -> None:
         self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Waits (after ``close``) until the thread has stopped and closed ``items``; False
+        if it is still running after ``timeout`` seconds (blocked in ``items``)."""
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def __del__(self) -> None:
         self.close()

@@ -732,6 +732,9 @@ def train_expert(config: dict[str, Any]) -> None:
             _report(trainer, metrics, rank)
             losses.clear()
     finally:  # a failing attempt still leaves its curves on storage, and no local scratch
+        # The feed's prefetch thread and Ray Data execution stop here, not when the worker
+        # goes: they would read on, holding object-store blocks, while the run winds down.
+        batches.close()
         if writer:
             writer.close()
             _upload_logs(*where, log_dir)

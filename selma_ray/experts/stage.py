@@ -11,6 +11,7 @@ so a re-run trains only unfinished skills, each resuming from its latest checkpo
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -91,6 +92,11 @@ def prepare_data(job: dict[str, Any], skill: str) -> dict[str, Any]:
         mode,
     )
     cache = (run, f"{work}/latents") if loop["cache_latents"] else None
+    # The two executions above leave reference cycles that keep their read tasks (a few KiB
+    # per image shard, owned by the driver) in the object store until Python's cyclic GC
+    # runs, which a driver allocating little may not do for the whole stage: with many
+    # skills they piled up (bench/data_scale_bench.py).
+    gc.collect()
     return {
         "datasets": feed.training_datasets(rows, held_out, loop, cache),
         "data_hash": data_hash,
