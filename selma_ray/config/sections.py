@@ -25,7 +25,7 @@ from pydantic import (
 from selma_ray.core.skills import SKILLS
 from selma_ray.eval import LABELS as SCORER_LABELS
 from selma_ray.images import SCHEDULER_NAMES
-from selma_ray.merge import METHODS, Method
+from selma_ray.lora import METHODS, Method
 
 PAPER_SKILLS = list(SKILLS)  # the paper's five, in its order
 
@@ -438,7 +438,7 @@ class ExpertsSection(_Section):
 
 
 class MergeSection(_Section):
-    """How the experts are merged (rules in ``selma_ray.merge.methods``)."""
+    """How the experts are merged (rules in ``selma_ray.lora.methods``)."""
 
     methods: list[Method] = Field(
         default_factory=lambda: ["paper"],
