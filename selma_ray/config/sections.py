@@ -541,6 +541,12 @@ class ServeSection(_Section):
     retry_after_s: int = Field(
         5, ge=1, description="Retry-After of a 503 when a diffusion replica is lost or missing."
     )
+    merge_cache_size: int = Field(
+        4,
+        ge=0,
+        description="On-demand merges (a request's adapter {merge, experts, ...}) a replica "
+        "keeps loaded, least recently used evicted first; 0 refuses them.",
+    )
 
     ORDERED = (("default_steps", "max_steps"), ("min_size", "max_size"))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,27 @@ class AdapterInfo:
 
 
 RunRef = RunDir | str | Path | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """A merge of a run's experts that a request asks for and the run did not precompute:
+    computed by the serving replica with ``selma_ray.lora`` (``DiffusionService.merge``)
+    and kept in its LRU. ``weights`` (one per expert) default to the method's own."""
+
+    method: str
+    experts: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+    density: float = 0.5
+    rank: int | None = None
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        """Its public name: the method and a digest of everything the weights depend on."""
+        import hashlib
+
+        return f"merge-{self.method}-{hashlib.sha256(repr(self).encode()).hexdigest()[:12]}"
 
 
 def as_run(run: RunRef) -> RunDir:
@@ -157,6 +179,10 @@ class DiffusionService:
         self._internal: dict[str, str] = {}  # public name -> name inside the pipeline
         self._generation = 0
         self._lock = threading.Lock()
+        # On-demand merges, least recently used first: spec -> name inside the pipeline.
+        self._merges: OrderedDict[MergeSpec, str] = OrderedDict()
+        self.merge_cache_size = self.config.serve.merge_cache_size
+        self.merge_stats = {"computed": 0, "reused": 0, "evicted": 0}
         self._torch = torch
         self.adapters, self._internal = self._load_set(self.run)
         self._native = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -200,14 +226,71 @@ class DiffusionService:
             )
         with self._lock:
             found, internal = self._load_set(run)
-            old = list(self._internal.values())
+            old = list(self._internal.values())  # the on-demand merges of the old run too
             self.adapters, self._internal, self.config, self.run = found, internal, config, run
+            self._merges.clear()
             if old:
                 self.pipe.delete_adapters(old)
         log.info("reloaded from %s: adapters %s", run.uri, sorted(found))
 
     def describe(self) -> list[dict[str, Any]]:
         return [asdict(a) for a in self.adapters.values()]
+
+    def merge(self, spec: MergeSpec) -> AdapterSpec:
+        """The adapter spec of an on-demand merge: computed from the run's experts (the first
+        time, under the pipeline's lock) and loaded beside them, or taken from the LRU of
+        ``merge_cache_size`` merges; the least recently used one is unloaded when it is full.
+        Raises KeyError for experts the run does not have, ValueError for a bad spec."""
+        import tempfile
+
+        from selma_ray.lora.files import merge_loaded, read_lora
+        from selma_ray.models import cache_dir
+
+        with self._lock:
+            if spec in self._merges:
+                self._merges.move_to_end(spec)
+                self.merge_stats["reused"] += 1
+                return ((spec.name, 1.0),)
+            check_merge(spec, self.adapters, self.merge_cache_size)
+            loaded = {e: read_lora(fetch_adapter(self.run, self._source(e))) for e in spec.experts}
+            weights = dict(zip(spec.experts, spec.weights, strict=True)) if spec.weights else None
+            scratch = cache_dir() / "merges"
+            scratch.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+                out = Path(tmp) / "merge"
+                merge_loaded(
+                    loaded,
+                    {},
+                    spec.method,
+                    weights,
+                    out,
+                    density=spec.density,
+                    rank=spec.rank,
+                    seed=spec.seed,
+                    device="cuda" if str(self.device).startswith("cuda") else "cpu",
+                )
+                internal = f"g{self._generation}_m{self.merge_stats['computed']}"
+                self.pipe.load_lora_weights(
+                    str(out), weight_name=WEIGHT_NAME, adapter_name=internal
+                )
+            self._merges[spec] = self._internal[spec.name] = internal
+            self.merge_stats["computed"] += 1
+            log.info("merged %s on demand: %s", spec.name, spec)
+            while len(self._merges) > self.merge_cache_size:
+                old, old_internal = self._merges.popitem(last=False)
+                del self._internal[old.name]
+                self.pipe.delete_adapters([old_internal])
+                self.merge_stats["evicted"] += 1
+            return ((spec.name, 1.0),)
+
+    def _source(self, expert: str) -> AdapterInfo:
+        """An expert's file in the run (``adapters`` holds its full URL, for clients)."""
+        rel = "/".join([layout.EXPERTS, expert, WEIGHT_NAME])
+        return replace(self.adapters[expert], path=rel)
+
+    def cached_merges(self) -> list[dict[str, Any]]:
+        """The on-demand merges held now, least recently used first."""
+        return [{"name": m.name, **asdict(m)} for m in self._merges]
 
     def _activate(self, spec: AdapterSpec) -> None:
         if spec == ((BASE, 1.0),):
@@ -234,7 +317,7 @@ class DiffusionService:
         from selma_ray.diffusion.common import png_bytes
 
         with self._lock:  # the pipeline is not re-entrant
-            missing = sorted({name for name, _ in spec} - set(self.adapters))
+            missing = sorted({name for name, _ in spec} - set(self.adapters) - set(self._internal))
             if missing:  # e.g. a request validated just before a hot reload removed them
                 raise KeyError(f"unknown adapters {missing}; valid: {sorted(self.adapters)}")
             self._activate(spec)
@@ -268,6 +351,32 @@ class DiffusionService:
 
 
 AdapterSpec = tuple[tuple[str, float], ...]
+
+
+def check_merge(spec: MergeSpec, adapters: dict[str, AdapterInfo], cache_size: int) -> None:
+    """Refuses a merge the replica cannot compute: KeyError for an unknown expert (its name
+    and the valid ones), ValueError for the rest."""
+    from selma_ray.lora import METHODS
+
+    if cache_size < 1:
+        raise ValueError("on-demand merges are off here (serve.merge_cache_size is 0)")
+    if spec.method not in METHODS:
+        raise ValueError(f"unknown merge method {spec.method!r}; choose one of {list(METHODS)}")
+    experts = sorted(n for n, a in adapters.items() if a.kind == "expert")
+    unknown = [e for e in spec.experts if e not in adapters]
+    if unknown:
+        raise KeyError(f"unknown experts {unknown} in the merge; valid: {experts}")
+    if len(spec.experts) < 2 or len(set(spec.experts)) != len(spec.experts):
+        raise ValueError(f"a merge needs two or more different experts, got {list(spec.experts)}")
+    not_experts = [e for e in spec.experts if adapters[e].kind != "expert"]
+    if not_experts:
+        raise ValueError(f"only experts can be merged on demand, not {not_experts}: {experts}")
+    if spec.weights is not None and len(spec.weights) != len(spec.experts):
+        raise ValueError(f"{len(spec.experts)} experts but {len(spec.weights)} weights")
+    if not 0 < spec.density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {spec.density}")
+    if spec.rank is not None and spec.rank < 1:
+        raise ValueError(f"rank must be at least 1, got {spec.rank}")
 
 
 def parse_adapter_spec(adapter: str | dict[str, float], valid: set[str]) -> AdapterSpec:
