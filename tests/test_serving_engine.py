@@ -271,6 +271,43 @@ def test_an_on_demand_merge_loads_merge_maths_weights_and_the_lru_evicts(service
         service.merge_cache_size = 4
 
 
+def test_a_merge_a_request_is_holding_is_not_evicted_until_it_lets_go(service):
+    """Two requests merging at once with room for one: the first one's merge stays loaded
+    while it renders, and the next merge after that evicts it."""
+    experts = ("counting", "everyday_scenes")
+    first, second = MergeSpec("cat", experts), MergeSpec("paper", experts)
+    third = MergeSpec("svd", experts, rank=2)
+    service.merge_cache_size = 1
+    try:
+        with service.holding(first):
+            service.merge(first)
+            service.merge(second)  # over the cache's size, but first is held
+            assert [m["name"] for m in service.cached_merges()] == [first.name, second.name]
+            image = _render(service, ((first.name, 1.0),))
+        service.merge(third)  # nothing is held now: first and second go
+        assert [m["name"] for m in service.cached_merges()] == [third.name]
+        with pytest.raises(KeyError, match="unknown adapters"):
+            _render(service, ((first.name, 1.0),))
+        service.merge(first)  # merged again: the same image
+        assert _render(service, ((first.name, 1.0),)) == image
+    finally:
+        service.merge_cache_size = 4
+
+
+def test_equal_merges_are_equal_specs_with_one_name():
+    """Options the method ignores, ints for floats and lists for tuples do not make a new
+    cache entry; the experts' order does (DARE's masks depend on it)."""
+    base = MergeSpec("svd", ("counting", "everyday_scenes"), weights=(1.0, 2.0), rank=2)
+    same = MergeSpec("svd", ["counting", "everyday_scenes"], [1, 2], density=0.3, rank=2, seed=5)
+    assert same == base and same.name == base.name and hash(same) == hash(base)
+    assert MergeSpec("svd", ("counting", "everyday_scenes"), rank=3).name != base.name
+    ties = MergeSpec("ties", ("counting", "everyday_scenes"), density=0.3)
+    assert ties.density == 0.3 and ties.seed == 0 and ties.rank is None
+    dare = MergeSpec("dare_ties", ("counting", "everyday_scenes"), seed=1)
+    swapped = MergeSpec("dare_ties", ("everyday_scenes", "counting"), seed=1)
+    assert dare.name != swapped.name
+
+
 @pytest.mark.parametrize(
     ("spec", "error", "match"),
     [
@@ -279,6 +316,8 @@ def test_an_on_demand_merge_loads_merge_maths_weights_and_the_lru_evicts(service
         (MergeSpec("ties", ("counting",)), ValueError, "two or more"),
         (MergeSpec("ties", ("counting", "counting")), ValueError, "two or more"),
         (MergeSpec("cat", ("counting", "everyday_scenes"), (1.0,)), ValueError, "1 weights"),
+        (MergeSpec("cat", ("counting", "everyday_scenes"), (1.0, -1.0)), ValueError, ">= 0"),
+        (MergeSpec("cat", ("counting", "everyday_scenes"), (0.0, 0.0)), ValueError, "all zero"),
         (MergeSpec("ties", ("counting", "everyday_scenes"), density=0), ValueError, "density"),
         (MergeSpec("mean", ("counting", "everyday_scenes")), ValueError, "merge method"),
     ],

@@ -9,3 +9,11 @@ from typing import Literal, get_args
 
 Method = Literal["paper", "cat", "svd", "ties", "dare_linear", "dare_ties"]
 METHODS: tuple[str, ...] = get_args(Method)
+_DARE = ("density", "seed")
+# The settings each method's result depends on (the others are ignored).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "svd": ("rank",),
+    "ties": ("density",),
+    "dare_linear": _DARE,
+    "dare_ties": _DARE,
+}

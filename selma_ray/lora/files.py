@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from selma_ray.core.lora_io import WEIGHT_NAME, adapter_file, load_adapter, save_adapter
+from selma_ray.lora import OPTIONS
 
 if TYPE_CHECKING:  # merge_math imports torch: load it only where maths happen
     from selma_ray.lora import methods as merge_math
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "float16", "bfloat16")
-_DARE = ("density", "seed")  # the settings each method's result depends on
-OPTIONS = {"svd": ("rank",), "ties": ("density",), "dare_linear": _DARE, "dare_ties": _DARE}
 
 
 def weight_file(path: str | Path) -> Path:

@@ -2,10 +2,10 @@
 
 The diffusion deployment holds the base model with every expert and merge of a run loaded
 once, unfused; each request picks one by name (``adapter``, or OpenAI's ``model``), ``base``
-for none, or a weighted mix. Requests arriving together are micro-batched (``@serve.batch``)
+for none, a weighted mix, or a merge of experts that the replica makes on demand (with the
+shared ``selma_ray.lora``). Requests arriving together are micro-batched (``@serve.batch``)
 and grouped by adapter spec and sampling settings, so one forward pass never mixes adapters.
-Use it with
-``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or let
+Use it with ``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or let
 ``jobs/full_pipeline.py`` deploy it at the end of a run.
 """
 
@@ -350,10 +350,12 @@ class Diffusion:
         return self.service.native_size
 
     async def generate(self, job: dict[str, Any]) -> list[bytes]:
-        if job.get("merge") is not None:  # first use: merged here, off the event loop
-            spec = await asyncio.to_thread(self.service.merge, MergeSpec(**job["merge"]))
-            job = {**job, "spec": spec}
-        return await self._batched(job)
+        if job.get("merge") is None:
+            return await self._batched(job)
+        merge = MergeSpec(**job["merge"])
+        with self.service.holding(merge):  # until rendered: other merges cannot evict it
+            spec = await asyncio.to_thread(self.service.merge, merge)  # off the event loop
+            return await self._batched({**job, "spec": spec})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, jobs: list[dict[str, Any]]) -> list[list[bytes]]:
