@@ -10,7 +10,7 @@ throughput against the chip's peak:
 - generation: SD v1.5 at 512 px, 50 steps, CFG 7.5, batch 8 and 32 (fp16): images/s and MFU;
 - serving: one image at a time, switching among 6 loaded rank-128 adapters (``set_adapters``,
   as ``selma_ray.diffusion.engine`` does) vs one fused adapter: p50 seconds per image;
-- merge (``selma_ray.merge.methods.merge``) of 5 SD v1.5 rank-128 adapters on the GPU, every
+- merge (``selma_ray.lora.methods.merge``) of 5 SD v1.5 rank-128 adapters on the GPU, every
   method;
 - correctness: the VAE encodes in float32 under fp16 training; an injected NaN loss is skipped
   and counted; the LoRA weights stay float32 under autocast; the loss after the run's steps is
@@ -561,8 +561,8 @@ def section_merge(sec: Section, cfg: Settings) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from selma_ray.merge import METHODS
-    from selma_ray.merge.methods import default_weights, from_state, merge, to_state
+    from selma_ray.lora import METHODS
+    from selma_ray.lora.methods import default_weights, from_state, merge, to_state
 
     with torch.device("meta"):  # shapes only
         unet = UNet2DConditionModel(**spec("sd15", cfg.tiny).unet)

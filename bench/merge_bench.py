@@ -69,7 +69,7 @@ def svd_errors(adapters: list, weights: list[float], shapes: dict) -> dict[str, 
     solve), and against the exact sum itself (the truncation, inherent to the method)."""
     import torch
 
-    from selma_ray.merge.methods import delta_weight, merge
+    from selma_ray.lora.methods import delta_weight, merge
 
     picked = {tuple(shape): name for name, shape in shapes.items()}.values()
     merged = merge([{n: a[n] for n in picked} for a in adapters], weights, "svd", seed=0)
@@ -91,7 +91,7 @@ def child(method: str, shapes_file: str, n: int, rank: int, repeat: int) -> dict
     """Build the inputs, merge ``repeat`` times, report time and memory (runs in a child)."""
     import torch
 
-    from selma_ray.merge.methods import LoraModule, default_weights, merge, to_state
+    from selma_ray.lora.methods import LoraModule, default_weights, merge, to_state
 
     shapes = json.loads(Path(shapes_file).read_text())
     base = rss_mib()

@@ -8,8 +8,8 @@ The public API, imported lazily so that ``import selma_ray`` stays light::
     run_pipeline(cfg)
 
 One subpackage per stage (``prompts``, ``images``, ``experts``, ``merge``, ``eval``,
-``serving``); what they share lives in ``config``, ``core``, ``models``, ``text`` and
-``diffusion``; ``pipeline`` owns the graph between the stages.
+``serving``); what they share lives in ``config``, ``core``, ``models``, ``text``,
+``diffusion`` and ``lora``; ``pipeline`` owns the graph between the stages.
 """
 
 from __future__ import annotations

@@ -323,6 +323,7 @@ SHARED = {
     "models": "model names to loadable models; LLM engines",
     "text": "ROUGE-L and near-duplicate filters, answer parsing",
     "diffusion": "device, pixels, the multi-adapter engine",
+    "lora": "LoRA merge rules, reading and merging adapter files",
 }
 
 

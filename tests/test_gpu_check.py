@@ -124,12 +124,12 @@ def test_flop_count_matches_a_hand_count_for_one_attention_block():
     [
         (  # the core modules: the training recipe, merge math, the diffusion engine
             ("ray",),
-            "selma_ray.experts.recipe, selma_ray.experts.data, selma_ray.merge.methods, "
+            "selma_ray.experts.recipe, selma_ray.experts.data, selma_ray.lora.methods, "
             "selma_ray.diffusion.engine, selma_ray.diffusion.denoise",
         ),
         (  # what the GPU check imports, on a machine without Ray, pydantic or pyarrow
             ABSENT_THERE,
-            "selma_ray.experts.recipe, selma_ray.merge.methods, selma_ray.core.lora_io",
+            "selma_ray.experts.recipe, selma_ray.lora.methods, selma_ray.core.lora_io",
         ),
     ],
 )

@@ -1,7 +1,9 @@
 """The architecture, enforced: one subpackage per SELMA stage, and no stage imports another.
 
 The pipeline owns the graph between stages; what they share lives in ``config``, ``core``,
-``models``, ``text`` and ``diffusion``. The product never imports the test helpers.
+``models``, ``text``, ``diffusion`` and ``lora`` (the merge maths and adapter reading that the
+merge stage and serving's on-demand merges both use). The product never imports the test
+helpers.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import grimp
 import pytest
 
 STAGES = ["prompts", "images", "experts", "merge", "eval", "serving"]
-SHARED = ["config", "core", "models", "text", "diffusion"]
+SHARED = ["config", "core", "models", "text", "diffusion", "lora"]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,8 @@ def test_the_product_never_imports_the_test_helpers(graph):
 
 
 def test_shared_pieces_import_without_ray():
-    """The training recipe, merge maths and the diffusion engine load on a machine with no
-    Ray (the GPU check runs there)."""
+    """The training recipe, the LoRA merge maths and files and the diffusion engine load on a
+    machine with no Ray (the GPU check runs there)."""
     import subprocess
     import sys
 
@@ -66,7 +68,8 @@ def test_shared_pieces_import_without_ray():
         "        if name == 'ray' or name.startswith('ray.'):\n"
         "            raise ImportError('ray is blocked in this check')\n"
         "sys.meta_path.insert(0, NoRay())\n"
-        "import selma_ray.merge.methods, selma_ray.diffusion.engine, selma_ray.experts.recipe\n"
+        "import selma_ray.lora.methods, selma_ray.lora.files, selma_ray.diffusion.engine\n"
+        "import selma_ray.experts.recipe\n"
         "import selma_ray.config, selma_ray.core.lineage\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -12,8 +12,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from selma_ray.core.lineage import file_sha256
 from selma_ray.core.lora_io import WEIGHT_NAME, adapter_file, load_adapter, save_adapter
-from selma_ray.merge.files import file_sha256, merge_adapters
+from selma_ray.merge.files import merge_adapters
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

@@ -7,7 +7,7 @@ from typing import get_args
 import pytest
 
 from selma_ray.config import ConfigError, MergeSection, list_presets, load_config
-from selma_ray.merge.methods import METHODS
+from selma_ray.lora import METHODS
 
 
 def test_defaults_are_the_paper_merge_alone():

@@ -17,9 +17,12 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from selma_ray.core.lineage import file_sha256
 from selma_ray.core.lora_io import WEIGHT_NAME, load_adapter, save_adapter
-from selma_ray.merge.files import file_sha256, main, merge_adapters, read_lora
-from selma_ray.merge.methods import METHODS, delta_weight, merge
+from selma_ray.lora import METHODS
+from selma_ray.lora.files import read_lora
+from selma_ray.lora.methods import delta_weight, merge
+from selma_ray.merge.files import main, merge_adapters
 from selma_ray.models import TINY_SD, resolve
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from selma_ray.merge.methods import (
-    METHODS,
+from selma_ray.lora import METHODS
+from selma_ray.lora.methods import (
     LoraModule,
     check_weights,
     dare_mask,

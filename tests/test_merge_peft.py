@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from selma_ray.merge.methods import LoraModule, delta_weight, merge
+from selma_ray.lora.methods import LoraModule, delta_weight, merge
 
 # module name -> (in, out)
 LAYERS = {"to_q": (8, 8), "to_k": (6, 8), "to_out.0": (8, 5)}

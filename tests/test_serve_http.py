@@ -173,6 +173,22 @@ def test_concurrent_requests_are_batched_and_match_requests_alone(live):
         ({"prompt": "x", "model": "counting", "adapter": "merged"}, 400, "disagree"),
         ({"prompt": "x", "model": "selma"}, 404, "counting"),
         ({"prompt": "x", "quality": "ultra"}, 422, "hd"),
+        (
+            {"prompt": "x", "adapter": {"merge": "ties", "experts": ["counting", "merged"]}},
+            422,
+            "only experts",
+        ),
+        ({"prompt": "x", "adapter": {"merge": "mean", "experts": ["a", "b"]}}, 422, "dare_ties"),
+        (
+            {"prompt": "x", "adapter": {"merge": "ties", "experts": ["a", "b"], "density": 2}},
+            422,
+            "density",
+        ),
+        (
+            {"prompt": "x", "adapter": {"merge": "ties", "experts": ["counting", "no"]}},
+            404,
+            "everyday_scenes",
+        ),
         ([1, 2], 422, "dict"),
         ("not json", 422, "JSON"),
     ],
@@ -185,6 +201,22 @@ def test_bad_requests_get_a_4xx_that_says_what_is_allowed(live, body, status, sa
         resp = requests.post(url, json=body, timeout=60)
     assert resp.status_code == status, resp.text
     assert says in resp.text
+
+
+def test_a_merge_on_demand_is_made_once_by_the_replica_then_reused(live):
+    spec = {"merge": "ties", "experts": ["counting", "everyday_scenes"], "density": 0.5}
+    before = adapters(live)["replica"]["merges"]
+    first = gen(live, spec, png=False)
+    assert first.status_code == 200, first.text
+    ((name, echoed),) = first.json()["adapter"].items()
+    assert name.startswith("merge-ties-") and echoed["experts"] == spec["experts"]
+    again = gen(live, spec, png=False)
+    assert again.json()["data"] == first.json()["data"]
+    after = adapters(live)["replica"]["merges"]
+    assert after["computed"] == before["computed"] + 1
+    assert after["reused"] == before["reused"] + 1
+    assert name in [m["name"] for m in after["cached"]]
+    assert gen(live, spec).content not in (gen(live, "merged").content, gen(live, "base").content)
 
 
 def test_the_openai_sdk_picks_adapters_by_model_and_lists_them(live):

@@ -9,7 +9,12 @@ import pytest
 from selma_ray.config import load_config
 from selma_ray.core.lora_io import save_adapter
 from selma_ray.core.rundir import RunDir
-from selma_ray.diffusion.engine import DiffusionService, find_adapters, parse_adapter_spec
+from selma_ray.diffusion.engine import (
+    DiffusionService,
+    MergeSpec,
+    find_adapters,
+    parse_adapter_spec,
+)
 from selma_ray.merge.files import merge_adapters
 
 
@@ -219,3 +224,106 @@ def test_adapters_are_fetched_once_into_a_cache_keyed_by_content(run_dir, tmp_pa
     assert again == first and first.parent == tmp_path / "cache" / "adapters"
     assert (again / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == stamp
     assert (first / "pytorch_lora_weights.safetensors").read_bytes() == run.read_bytes(info.path)
+
+
+def _render(service, spec):
+    return service.generate_many(spec, ["two red apples"], [1], 2, 7.5, 32, 32)[0]
+
+
+def _loaded_delta(pipe, module: str, internal: str):
+    layer = pipe.unet.get_submodule(module)
+    a, b = layer.lora_A[internal].weight, layer.lora_B[internal].weight
+    return (b.flatten(1) @ a.flatten(1)) * layer.scaling[internal]
+
+
+def test_an_on_demand_merge_loads_merge_maths_weights_and_the_lru_evicts(service, run_dir):
+    import torch
+
+    from selma_ray.lora import methods as merge_math
+    from selma_ray.lora.files import read_lora
+
+    experts = ("counting", "everyday_scenes")
+    ties = MergeSpec("ties", experts, density=0.5)
+    svd = MergeSpec("svd", experts, weights=(0.7, 0.3), rank=2)
+    service.merge_cache_size = 1
+    try:
+        assert service.merge(ties) == ((ties.name, 1.0),)
+        internal = service._internal[ties.name]
+        inputs = [read_lora(Path(run_dir) / "experts" / e)[0] for e in experts]
+        expected = merge_math.merge(inputs, merge_math.default_weights("ties", 2), "ties")
+        for module, m in expected.items():
+            want = merge_math.delta_weight(m).flatten(1)
+            torch.testing.assert_close(_loaded_delta(service.pipe, module, internal), want)
+        image = _render(service, ((ties.name, 1.0),))
+        assert image != _png(service, "base") and image != _png(service, "merged")
+        assert service.merge(ties) == ((ties.name, 1.0),)  # from the LRU: not merged again
+        assert service.merge_stats == {"computed": 1, "reused": 1, "evicted": 0}
+
+        service.merge(svd)  # the cache holds one: ties goes
+        assert service.merge_stats == {"computed": 2, "reused": 1, "evicted": 1}
+        assert [m["name"] for m in service.cached_merges()] == [svd.name]
+        assert internal not in service.pipe.get_list_adapters()["unet"]
+        with pytest.raises(KeyError, match="unknown adapters"):
+            _render(service, ((ties.name, 1.0),))
+        service.merge(ties)  # asked again: merged again, the same image
+        assert _render(service, ((ties.name, 1.0),)) == image
+    finally:
+        service.merge_cache_size = 4
+
+
+def test_a_merge_a_request_is_holding_is_not_evicted_until_it_lets_go(service):
+    """Two requests merging at once with room for one: the first one's merge stays loaded
+    while it renders, and the next merge after that evicts it."""
+    experts = ("counting", "everyday_scenes")
+    first, second = MergeSpec("cat", experts), MergeSpec("paper", experts)
+    third = MergeSpec("svd", experts, rank=2)
+    service.merge_cache_size = 1
+    try:
+        with service.holding(first):
+            service.merge(first)
+            service.merge(second)  # over the cache's size, but first is held
+            assert [m["name"] for m in service.cached_merges()] == [first.name, second.name]
+            image = _render(service, ((first.name, 1.0),))
+        service.merge(third)  # nothing is held now: first and second go
+        assert [m["name"] for m in service.cached_merges()] == [third.name]
+        with pytest.raises(KeyError, match="unknown adapters"):
+            _render(service, ((first.name, 1.0),))
+        service.merge(first)  # merged again: the same image
+        assert _render(service, ((first.name, 1.0),)) == image
+    finally:
+        service.merge_cache_size = 4
+
+
+def test_equal_merges_are_equal_specs_with_one_name():
+    """Options the method ignores, ints for floats and lists for tuples do not make a new
+    cache entry; the experts' order does (DARE's masks depend on it)."""
+    base = MergeSpec("svd", ("counting", "everyday_scenes"), weights=(1.0, 2.0), rank=2)
+    same = MergeSpec("svd", ["counting", "everyday_scenes"], [1, 2], density=0.3, rank=2, seed=5)
+    assert same == base and same.name == base.name and hash(same) == hash(base)
+    assert MergeSpec("svd", ("counting", "everyday_scenes"), rank=3).name != base.name
+    ties = MergeSpec("ties", ("counting", "everyday_scenes"), density=0.3)
+    assert ties.density == 0.3 and ties.seed == 0 and ties.rank is None
+    dare = MergeSpec("dare_ties", ("counting", "everyday_scenes"), seed=1)
+    swapped = MergeSpec("dare_ties", ("everyday_scenes", "counting"), seed=1)
+    assert dare.name != swapped.name
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "match"),
+    [
+        (MergeSpec("ties", ("counting", "nope")), KeyError, "valid: \\['counting'"),
+        (MergeSpec("ties", ("counting", "merged")), ValueError, "only experts"),
+        (MergeSpec("ties", ("counting",)), ValueError, "two or more"),
+        (MergeSpec("ties", ("counting", "counting")), ValueError, "two or more"),
+        (MergeSpec("cat", ("counting", "everyday_scenes"), (1.0,)), ValueError, "1 weights"),
+        (MergeSpec("cat", ("counting", "everyday_scenes"), (1.0, -1.0)), ValueError, ">= 0"),
+        (MergeSpec("cat", ("counting", "everyday_scenes"), (0.0, 0.0)), ValueError, "all zero"),
+        (MergeSpec("ties", ("counting", "everyday_scenes"), density=0), ValueError, "density"),
+        (MergeSpec("mean", ("counting", "everyday_scenes")), ValueError, "merge method"),
+    ],
+)
+def test_bad_on_demand_merges_are_refused_before_any_work(service, spec, error, match):
+    before = dict(service.merge_stats)
+    with pytest.raises(error, match=match):
+        service.merge(spec)
+    assert service.merge_stats == before

@@ -25,7 +25,7 @@ from pydantic import (
 from selma_ray.core.skills import SKILLS
 from selma_ray.eval import LABELS as SCORER_LABELS
 from selma_ray.images import SCHEDULER_NAMES
-from selma_ray.merge import METHODS, Method
+from selma_ray.lora import METHODS, Method
 
 PAPER_SKILLS = list(SKILLS)  # the paper's five, in its order
 
@@ -437,7 +437,7 @@ class ExpertsSection(_Section):
 
 
 class MergeSection(_Section):
-    """How the experts are merged (rules in ``selma_ray.merge.methods``)."""
+    """How the experts are merged (rules in ``selma_ray.lora.methods``)."""
 
     methods: list[Method] = Field(
         default_factory=lambda: ["paper"],
@@ -539,6 +539,12 @@ class ServeSection(_Section):
     )
     retry_after_s: int = Field(
         5, ge=1, description="Retry-After of a 503 when a diffusion replica is lost or missing."
+    )
+    merge_cache_size: int = Field(
+        4,
+        ge=0,
+        description="On-demand merges (a request's adapter {merge, experts, ...}) a replica "
+        "keeps loaded, least recently used evicted first; 0 refuses them.",
     )
 
     ORDERED = (("default_steps", "max_steps"), ("min_size", "max_size"))

@@ -2,14 +2,18 @@
 
 ``find_adapters`` discovers what a run directory offers; ``DiffusionService`` holds one
 diffusers pipeline with all of them loaded unfused and switches per request with
-``set_adapters`` (or disables LoRA for ``base``). The HTTP layer lives in ``serve/app.py``.
+``set_adapters`` (or disables LoRA for ``base``). The HTTP layer lives in ``serving/app.py``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-from dataclasses import asdict, dataclass, replace
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from selma_ray.config import SelmaConfig, validate
 from selma_ray.core import layout
 from selma_ray.core.lora_io import WEIGHT_NAME, header_config
 from selma_ray.core.rundir import RunDir
+from selma_ray.lora import METHODS, OPTIONS
 
 log = logging.getLogger(__name__)
 BASE = "base"
@@ -35,6 +40,42 @@ class AdapterInfo:
 
 
 RunRef = RunDir | str | Path | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """A merge of a run's experts that a request asks for and the run did not precompute:
+    computed by the serving replica with ``selma_ray.lora`` (``DiffusionService.merge``)
+    and kept in its LRU. ``weights`` (one per expert, in order) default to the method's own.
+
+    Equal merges are equal specs, so they share a cache entry and a name: the fields are
+    normalised (tuples, floats), and the options the method ignores are reset to their
+    defaults (``selma_ray.lora.OPTIONS``). The experts' order is kept: DARE's drop masks
+    depend on it."""
+
+    method: str
+    experts: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+    density: float = 0.5
+    rank: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        used = OPTIONS.get(self.method, ())
+        for f in fields(self):
+            if f.name in ("density", "rank", "seed") and f.name not in used:
+                object.__setattr__(self, f.name, f.default)
+        object.__setattr__(self, "experts", tuple(self.experts))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        object.__setattr__(self, "density", float(self.density))
+
+    @property
+    def name(self) -> str:
+        """Its public name: the method and a digest of everything the weights depend on."""
+        import hashlib
+
+        return f"merge-{self.method}-{hashlib.sha256(repr(self).encode()).hexdigest()[:12]}"
 
 
 def as_run(run: RunRef) -> RunDir:
@@ -157,8 +198,15 @@ class DiffusionService:
         self._internal: dict[str, str] = {}  # public name -> name inside the pipeline
         self._generation = 0
         self._lock = threading.Lock()
+        # On-demand merges, least recently used first: spec -> name inside the pipeline.
+        self._merges: OrderedDict[MergeSpec, str] = OrderedDict()
+        self._in_use: Counter[MergeSpec] = Counter()  # merges requests are holding
+        self._in_use_lock = threading.Lock()
+        self._merge_ids = itertools.count()
+        self.merge_cache_size = self.config.serve.merge_cache_size
+        self.merge_stats = {"computed": 0, "reused": 0, "evicted": 0}
         self._torch = torch
-        self.adapters, self._internal = self._load_set(self.run)
+        self.adapters, self._internal, self._files = self._load_set(self.run)
         self._native = pipe.unet.config.sample_size * pipe.vae_scale_factor
         log.info("serving %s with adapters %s", self.config.models.base, sorted(self.adapters))
 
@@ -167,11 +215,16 @@ class DiffusionService:
         """The run's image size (or the model's native one)."""
         return self.config.images.resolution or self._native
 
-    def _load_set(self, run: RunDir) -> tuple[dict[str, AdapterInfo], dict[str, str]]:
+    def _load_set(
+        self, run: RunDir
+    ) -> tuple[dict[str, AdapterInfo], dict[str, str], dict[str, AdapterInfo]]:
         """Fetch and load every adapter of ``run`` under new internal names; on any failure,
-        unload what this call loaded and raise (the current set is untouched)."""
+        unload what this call loaded and raise (the current set is untouched). Returns the
+        adapters for clients (full URLs), their internal names, and the adapters as found
+        (paths relative to the run, which on-demand merges read)."""
         self._generation += 1
         found, internal, loaded = find_adapters(run), {}, []
+        files = dict(found)
         try:
             for i, info in enumerate(found.values()):
                 if not info.path:
@@ -186,7 +239,7 @@ class DiffusionService:
             if loaded:
                 self.pipe.delete_adapters(loaded)
             raise
-        return found, internal
+        return found, internal, files
 
     def reload(self, run: RunRef) -> None:
         """Swap in the adapters of another run of the same base model, without a restart.
@@ -199,15 +252,89 @@ class DiffusionService:
                 f"{self.config.models.base}; deploy a new application for another base model"
             )
         with self._lock:
-            found, internal = self._load_set(run)
-            old = list(self._internal.values())
+            found, internal, files = self._load_set(run)
+            old = list(self._internal.values())  # the on-demand merges of the old run too
             self.adapters, self._internal, self.config, self.run = found, internal, config, run
+            self._files = files
+            self._merges.clear()
             if old:
                 self.pipe.delete_adapters(old)
         log.info("reloaded from %s: adapters %s", run.uri, sorted(found))
 
     def describe(self) -> list[dict[str, Any]]:
         return [asdict(a) for a in self.adapters.values()]
+
+    def merge(self, spec: MergeSpec) -> AdapterSpec:
+        """The adapter spec of an on-demand merge: computed from the run's experts (the first
+        time, under the pipeline's lock) and loaded beside them, or taken from the LRU of
+        ``merge_cache_size`` merges. When the LRU is full, the least recently used merges go
+        first, but never ``spec`` itself nor one that a request is ``holding``. Raises
+        KeyError for experts the run does not have, ValueError for a bad spec."""
+        with self._lock:
+            check_merge(spec, self.adapters, self.merge_cache_size)
+            if spec in self._merges:
+                self._merges.move_to_end(spec)
+                self.merge_stats["reused"] += 1
+            else:
+                self._merges[spec] = self._internal[spec.name] = self._compute(spec)
+                self.merge_stats["computed"] += 1
+                log.info("merged %s on demand: %s", spec.name, spec)
+            with self._in_use_lock:
+                held = {spec, *self._in_use}
+            for old in [s for s in self._merges if s not in held]:  # least recently used first
+                if len(self._merges) <= self.merge_cache_size:
+                    break
+                self.pipe.delete_adapters([self._merges.pop(old)])
+                del self._internal[old.name]
+                self.merge_stats["evicted"] += 1
+            return ((spec.name, 1.0),)
+
+    @contextmanager
+    def holding(self, spec: MergeSpec) -> Iterator[None]:
+        """Keeps an on-demand merge from eviction while a request uses it: from before its
+        ``merge`` until its images are rendered (a concurrent merge could evict it between)."""
+        with self._in_use_lock:
+            self._in_use[spec] += 1
+        try:
+            yield
+        finally:
+            with self._in_use_lock:
+                self._in_use[spec] -= 1
+                if not self._in_use[spec]:
+                    del self._in_use[spec]
+
+    def _compute(self, spec: MergeSpec) -> str:
+        """Merge the spec's experts and load the result; returns its name in the pipeline.
+        Written to a fresh temporary folder (never a path made from a request's names)."""
+        import tempfile
+
+        from selma_ray.lora.files import merge_loaded, read_lora
+        from selma_ray.models import cache_dir
+
+        loaded = {e: read_lora(fetch_adapter(self.run, self._files[e])) for e in spec.experts}
+        weights = dict(zip(spec.experts, spec.weights, strict=True)) if spec.weights else None
+        scratch = cache_dir() / "merges"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            out = Path(tmp) / "merge"
+            merge_loaded(
+                loaded,
+                {},
+                spec.method,
+                weights,
+                out,
+                density=spec.density,
+                rank=spec.rank,
+                seed=spec.seed,
+                device="cuda" if str(self.device).startswith("cuda") else "cpu",
+            )
+            internal = f"g{self._generation}_m{next(self._merge_ids)}"
+            self.pipe.load_lora_weights(str(out), weight_name=WEIGHT_NAME, adapter_name=internal)
+        return internal
+
+    def cached_merges(self) -> list[dict[str, Any]]:
+        """The on-demand merges held now, least recently used first."""
+        return [{"name": m.name, **asdict(m)} for m in list(self._merges)]
 
     def _activate(self, spec: AdapterSpec) -> None:
         if spec == ((BASE, 1.0),):
@@ -234,7 +361,7 @@ class DiffusionService:
         from selma_ray.diffusion.common import png_bytes
 
         with self._lock:  # the pipeline is not re-entrant
-            missing = sorted({name for name, _ in spec} - set(self.adapters))
+            missing = sorted({name for name, _ in spec} - set(self.adapters) - set(self._internal))
             if missing:  # e.g. a request validated just before a hot reload removed them
                 raise KeyError(f"unknown adapters {missing}; valid: {sorted(self.adapters)}")
             self._activate(spec)
@@ -268,6 +395,38 @@ class DiffusionService:
 
 
 AdapterSpec = tuple[tuple[str, float], ...]
+
+
+def check_merge(spec: MergeSpec, adapters: dict[str, AdapterInfo], cache_size: int) -> None:
+    """Refuses a merge the replica cannot compute: KeyError for an unknown expert (its name
+    and the valid ones), ValueError for the rest."""
+    from selma_ray.lora.methods import check_weights
+
+    if cache_size < 1:
+        raise ValueError("on-demand merges are off here (serve.merge_cache_size is 0)")
+    if spec.method not in METHODS:
+        raise ValueError(f"unknown merge method {spec.method!r}; choose one of {list(METHODS)}")
+    experts = sorted(n for n, a in adapters.items() if a.kind == "expert")
+    unknown = [e for e in spec.experts if e not in adapters]
+    if unknown:
+        raise KeyError(f"unknown experts {unknown} in the merge; valid: {experts}")
+    if len(spec.experts) < 2 or len(set(spec.experts)) != len(spec.experts):
+        raise ValueError(f"a merge needs two or more different experts, got {list(spec.experts)}")
+    not_experts = [e for e in spec.experts if adapters[e].kind != "expert"]
+    if not_experts:
+        raise ValueError(
+            f"only experts can be merged on demand, not {not_experts}; experts: {experts}"
+        )
+    if spec.weights is not None:
+        if len(spec.weights) != len(spec.experts):
+            raise ValueError(
+                f"{len(spec.experts)} experts but {len(spec.weights)} weights; give one per expert"
+            )
+        check_weights(spec.experts, dict(zip(spec.experts, spec.weights, strict=True)))
+    if not 0 < spec.density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {spec.density}")
+    if spec.rank is not None and spec.rank < 1:
+        raise ValueError(f"rank must be at least 1, got {spec.rank}")
 
 
 def parse_adapter_spec(adapter: str | dict[str, float], valid: set[str]) -> AdapterSpec:

@@ -1,7 +1,5 @@
-"""Stage 4, merge. The method names live here, light to import: the config schema reads them,
-``selma_ray.merge.methods`` implements them."""
+"""Stage 4, merge: the run's experts merged into one adapter by every configured method.
 
-from typing import Literal, get_args
-
-Method = Literal["paper", "cat", "svd", "ties", "dare_linear", "dare_ties"]
-METHODS: tuple[str, ...] = get_args(Method)
+The rules and the adapter reading live in the shared ``selma_ray.lora`` (serving merges on
+demand with them too); this stage runs them (``stage``), picks ``merged`` (``validate``) and
+offers the CLI ``python -m selma_ray.merge`` (``files``)."""

@@ -1,7 +1,7 @@
 """Stage 4, merge: a Ray actor merges the skill experts.
 
-The rules are pure functions in ``selma_ray.merge.methods`` and adapter files are read and
-written by ``selma_ray.merge.files``; this module runs the stage. Each method in
+The rules are pure functions in ``selma_ray.lora.methods`` and adapter files are read and
+written by ``selma_ray.lora.files``; this module runs the stage. Each method in
 ``merge.methods`` goes to ``merges/<method>/`` (the experts' diffusers LoRA format, with a
 manifest: method, weights, input sha256, score), and each of ``merge.subsets`` (a merge of a
 few experts with the default method) to ``merges/<name>/``. ``merged/`` gets ``merge.default``
@@ -21,7 +21,7 @@ from selma_ray.core import layout
 from selma_ray.core.lineage import Lineage, file_sha256
 from selma_ray.core.lora_io import WEIGHT_NAME
 from selma_ray.core.rundir import RunDir
-from selma_ray.merge.files import merge_loaded, read_lora, weight_file
+from selma_ray.lora.files import merge_loaded, read_lora, weight_file
 from selma_ray.merge.validate import validation_scores
 
 log = logging.getLogger(__name__)

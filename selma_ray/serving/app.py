@@ -2,10 +2,10 @@
 
 The diffusion deployment holds the base model with every expert and merge of a run loaded
 once, unfused; each request picks one by name (``adapter``, or OpenAI's ``model``), ``base``
-for none, or a weighted mix. Requests arriving together are micro-batched (``@serve.batch``)
+for none, a weighted mix, or a merge of experts that the replica makes on demand (with the
+shared ``selma_ray.lora``). Requests arriving together are micro-batched (``@serve.batch``)
 and grouped by adapter spec and sampling settings, so one forward pass never mixes adapters.
-Use it with
-``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or let
+Use it with ``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or let
 ``jobs/full_pipeline.py`` deploy it at the end of a run.
 """
 
@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,13 +35,44 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selma_ray.config import ServeSection
 from selma_ray.core.rundir import RunDir
-from selma_ray.diffusion.engine import DiffusionService, load_run_config, parse_adapter_spec
+from selma_ray.diffusion.engine import (
+    DiffusionService,
+    MergeSpec,
+    load_run_config,
+    parse_adapter_spec,
+)
+from selma_ray.lora import Method
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = {"/", "/healthz", "/docs", "/openapi.json"}
 PLAYGROUND = (Path(__file__).parent / "playground.html").read_text()
 api = FastAPI(title="selma_ray images API", version="0.2.0")
 DEFAULT_ADAPTER = "merged"  # what a request that names none gets
+
+
+class MergeRequest(BaseModel):
+    """A merge of the run's experts that the run did not precompute, made by the replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge: Method = Field(description="The merge method, as in merge.methods.")
+    experts: list[str] = Field(min_length=2, description="Two or more of the run's experts.")
+    weights: list[float] | None = Field(
+        None, description="One per expert; default: the method's own."
+    )
+    density: float = Field(0.5, gt=0.0, le=1.0, description="ties / dare_*: entries kept.")
+    rank: int | None = Field(None, ge=1, description="svd: the merged rank.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="dare_*: the drop masks' seed.")
+
+    def spec(self) -> MergeSpec:
+        return MergeSpec(
+            self.merge,
+            tuple(self.experts),
+            None if self.weights is None else tuple(self.weights),
+            self.density,
+            self.rank,
+            self.seed,
+        )
 
 
 class GenerationRequest(BaseModel):
@@ -54,10 +86,10 @@ class GenerationRequest(BaseModel):
     response_format: str = Field(
         "b64_json", description="Only 'b64_json': images come back inline, never as URLs."
     )
-    adapter: str | dict[str, float] | None = Field(
+    adapter: str | dict[str, float] | MergeRequest | None = Field(
         None,
-        description="'merged' (the default), a skill, 'merged-<method>', 'base', or a "
-        "weighted mix.",
+        description="'merged' (the default), a skill, 'merged-<method>', 'base', a weighted "
+        "mix, or a merge made on demand ({merge, experts, ...}).",
     )
     model: str | None = Field(
         None,
@@ -146,7 +178,7 @@ def authorized(api_key: str, path: str, headers: Any) -> bool:
     return hmac.compare_digest(given.encode(), api_key.encode())
 
 
-def requested_adapter(req: GenerationRequest) -> str | dict[str, float]:
+def requested_adapter(req: GenerationRequest) -> str | dict[str, float] | MergeRequest:
     """What a request asks for: ``adapter``, or OpenAI's ``model`` (the same names), or the
     merged adapter. Both given and different is a 400: no silent precedence."""
     if req.response_format != "b64_json":
@@ -267,6 +299,7 @@ class Diffusion:
         self._batched.set_max_batch_size(limits.max_batch_size)
         self._batched.set_batch_wait_timeout_s(limits.batch_wait_timeout_s)
         self.max_batch_size = limits.max_batch_size
+        self.service.merge_cache_size = limits.merge_cache_size
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Hot reload: ``user_config: {run_dir: ..., storage: {...}, limits: {...}}`` swaps in
@@ -298,6 +331,11 @@ class Diffusion:
             "reloads": self.reloads,
             "reload_error": self.reload_error,
             "max_batch_size": self.max_batch_size,
+            "merges": {
+                **self.service.merge_stats,
+                "cache_size": self.service.merge_cache_size,
+                "cached": self.service.cached_merges(),
+            },
             "batching": {
                 "requests_per_batch": {
                     str(k): v for k, v in sorted(self.requests_per_batch.items())
@@ -312,7 +350,12 @@ class Diffusion:
         return self.service.native_size
 
     async def generate(self, job: dict[str, Any]) -> list[bytes]:
-        return await self._batched(job)
+        if job.get("merge") is None:
+            return await self._batched(job)
+        merge = MergeSpec(**job["merge"])
+        with self.service.holding(merge):  # until rendered: other merges cannot evict it
+            spec = await asyncio.to_thread(self.service.merge, merge)  # off the event loop
+            return await self._batched({**job, "spec": spec})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, jobs: list[dict[str, Any]]) -> list[list[bytes]]:
@@ -479,8 +522,13 @@ class Ingress:
         if req.seed + req.n - 1 > 2**31 - 1:
             raise HTTPException(422, f"seed + n - 1 must be at most {2**31 - 1}")
         names, native = await self._served_adapters()
+        merge = None
         try:
-            spec = parse_adapter_spec(adapter, names)
+            if isinstance(adapter, MergeRequest):
+                merge = adapter.spec()
+                spec: tuple = ((merge.name, 1.0),)
+            else:
+                spec = parse_adapter_spec(adapter, names)
         except KeyError as e:
             raise HTTPException(404, str(e.args[0])) from None
         except ValueError as e:
@@ -499,13 +547,18 @@ class Ingress:
             "width": width,
             "height": height,
             "negative_prompt": req.negative_prompt,
+            "merge": None if merge is None else asdict(merge),
         }
         try:
             images = await forward(self.diffusion.generate.remote(job), self.limits)
-        except KeyError as e:  # a hot reload removed the adapter after it was checked here
+        except KeyError as e:  # unknown experts, or a hot reload removed the adapter
             self._served = None
             cause = getattr(e, "cause", e)  # Ray wraps the replica's exception
             raise HTTPException(404, str(cause.args[0] if cause.args else cause)) from None
+        except ValueError as e:  # a merge the replica cannot make (anything else: a 500)
+            if merge is None:
+                raise
+            raise HTTPException(422, str(getattr(e, "cause", e))) from None
         if want_png:
             return Response(
                 content=images[0], media_type="image/png", headers={"X-Seed": str(req.seed)}
@@ -515,7 +568,13 @@ class Ingress:
             for k, png in enumerate(images)
         ]
         return Response(
-            content=_json({"created": int(time.time()), "adapter": dict(spec), "data": data}),
+            content=_json(
+                {
+                    "created": int(time.time()),
+                    "adapter": dict(spec) if merge is None else {merge.name: asdict(merge)},
+                    "data": data,
+                }
+            ),
             media_type="application/json",
         )
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from selma_ray.core.seeds import stable_seed
-from selma_ray.merge import METHODS, Method  # noqa: F401  (re-exported for callers)
+from selma_ray.lora import METHODS
 
 log = logging.getLogger(__name__)
 
