@@ -5,7 +5,8 @@ A paper-shaped image table is synthesized once on local disk (5 skills x N PNG i
 the expert data path, in a subprocess with its own local Ray cluster (2 CPUs):
 - the driver's part of the experts stage for all five skills (``prepare_data``: the
   held-out split, the data hash, the lazy datasets);
-- per skill, one Ray actor doing a Train worker's part: the validation set-up
+- per skill, one Ray task (its own worker process, ``max_calls=1``, as Ray Train gives each
+  expert its own worker actors) doing a Train worker's part: the validation set-up
   (``validation_batches``, VAE-encoded in mini-batches) and ``--steps`` training steps of a
   tiny-sd LoRA at ``--resolution`` px from the feed (``experts.feed=stream``).
 
@@ -184,7 +185,9 @@ def run_arm(n: int, steps: int, resolution: int) -> dict[str, Any]:
     }
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        remote = ray.remote(num_cpus=1)(worker_part)
+        # A process per skill, as Ray Train gives each expert its own worker actors: what a
+        # worker's Ray Data executions own in the store goes with it, not into the next skill.
+        remote = ray.remote(num_cpus=1, max_calls=1)(worker_part)
         with StorePeak() as store:
             for skill in SKILLS:
                 store.phase = "driver"  # the held-out split, the data hash, lazy datasets
