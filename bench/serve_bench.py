@@ -31,19 +31,34 @@ Goals: switching p50 vs fused-fixed p50 <= 1.05x (the headline: engine, the firs
 tiny UNet's 32/64-channel projections, so unfused LoRA compute dominates there); switching
 >= 20x faster than reloading; batched >= 1.5x the throughput of unbatched.
 
+mixed (``--mode mixed``, engine level: on 2 cores the HTTP arms would time Ray's and
+uvicorn's overhead as much as the forward passes): the six adapters cycling, requests
+arriving 8 at a time as one replica's ``@serve.batch`` receives them, split into forward
+passes by the app's own ``pass_groups`` and rendered by ``generate_mixed``: throughput of
+mixed batches (one pass per 8) vs grouped by adapter (one pass per spec, the old grouping);
+p50 latency of mixed batches vs the fused ``merged`` pipeline at the same concurrency; and
+the gathered-bmm route vs PEFT's ``adapter_names`` mixed-batch route (why the engine uses
+the former). Goals: mixed >= 1.5x grouped throughput, mixed p50 <= 1.3x fused.
+
 With ``--sd15``, the adapter change alone is also timed at real size (rank-128 adapters of
 the SD v1.5 UNet shape), where loading an adapter costs what it costs in production.
 
-    python bench/serve_bench.py [--mode both|engine|http|sd15] [--ranks 4,128] [--sd15]
+    python bench/serve_bench.py [--mode both|engine|http|sd15|mixed] [--ranks 4,128] [--sd15]
 
 Its last line of output (the headline ratio, from ``_common.ratio_line``)::
 
     RATIO P5 engine r<rank> p50 switching vs fused fixed adapter: <x>x (goal <= 1.05)
+
+or, with ``--mode mixed`` (for the first of ``--ranks``)::
+
+    RATIO P5-mixed p50 mixed vs fused adapter: <x>x (goal <= 1.3)
+    RATIO P5-mixed mixed vs grouped batching throughput: <x>x (goal >= 1.5)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -234,6 +249,185 @@ def engine(root: Path, requests: int, steps: int) -> dict[str, Any]:
     }
 
 
+def peft_mixed_route(pipe: Any, names: list[str]) -> Any:
+    """PEFT's own mixed-batch inference, for comparison with ``per_sample_adapters``: every
+    LoRA layer gets ``adapter_names`` (one internal name per sample, ``__base__`` for base;
+    repeated for the guidance halves) from a forward pre-hook, as diffusers' UNet does not
+    pass it down. One adapter per sample; no weighted mixes."""
+    from selma_ray.diffusion.mixed import lora_layers
+
+    layers = lora_layers(pipe)
+
+    def pre(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        blocks = args[0].shape[0] // len(names)
+        return args, {**kwargs, "adapter_names": names * blocks}
+
+    @contextlib.contextmanager
+    def route() -> Iterator[None]:
+        pipe.enable_lora()
+        for layer in layers.values():  # PEFT reads layer.scaling, where set_adapters wrote
+            for name in layer.scaling:
+                layer.set_scale(name, 1.0)
+        handles = [
+            layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in layers.values()
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return route()
+
+
+def mixed_engine(
+    root: Path, requests: int, steps: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, Any]:
+    """Six adapters cycling, requests arriving CONCURRENCY at a time (what one Serve replica's
+    ``@serve.batch`` gets at concurrency 8), run through ``pass_groups`` and
+    ``generate_mixed`` as ``Diffusion._batched`` runs them. Arms, each on the same blocks:
+
+    - mixed: one forward pass per block (``pass_groups`` with ``mix_adapters``);
+    - grouped: one pass per adapter spec (``mix_adapters=False``, the old grouping);
+    - peft: one pass per block through PEFT's ``adapter_names`` route instead of the
+      gathered bmm (the route comparison);
+    - fused: the fused ``merged`` pipeline, one pass per block (every request on one
+      adapter with nothing unfused: the latency floor).
+
+    Throughput is a block's requests over the median block's time; a request's latency runs
+    from its block's start to the end of the pass that renders it (p50 over the arm's pass).
+    ``clock`` is wall time by default; ``time.process_time`` (``--clock cpu``) counts only
+    this process's CPU seconds, a steadier figure on a machine other jobs keep busy (the
+    replica's one torch thread is the only one computing here).
+    Engine level, not HTTP: on 2 cores the HTTP arms would time Ray's and uvicorn's overhead
+    as much as the forward passes."""
+    import numpy as np
+    import torch
+
+    from selma_ray.diffusion.engine import DiffusionService
+    from selma_ray.serving.app import pass_groups
+
+    torch.set_num_threads(1)
+    svc = DiffusionService(root)
+    fused = fused_pipeline(root)
+
+    def job(seed: int) -> dict[str, Any]:
+        return {
+            "spec": ((NAMES[seed % len(NAMES)], 1.0),),
+            "prompt": PROMPT,
+            "seed": seed,
+            "steps": steps,
+            "guidance_scale": GUIDANCE,
+            "width": SIZE,
+            "height": SIZE,
+            "negative_prompt": None,
+        }
+
+    def render(jobs: list[dict[str, Any]]) -> list[bytes]:
+        return svc.generate_mixed(
+            [j["spec"] for j in jobs],
+            [j["prompt"] for j in jobs],
+            [j["seed"] for j in jobs],
+            steps,
+            GUIDANCE,
+            SIZE,
+            SIZE,
+        )
+
+    def peft_render(jobs: list[dict[str, Any]]) -> Any:
+        names = [svc._internal[j["spec"][0][0]] for j in jobs]
+        with svc._lock, peft_mixed_route(svc.pipe, names):
+            return svc.pipe(
+                prompt=[j["prompt"] for j in jobs],
+                num_inference_steps=steps,
+                guidance_scale=GUIDANCE,
+                height=SIZE,
+                width=SIZE,
+                generator=[torch.Generator("cpu").manual_seed(j["seed"]) for j in jobs],
+                output_type="np",
+            ).images
+
+    def fused_render(jobs: list[dict[str, Any]]) -> Any:
+        return fused(
+            prompt=[j["prompt"] for j in jobs],
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE,
+            height=SIZE,
+            width=SIZE,
+            generator=[torch.Generator("cpu").manual_seed(j["seed"]) for j in jobs],
+            output_type="np",
+        ).images
+
+    latencies: dict[str, list[float]] = {}
+
+    def arm(name: str, passes: Callable[[list[dict[str, Any]]], list[list[int]]], fn: Any):
+        def run(seeds: list[int]) -> float:
+            """Requests/s of the median block (robust to a busy neighbour's spikes); each
+            request's latency noted for the p50."""
+            done: list[float] = []
+            per_block: list[float] = []
+            for block in blocks(seeds, CONCURRENCY):
+                jobs = [job(s) for s in block]
+                start = clock()
+                for members in passes(jobs):
+                    fn([jobs[i] for i in members])
+                    done += [clock() - start] * len(members)
+                per_block.append(clock() - start)
+            latencies.setdefault(name, []).append(p50_ms(done))
+            return CONCURRENCY / statistics.median(per_block)
+
+        return run
+
+    def one_pass(jobs: list[dict[str, Any]]) -> list[list[int]]:
+        return [list(range(len(jobs)))]
+
+    negative = svc.negative_prompt_group
+    arms = {
+        "mixed": arm("mixed", lambda jobs: pass_groups(jobs, negative), render),
+        "grouped": arm("grouped", lambda jobs: pass_groups(jobs, negative, False), render),
+        "peft": arm("peft", one_pass, peft_render),
+        "fused": arm("fused", one_pass, fused_render),
+    }
+    # Same images: the mixed pass vs each request alone, and PEFT's route vs the mixed pass.
+    check = [job(s) for s in range(CONCURRENCY)]
+    mixed_px = np.stack([png_pixels(png) for png in render(check)])
+    alone_px = np.stack([png_pixels(render([j])[0]) for j in check])
+    peft_px = np.round(np.clip(peft_render(check), 0, 1) * 255)
+    # The single-spec path's own batch vs alone: how far batching alone moves this model.
+    uniform = [{**j, "spec": check[0]["spec"]} for j in check]
+    uniform_px = np.stack([png_pixels(png) for png in render(uniform)])
+    uniform_alone = np.stack([png_pixels(render([j])[0]) for j in uniform])
+    count = max(CONCURRENCY, requests // 2 // CONCURRENCY * CONCURRENCY)
+    seeds = [list(range(count)), list(range(count, 2 * count))]
+    progress("mixed batches: throughput and latency at concurrency 8")
+    result = abba(
+        {k: per_pass(fn, seeds) for k, fn in arms.items()},
+        unit="req/s",
+        warmup={k: (lambda fn=fn: fn(list(range(CONCURRENCY)))) for k, fn in arms.items()},
+        log=progress,
+    )
+    p50 = Comparison(result.order, "ms")
+    for i, arms_in_pass in enumerate((result.order, tuple(reversed(result.order)))):
+        p50.passes.append({a: latencies[a][1 + i] for a in arms_in_pass})  # [0]: warm-up
+    return {
+        "throughput": result,
+        "p50": p50,
+        "vs_alone": float(np.abs(mixed_px - alone_px).max()),
+        "peft_vs_mixed": float(np.abs(peft_px - mixed_px).max()),
+        "uniform_vs_alone": float(np.abs(uniform_px - uniform_alone).max()),
+        "per_pass": count,
+    }
+
+
+def png_pixels(png: bytes) -> Any:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.float64)
+
+
 def sd15_adapter_change(rank: int, count: int, repeats: int) -> tuple[Comparison, int]:
     """The adapter change alone at real size: an SD v1.5-shaped UNet (uninitialised memory,
     no download) with ``count`` random rank-``rank`` LoRAs on its 128 attention projections.
@@ -378,7 +572,7 @@ def http(srv: LocalServe, root: Path, requests: int, steps: int) -> dict[str, An
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--mode", choices=["both", "engine", "http", "sd15"], default="both")
+    p.add_argument("--mode", choices=["both", "engine", "http", "sd15", "mixed"], default="both")
     p.add_argument("--requests", type=int, default=36, help="requests per arm (two passes)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--ranks", default="4,128", help="adapter ranks to measure, comma-separated")
@@ -388,7 +582,17 @@ def main() -> None:
         help="also time the adapter change alone with rank-128 SD v1.5-shaped adapters "
         "(needs about 5 GB of RAM)",
     )
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="--mode mixed only: time wall-clock seconds, or this process's CPU seconds "
+        "(steadier on a busy machine)",
+    )
     args = p.parse_args()
+    if args.clock == "cpu" and args.mode != "mixed":
+        p.error("--clock cpu measures this process only: use it with --mode mixed")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.mode == "sd15":  # only the real-size adapter change
         args.sd15, ranks = True, []
@@ -402,6 +606,7 @@ def main() -> None:
             "adapters": f"{len(NAMES)} (5 experts + merged)",
             "ranks": ",".join(map(str, ranks)) or "-",
             "sd15": args.sd15,
+            "clock": args.clock,
             "dtype": "float32",
         },
         "1 (engine, as a 1-CPU Serve replica)",
@@ -415,6 +620,10 @@ def main() -> None:
         for r in ranks:
             progress(f"engine, rank {r}")
             results["engine", r] = engine(runs[r], args.requests, args.steps)
+    if args.mode == "mixed":
+        for r in ranks:
+            progress(f"mixed batches, rank {r}")
+            results["mixed", r] = mixed_engine(runs[r], args.requests, args.steps, clock)
     if args.mode in ("both", "http"):
         with LocalServe(num_cpus=2) as srv:
             for r in ranks:
@@ -559,6 +768,52 @@ def main() -> None:
                         1.5,
                     )
                 )
+    for r in ranks:
+        mix = results.get(("mixed", r))
+        if not mix:
+            continue
+        tput, p50 = mix["throughput"], mix["p50"]
+        print(
+            f"engine, rank {r}: {len(NAMES)} adapters cycling, blocks of {CONCURRENCY} requests, "
+            f"{mix['per_pass']} requests per arm per pass; mixed vs each request alone max "
+            f"|diff| {mix['vs_alone']:.0f}/255 (one adapter's batch vs alone: "
+            f"{mix['uniform_vs_alone']:.0f}/255), PEFT route vs mixed "
+            f"{mix['peft_vs_mixed']:.0f}/255"
+        )
+        print(f"throughput (req/s, {args.clock} clock):")
+        vs_grouped = show(
+            tput, ".2f", lambda m: m["mixed"] / m["grouped"], "mixed / grouped throughput"
+        )
+        vs_peft = tput.ratio(lambda m: m["mixed"] / m["peft"])
+        print(f"  gathered bmm / PEFT adapter_names throughput: {by_order(vs_peft)}")
+        print(f"p50 latency per request (ms, {args.clock} clock):")
+        vs_fused = show(p50, ".1f", lambda m: m["mixed"] / m["fused"], "mixed / fused p50")
+        grouped_p50 = p50.ratio(lambda m: m["grouped"] / m["fused"])
+        print(f"  grouped / fused p50: {by_order(grouped_p50)}")
+        lines.append(
+            ratio_line(
+                "P5-mixed",
+                f"r{r} gathered bmm vs PEFT adapter_names route throughput",
+                vs_peft[2],
+                ">=",
+                1.0,
+            )
+        )
+        rank = "" if r == ranks[0] else f"r{r} "  # the first rank's lines carry no prefix
+        tail = [
+            ratio_line("P5-mixed", f"{rank}p50 mixed vs fused adapter", vs_fused[2], "<=", 1.3),
+            ratio_line(
+                "P5-mixed",
+                f"{rank}mixed vs grouped batching throughput",
+                vs_grouped[2],
+                ">=",
+                1.5,
+            ),
+        ]
+        if r == ranks[0]:
+            headline += tail
+        else:
+            lines += tail
     finish(lines + headline)
 
 

@@ -153,6 +153,27 @@ def test_concurrent_requests_are_batched_and_match_requests_alone(live):
         assert abs(pixels(resp.content) - pixels(alone)).max() <= 1
 
 
+def test_concurrent_requests_for_different_adapters_share_a_forward_pass(live):
+    mix = {"counting": 0.5, "everyday_scenes": 0.5}
+    jobs = [("base", 21), ("merged", 22), ("counting", 23), ("everyday_scenes", 24), (mix, 25)]
+    jobs += [("counting", 26), (mix, 27), ("merged", 28)]
+
+    def specs_per_pass() -> Counter:
+        sizes = adapters(live)["replica"]["batching"]["adapter_specs_per_forward_pass"]
+        return Counter({int(k): v for k, v in sizes.items()})
+
+    assert adapters(live)["replica"]["batching"]["mixed_adapters"] is True
+    before = specs_per_pass()
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda j: gen(live, j[0], seed=j[1]), jobs))
+    assert [r.status_code for r in together] == [200] * len(jobs)
+    ran = specs_per_pass() - before
+    assert max(ran) > 1, f"no forward pass carried two adapters: specs per pass {dict(ran)}"
+    for (adapter, seed), resp in zip(jobs, together, strict=True):
+        alone = gen(live, adapter, seed=seed).content
+        assert abs(pixels(resp.content) - pixels(alone)).max() <= 1, adapter
+
+
 @pytest.mark.parametrize(
     ("body", "status", "says"),
     [

@@ -2,16 +2,19 @@
 
 ``find_adapters`` discovers what a run directory offers; ``DiffusionService`` holds one
 diffusers pipeline with all of them loaded unfused and switches per request with
-``set_adapters`` (or disables LoRA for ``base``). The HTTP layer lives in ``serving/app.py``.
+``set_adapters`` (or disables LoRA for ``base``), or renders images of different adapters in
+one forward pass (``generate_mixed``, see ``mixed.py``). The HTTP layer lives in
+``serving/app.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -23,6 +26,7 @@ from selma_ray.config import SelmaConfig, validate
 from selma_ray.core import layout
 from selma_ray.core.lora_io import WEIGHT_NAME, header_config
 from selma_ray.core.rundir import RunDir
+from selma_ray.diffusion.mixed import InternalSpec
 from selma_ray.lora import METHODS, OPTIONS
 
 log = logging.getLogger(__name__)
@@ -375,6 +379,85 @@ class DiffusionService:
                 generator=[self._torch.Generator(self.device).manual_seed(s) for s in seeds],
                 output_type="np",
             )
+        return [png_bytes(img) for img in out.images]
+
+    def _internal_spec(self, spec: AdapterSpec) -> InternalSpec:
+        """A spec in the pipeline's adapter names; ``base`` is the empty spec."""
+        return tuple((self._internal[n], w) for n, w in spec if n != BASE)
+
+    def mixed_batches(self) -> str | None:
+        """Why the loaded adapters cannot share a forward pass (``generate_mixed`` with
+        different specs), or None when they can."""
+        from selma_ray.diffusion.mixed import lora_layers, unsupported
+
+        with self._lock:
+            return unsupported(lora_layers(self.pipe))
+
+    def negative_prompt_group(self, negative_prompt: str | None) -> bool | None:
+        """What of a negative prompt must match for images to share a forward pass.
+
+        SD pipelines encode no negative prompt as "", so any negative prompts mix (None);
+        SDXL's (``force_zeros_for_empty_prompt``) use zeros when the whole call has none, so
+        images with and without one cannot share a call (True/False)."""
+        if getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+            return bool(negative_prompt)
+        return None
+
+    def generate_mixed(
+        self,
+        specs: Sequence[AdapterSpec],
+        prompts: list[str],
+        seeds: list[int],
+        steps: int,
+        guidance_scale: float,
+        width: int,
+        height: int,
+        negative_prompts: Sequence[str | None] | None = None,
+    ) -> list[bytes]:
+        """Render one image per (spec, prompt, seed, negative prompt) in one forward pass,
+        each with its own adapter spec: single adapters, weighted mixes and ``base`` together
+        (see ``selma_ray.diffusion.mixed``). Each image equals the one ``generate_many``
+        renders for it alone, to within 1/255 per pixel; one spec for all is exactly
+        ``generate_many``'s path.
+
+        Raises ValueError when the lists differ in length, or when negative prompts that
+        ``negative_prompt_group`` keeps apart are mixed; ``mixed.UnsupportedMix`` for adapters
+        that cannot mix (``mixed_batches`` says why)."""
+        from selma_ray.diffusion.common import png_bytes
+        from selma_ray.diffusion.mixed import per_sample_adapters
+
+        negatives = list(negative_prompts or [None] * len(prompts))
+        if not len(specs) == len(prompts) == len(seeds) == len(negatives):
+            raise ValueError(
+                f"one spec, seed and negative prompt per prompt: got {len(specs)} specs, "
+                f"{len(prompts)} prompts, {len(seeds)} seeds, {len(negatives)} negative prompts"
+            )
+        if len({self.negative_prompt_group(n) for n in negatives}) > 1:
+            raise ValueError(
+                f"{type(self.pipe).__name__} treats a missing negative prompt unlike an empty "
+                "one: images with and without a negative prompt need separate calls"
+            )
+        with self._lock:  # the pipeline is not re-entrant
+            known = set(self.adapters) | set(self._internal)  # on-demand merges too
+            missing = sorted({name for spec in specs for name, _ in spec} - known)
+            if missing:  # e.g. a request validated just before a hot reload removed them
+                raise KeyError(f"unknown adapters {missing}; valid: {sorted(self.adapters)}")
+            if len(set(specs)) == 1:
+                self._activate(specs[0])
+                mixing = contextlib.nullcontext()
+            else:
+                mixing = per_sample_adapters(self.pipe, [self._internal_spec(s) for s in specs])
+            with mixing:
+                out = self.pipe(
+                    prompt=prompts,
+                    negative_prompt=[n or "" for n in negatives] if any(negatives) else None,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    height=height,
+                    width=width,
+                    generator=[self._torch.Generator(self.device).manual_seed(s) for s in seeds],
+                    output_type="np",
+                )
         return [png_bytes(img) for img in out.images]
 
     def generate(

@@ -4,7 +4,8 @@ The diffusion deployment holds the base model with every expert and merge of a r
 once, unfused; each request picks one by name (``adapter``, or OpenAI's ``model``), ``base``
 for none, a weighted mix, or a merge of experts that the replica makes on demand (with the
 shared ``selma_ray.lora``). Requests arriving together are micro-batched (``@serve.batch``)
-and grouped by adapter spec and sampling settings, so one forward pass never mixes adapters.
+and grouped by the sampling settings one diffusers call shares (steps, size, guidance); the
+adapters, mixes and ``base`` of one group run in one forward pass, each image with its own.
 Use it with ``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or let
 ``jobs/full_pipeline.py`` deploy it at the end of a run.
 """
@@ -18,6 +19,7 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Hashable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -280,6 +282,30 @@ def replica_info() -> dict[str, Any]:
     return {"pid": os.getpid(), "replica_id": replica}
 
 
+def pass_groups(
+    jobs: list[dict[str, Any]],
+    negative_group: Callable[[str | None], Hashable],
+    mix_adapters: bool = True,
+) -> list[list[int]]:
+    """Which jobs run together, as lists of their indices, one list per forward pass.
+
+    One diffusers call takes one number of steps, one size and one guidance scale (and the
+    pipeline's one scheduler, which no request picks), so jobs that differ in those run
+    apart. Adapter specs and negative prompts are per image, so with ``mix_adapters`` jobs
+    of any adapters share a pass, apart only where ``negative_group`` (the service's
+    ``negative_prompt_group``) tells their negative prompts apart; without it (adapters
+    that cannot mix) each spec and negative prompt gets its own pass."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        key: tuple = (job["steps"], job["guidance_scale"], job["width"], job["height"])
+        if mix_adapters:
+            key += (negative_group(job["negative_prompt"]),)
+        else:
+            key += (job["spec"], job["negative_prompt"])
+        groups[key].append(i)
+    return list(groups.values())
+
+
 @serve.deployment
 class Diffusion:
     def __init__(self, run: dict[str, Any], limits: dict[str, Any] | None = None):
@@ -291,8 +317,17 @@ class Diffusion:
         # @serve.batch call received, and how many images each forward pass rendered.
         self.requests_per_batch: Counter[int] = Counter()
         self.images_per_pass: Counter[int] = Counter()
+        self.specs_per_pass: Counter[int] = Counter()  # distinct adapter specs in a pass
+        self.mix_blocker = self._mix_blocker()
         self._overrides = limits
         self._apply_limits(limits)
+
+    def _mix_blocker(self) -> str | None:
+        """Why this replica's adapters cannot share a forward pass (None when they can)."""
+        blocker = self.service.mixed_batches()
+        if blocker:
+            log.warning("one forward pass per adapter spec: %s", blocker)
+        return blocker
 
     def _apply_limits(self, overrides: dict[str, Any] | None) -> None:
         limits = effective_limits(self.service.config.serve, overrides)
@@ -312,6 +347,7 @@ class Diffusion:
                 if run != self.run:
                     self.service.reload(run)
                     self.run = run
+                    self.mix_blocker = self._mix_blocker()
                     self.reloads += 1
                     log.info("hot reload %d: now serving %s", self.reloads, run["uri"])
                 self.reload_error = None
@@ -343,6 +379,11 @@ class Diffusion:
                 "images_per_forward_pass": {
                     str(k): v for k, v in sorted(self.images_per_pass.items())
                 },
+                "adapter_specs_per_forward_pass": {
+                    str(k): v for k, v in sorted(self.specs_per_pass.items())
+                },
+                "mixed_adapters": self.mix_blocker is None,
+                "mixed_adapters_blocker": self.mix_blocker,
             },
         }
 
@@ -359,37 +400,33 @@ class Diffusion:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, jobs: list[dict[str, Any]]) -> list[list[bytes]]:
-        """Run concurrent requests as few forward passes as their adapter specs allow."""
+        """Run concurrent requests as few forward passes as their settings allow: requests
+        for different adapters, mixes and ``base`` share one (``pass_groups``)."""
         self.requests_per_batch[len(jobs)] += 1
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, job in enumerate(jobs):
-            key = (
-                job["spec"],
-                job["steps"],
-                job["guidance_scale"],
-                job["width"],
-                job["height"],
-                job["negative_prompt"],
-            )
-            groups[key].append(i)
+        mix = self.mix_blocker is None
         results: list[list[bytes]] = [[] for _ in jobs]
-        for (spec, steps, guidance, width, height, negative), members in groups.items():
-            prompts, seeds = [], []
+        for members in pass_groups(jobs, self.service.negative_prompt_group, mix):
+            specs, prompts, seeds, negatives = [], [], [], []
             for i in members:
-                prompts += [jobs[i]["prompt"]] * jobs[i]["n"]
-                seeds += [jobs[i]["seed"] + k for k in range(jobs[i]["n"])]
+                job = jobs[i]
+                specs += [job["spec"]] * job["n"]
+                prompts += [job["prompt"]] * job["n"]
+                seeds += [job["seed"] + k for k in range(job["n"])]
+                negatives += [job["negative_prompt"]] * job["n"]
             self.images_per_pass[len(prompts)] += 1
+            self.specs_per_pass[len(set(specs))] += 1
+            first = jobs[members[0]]
             # Off the event loop, so health checks and new requests are still accepted.
             images = await asyncio.to_thread(
-                self.service.generate_many,
-                spec,
+                self.service.generate_mixed,
+                specs,
                 prompts,
                 seeds,
-                steps,
-                guidance,
-                width,
-                height,
-                negative,
+                first["steps"],
+                first["guidance_scale"],
+                first["width"],
+                first["height"],
+                negatives,
             )
             for i in members:
                 results[i], images = images[: jobs[i]["n"]], images[jobs[i]["n"] :]
