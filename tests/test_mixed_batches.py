@@ -218,3 +218,21 @@ def test_requests_for_any_adapters_share_a_pass_unless_call_settings_differ():
         [5],
         [6],
     ]
+
+
+def test_an_on_demand_merge_shares_a_mixed_batch_with_the_run_adapters(service):
+    """A merge the replica made on demand is one more adapter in the pipeline: it mixes with
+    the run's own adapters in one pass, each image equal to its request alone."""
+    from selma_ray.diffusion.engine import MergeSpec
+
+    merge = MergeSpec("ties", ("counting", "everyday_scenes"), density=0.5)
+    with service.holding(merge):
+        merged = service.merge(merge)
+        specs = [merged, (("counting", 1.0),), (("base", 1.0),)]
+        mixed = service.generate_mixed(specs, ["a cat"] * 3, [5] * 3, STEPS, 7.5, 32, 32)
+        alone = [
+            service.generate_many(spec, ["a cat"], [5], STEPS, 7.5, 32, 32)[0] for spec in specs
+        ]
+    for spec, together, single in zip(specs, mixed, alone, strict=True):
+        assert abs(_pixels(together) - _pixels(single)).max() <= 1, spec
+    assert len(set(mixed)) == 3  # same prompt and seed: the merge is neither expert nor base
