@@ -327,3 +327,65 @@ def test_bad_on_demand_merges_are_refused_before_any_work(service, spec, error, 
     with pytest.raises(error, match=match):
         service.merge(spec)
     assert service.merge_stats == before
+
+
+# ---- several runs in one pipeline (what a multiplexed serving replica does) ------------------
+
+
+def _one_expert_run(root: Path, seed: int) -> Path:
+    cfg = load_config("tiny", [f"run.dir={root}", "prompts.skills=[counting]"])
+    run = RunDir(root)
+    run.write_text(cfg.to_yaml(), "config.yaml")
+    _random_adapter(run.path("experts", "counting"), seed=seed)
+    run.write_manifest("fp", "experts", "counting")
+    return root
+
+
+def _mixed(service, spec, run=None, seed=1):
+    return service.generate_mixed(
+        [((spec, 1.0),)], ["two red apples"], [seed], 2, 7.5, 32, 32, run=run
+    )[0]
+
+
+def test_an_added_run_renders_its_own_adapters_beside_the_default_run(run_dir, tmp_path):
+    service = DiffusionService(run_dir)
+    pipe, default = service.pipe, _mixed(service, "counting")
+    token = service.add_run(_one_expert_run(tmp_path / "other", seed=77))
+    assert service.pipe is pipe  # one pipeline: the run's adapters load into it
+    assert {a["name"] for a in service.describe(token)} == {"base", "counting"}
+    other = _mixed(service, "counting", run=token)
+    assert other != default  # same public name, the other run's weights
+    assert _mixed(service, "counting") == default  # the default run is untouched
+    assert _mixed(service, "base", run=token) == _mixed(service, "base")
+    with pytest.raises(KeyError, match="merged"):  # only the added run's adapters
+        _mixed(service, "merged", run=token)
+
+
+def test_dropping_a_run_unloads_its_adapters_but_not_while_a_request_holds_it(run_dir, tmp_path):
+    service = DiffusionService(run_dir)
+    loaded = set(service.pipe.get_list_adapters()["unet"])
+    token = service.add_run(_one_expert_run(tmp_path / "other", seed=78))
+    assert len(set(service.pipe.get_list_adapters()["unet"]) - loaded) == 1
+    with service.holding_run(token):
+        service.drop_run(token)  # an eviction while a request is rendering with it
+        assert _mixed(service, "counting", run=token)  # still served
+    assert set(service.pipe.get_list_adapters()["unet"]) == loaded  # gone once let go
+    assert service.loaded_runs() == {}
+    service.drop_run(token)  # twice: nothing happens
+    with pytest.raises(KeyError, match="not loaded"):
+        _mixed(service, "counting", run=token)
+
+
+def test_adding_a_run_of_another_base_model_names_both_models(run_dir, tmp_path):
+    from selma_ray.diffusion.engine import BaseModelMismatch
+
+    other = tmp_path / "sd14"
+    other.mkdir()
+    (other / "config.yaml").write_text(load_config("sd14").to_yaml())
+    service = DiffusionService(run_dir)
+    loaded = set(service.pipe.get_list_adapters()["unet"])
+    with pytest.raises(BaseModelMismatch) as err:
+        service.add_run(other)
+    assert load_config("sd14").models.base in str(err.value)
+    assert service.config.models.base in str(err.value)
+    assert set(service.pipe.get_list_adapters()["unet"]) == loaded

@@ -546,6 +546,13 @@ class ServeSection(_Section):
         description="On-demand merges (a request's adapter {merge, experts, ...}) a replica "
         "keeps loaded, least recently used evicted first; 0 refuses them.",
     )
+    max_runs_per_replica: int = Field(
+        3,
+        ge=1,
+        description="Runs of the deployment's `runs` allowlist a diffusion replica keeps "
+        "loaded beside its default run (Ray Serve model multiplexing, least recently used "
+        "unloaded first).",
+    )
 
     ORDERED = (("default_steps", "max_steps"), ("min_size", "max_size"))
 

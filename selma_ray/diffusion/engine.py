@@ -46,6 +46,21 @@ class AdapterInfo:
 RunRef = RunDir | str | Path | dict[str, Any]
 
 
+class BaseModelMismatch(ValueError):
+    """A run trained on another base model than the one a pipeline holds."""
+
+
+@dataclass
+class RunSet:
+    """Another run's adapters, loaded beside the main set in the same pipeline
+    (``DiffusionService.add_run``)."""
+
+    run: RunDir
+    config: SelmaConfig
+    adapters: dict[str, AdapterInfo]  # public name -> info (full URLs)
+    internal: dict[str, str]  # public name -> name inside the pipeline
+
+
 @dataclass(frozen=True)
 class MergeSpec:
     """A merge of a run's experts that a request asks for and the run did not precompute:
@@ -211,6 +226,10 @@ class DiffusionService:
         self.merge_stats = {"computed": 0, "reused": 0, "evicted": 0}
         self._torch = torch
         self.adapters, self._internal, self._files = self._load_set(self.run)
+        # Other runs' adapter sets (same base model), by the token add_run returned.
+        self._runs: dict[int, RunSet] = {}
+        self._runs_held: Counter[int] = Counter()  # sets requests are holding
+        self._runs_dropped: set[int] = set()  # dropped while held: unload on release
         self._native = pipe.unet.config.sample_size * pipe.vae_scale_factor
         log.info("serving %s with adapters %s", self.config.models.base, sorted(self.adapters))
 
@@ -245,16 +264,21 @@ class DiffusionService:
             raise
         return found, internal, files
 
+    def _same_base(self, run: RunDir) -> SelmaConfig:
+        """The run's config; BaseModelMismatch when it names another base model."""
+        config = load_run_config(run)
+        if config.models.base != self.config.models.base:
+            raise BaseModelMismatch(
+                f"{run.uri} was trained on {config.models.base}, but this replica serves "
+                f"{self.config.models.base}; deploy a new application for another base model"
+            )
+        return config
+
     def reload(self, run: RunRef) -> None:
         """Swap in the adapters of another run of the same base model, without a restart.
         The new set is loaded in full before the old one goes."""
         run = as_run(run)
-        config = load_run_config(run)
-        if config.models.base != self.config.models.base:
-            raise ValueError(
-                f"{run.uri} was trained on {config.models.base}, but this replica serves "
-                f"{self.config.models.base}; deploy a new application for another base model"
-            )
+        config = self._same_base(run)
         with self._lock:
             found, internal, files = self._load_set(run)
             old = list(self._internal.values())  # the on-demand merges of the old run too
@@ -265,8 +289,85 @@ class DiffusionService:
                 self.pipe.delete_adapters(old)
         log.info("reloaded from %s: adapters %s", run.uri, sorted(found))
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [asdict(a) for a in self.adapters.values()]
+    def add_run(self, run: RunRef) -> int:
+        """Load another run's adapters (same base model) beside the main set, under new
+        internal names, and return the token that ``generate_mixed(run=...)``,
+        ``describe`` and ``drop_run`` take. Raises BaseModelMismatch for a run of another
+        base model; a load that fails part-way unloads what it loaded."""
+        run = as_run(run)
+        config = self._same_base(run)
+        with self._lock:
+            found, internal, _ = self._load_set(run)
+            token = self._generation
+            self._runs[token] = RunSet(run, config, found, internal)
+        log.info("loaded run %s as set %d: adapters %s", run.uri, token, sorted(found))
+        return token
+
+    def drop_run(self, token: int) -> None:
+        """Unload a set ``add_run`` loaded; a set a request is ``holding_run`` goes when the
+        last one lets go. Dropping a set twice, or an unknown one, does nothing."""
+        with self._in_use_lock:
+            if token not in self._runs:
+                return
+            if self._runs_held[token]:
+                self._runs_dropped.add(token)
+                return
+        self._unload_run(token)
+
+    def _unload_run(self, token: int) -> None:
+        with self._lock:
+            gone = self._runs.pop(token, None)
+            if gone is not None and gone.internal:
+                self.pipe.delete_adapters(list(gone.internal.values()))
+        if gone is not None:
+            log.info("unloaded run %s (set %d)", gone.run.uri, token)
+
+    @contextmanager
+    def holding_run(self, token: int | None) -> Iterator[None]:
+        """Keeps a set ``add_run`` loaded from being unloaded while a request uses it."""
+        if token is None:
+            yield
+            return
+        with self._in_use_lock:
+            if token not in self._runs:
+                raise KeyError(f"run set {token} is not loaded (it was unloaded); retry")
+            self._runs_held[token] += 1
+        try:
+            yield
+        finally:
+            with self._in_use_lock:
+                self._runs_held[token] -= 1
+                release = not self._runs_held[token] and token in self._runs_dropped
+                if not self._runs_held[token]:
+                    del self._runs_held[token]
+                if release:
+                    self._runs_dropped.discard(token)
+            if release:
+                self._unload_run(token)
+
+    def loaded_runs(self) -> dict[int, str]:
+        """The sets ``add_run`` loaded: token -> run URI."""
+        return {t: s.run.uri for t, s in self._runs.items()}
+
+    def _set(self, run: int | None) -> tuple[dict[str, AdapterInfo], dict[str, str]]:
+        """The public and internal adapter names of the main set (None) or an added run."""
+        if run is None:
+            return self.adapters, self._internal
+        try:
+            found = self._runs[run]
+        except KeyError:
+            raise KeyError(f"run set {run} is not loaded (it was unloaded); retry") from None
+        return found.adapters, found.internal
+
+    def describe(self, run: int | None = None) -> list[dict[str, Any]]:
+        """The adapters of the main set, or of a run ``add_run`` loaded."""
+        return [asdict(a) for a in self._set(run)[0].values()]
+
+    def run_native_size(self, run: int | None = None) -> int:
+        """The image size of the main run, or of a run ``add_run`` loaded."""
+        if run is None:
+            return self.native_size
+        return self._runs[run].config.images.resolution or self._native
 
     def merge(self, spec: MergeSpec) -> AdapterSpec:
         """The adapter spec of an on-demand merge: computed from the run's experts (the first
@@ -340,12 +441,13 @@ class DiffusionService:
         """The on-demand merges held now, least recently used first."""
         return [{"name": m.name, **asdict(m)} for m in list(self._merges)]
 
-    def _activate(self, spec: AdapterSpec) -> None:
+    def _activate(self, spec: AdapterSpec, internal: dict[str, str] | None = None) -> None:
         if spec == ((BASE, 1.0),):
             self.pipe.disable_lora()
             return
+        names = self._internal if internal is None else internal
         self.pipe.enable_lora()
-        self.pipe.set_adapters([self._internal[n] for n, _ in spec], [w for _, w in spec])
+        self.pipe.set_adapters([names[n] for n, _ in spec], [w for _, w in spec])
 
     def generate_many(
         self,
@@ -381,9 +483,12 @@ class DiffusionService:
             )
         return [png_bytes(img) for img in out.images]
 
-    def _internal_spec(self, spec: AdapterSpec) -> InternalSpec:
+    def _internal_spec(
+        self, spec: AdapterSpec, internal: dict[str, str] | None = None
+    ) -> InternalSpec:
         """A spec in the pipeline's adapter names; ``base`` is the empty spec."""
-        return tuple((self._internal[n], w) for n, w in spec if n != BASE)
+        names = self._internal if internal is None else internal
+        return tuple((names[n], w) for n, w in spec if n != BASE)
 
     def mixed_batches(self) -> str | None:
         """Why the loaded adapters cannot share a forward pass (``generate_mixed`` with
@@ -413,12 +518,14 @@ class DiffusionService:
         width: int,
         height: int,
         negative_prompts: Sequence[str | None] | None = None,
+        run: int | None = None,
     ) -> list[bytes]:
         """Render one image per (spec, prompt, seed, negative prompt) in one forward pass,
         each with its own adapter spec: single adapters, weighted mixes and ``base`` together
         (see ``selma_ray.diffusion.mixed``). Each image equals the one ``generate_many``
         renders for it alone, to within 1/255 per pixel; one spec for all is exactly
-        ``generate_many``'s path.
+        ``generate_many``'s path. ``run``: the token of a run ``add_run`` loaded, whose
+        adapters the specs name (default: the main set); one pass never mixes runs.
 
         Raises ValueError when the lists differ in length, or when negative prompts that
         ``negative_prompt_group`` keeps apart are mixed; ``mixed.UnsupportedMix`` for adapters
@@ -438,15 +545,17 @@ class DiffusionService:
                 "one: images with and without a negative prompt need separate calls"
             )
         with self._lock:  # the pipeline is not re-entrant
-            known = set(self.adapters) | set(self._internal)  # on-demand merges too
+            public, internal = self._set(run)
+            known = set(public) | set(internal)  # on-demand merges too
             missing = sorted({name for spec in specs for name, _ in spec} - known)
             if missing:  # e.g. a request validated just before a hot reload removed them
-                raise KeyError(f"unknown adapters {missing}; valid: {sorted(self.adapters)}")
+                raise KeyError(f"unknown adapters {missing}; valid: {sorted(public)}")
             if len(set(specs)) == 1:
-                self._activate(specs[0])
+                self._activate(specs[0], internal)
                 mixing = contextlib.nullcontext()
             else:
-                mixing = per_sample_adapters(self.pipe, [self._internal_spec(s) for s in specs])
+                internal_specs = [self._internal_spec(s, internal) for s in specs]
+                mixing = per_sample_adapters(self.pipe, internal_specs)
             with mixing:
                 out = self.pipe(
                     prompt=prompts,

@@ -6,6 +6,10 @@ for none, a weighted mix, or a merge of experts that the replica makes on demand
 shared ``selma_ray.lora``). Requests arriving together are micro-batched (``@serve.batch``)
 and grouped by the sampling settings one diffusers call shares (steps, size, guidance); the
 adapters, mixes and ``base`` of one group run in one forward pass, each image with its own.
+One deployment can serve several runs of the same base model: the app's ``runs`` allowlist
+names them, a request picks one by name (``run``, or the ``serve_multiplexed_model_id``
+header), and each diffusion replica loads the runs it is asked for into its one pipeline
+(Ray Serve model multiplexing, keyed by the run's name; least recently used unloaded first).
 Use it with ``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or let
 ``jobs/full_pipeline.py`` deploy it at the end of a run.
 """
@@ -17,6 +21,7 @@ import base64
 import hmac
 import logging
 import os
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable
@@ -24,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -38,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from selma_ray.config import ServeSection
 from selma_ray.core.rundir import RunDir
 from selma_ray.diffusion.engine import (
+    BaseModelMismatch,
     DiffusionService,
     MergeSpec,
     load_run_config,
@@ -50,6 +56,9 @@ OPEN_PATHS = {"/", "/healthz", "/docs", "/openapi.json"}
 PLAYGROUND = (Path(__file__).parent / "playground.html").read_text()
 api = FastAPI(title="selma_ray images API", version="0.2.0")
 DEFAULT_ADAPTER = "merged"  # what a request that names none gets
+# The header Ray Serve routes multiplexed requests by; here it names a run of `runs`.
+RUN_HEADER = "serve_multiplexed_model_id"
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class MergeRequest(BaseModel):
@@ -106,6 +115,12 @@ class GenerationRequest(BaseModel):
     )
     user: str | None = Field(
         None, max_length=256, description="An end-user id from OpenAI clients; not stored."
+    )
+    run: str | None = Field(
+        None,
+        max_length=64,
+        description="Which of the deployment's runs to draw with, by its name in the app's "
+        "`runs` (or the serve_multiplexed_model_id header); default: the app's run_dir.",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     num_inference_steps: int | None = Field(None, ge=1, description="Default: from the run.")
@@ -169,6 +184,21 @@ ERROR_503 = {
 }
 
 
+RUN_Q = (
+    "Which of the deployment's runs, by its name in the app's `runs` (or the "
+    "serve_multiplexed_model_id header); default: the app's run_dir."
+)
+RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorDetail,
+        "description": "run and its header disagree, or a run of another base model.",
+    },
+    401: ERROR_401,
+    404: {"model": ErrorDetail, "description": "Unknown run; lists the valid names."},
+    503: ERROR_503,
+}
+
+
 # Helpers the ingress uses must be defined above it: serve.ingress pickles the FastAPI
 # app (and what its routes reference) when the class is decorated.
 def authorized(api_key: str, path: str, headers: Any) -> bool:
@@ -201,9 +231,53 @@ def requested_adapter(req: GenerationRequest) -> str | dict[str, float] | MergeR
     return DEFAULT_ADAPTER
 
 
-def model_list(adapters: list[dict[str, Any]], created: int) -> dict[str, Any]:
-    """The adapters in OpenAI's model-list shape (``id`` is what ``model`` accepts)."""
+def requested_run(chosen: str | None, header: str | None) -> str | None:
+    """The run a request names: ``run`` (body field or query parameter), or the
+    ``serve_multiplexed_model_id`` header; None for the default run. Both given and
+    different is a 400: no silent precedence."""
+    chosen, header = chosen or None, header or None
+    if chosen is not None and header is not None and chosen != header:
+        raise HTTPException(
+            400,
+            f"run={chosen!r} and the {RUN_HEADER} header ({header!r}) disagree: both name the "
+            "run to use; send one of them, or the same name in both",
+        )
+    return chosen or header
+
+
+def run_allowlist(runs: Any, storage: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """``build_app``'s ``runs`` (``{name: run_dir_or_uri}``) as run references by name: the
+    only runs a client may pick, by name. Names are short plain words (letters, digits,
+    ``_.-``), never paths; every run shares ``storage``. Nothing is read here: each run's
+    base model is checked when a replica loads it."""
+    if runs is None:
+        return {}
+    if not isinstance(runs, dict):
+        raise ValueError(
+            f"args.runs must be a mapping of run names to run directories or URIs, got {runs!r}"
+        )
+    refs = {}
+    for name, where in runs.items():
+        if not isinstance(name, str) or not RUN_NAME.match(name):
+            raise ValueError(
+                f"args.runs: run name {name!r} is not allowed; use 1-64 letters, digits, '_', "
+                "'.' or '-', starting with a letter or digit"
+            )
+        if not isinstance(where, str | Path) or not str(where).strip():
+            raise ValueError(
+                f"args.runs.{name} must be a run directory (a path or URI), got {where!r}"
+            )
+        refs[name] = run_ref(str(where), storage)
+    return refs
+
+
+def model_list(
+    adapters: list[dict[str, Any]], created: int, run: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The adapters in OpenAI's model-list shape (``id`` is what ``model`` accepts);
+    ``run`` (``{"run": uri, "run_name": name}``) says which run they belong to."""
     return {
+        **(run or {}),
         "object": "list",
         "data": [
             {
@@ -289,7 +363,9 @@ def pass_groups(
 ) -> list[list[int]]:
     """Which jobs run together, as lists of their indices, one list per forward pass.
 
-    One diffusers call takes one number of steps, one size and one guidance scale (and the
+    Jobs of different runs (``run``: the replica's token for a multiplexed run, None for the
+    default run) never share a pass: their adapters have the same public names. One
+    diffusers call takes one number of steps, one size and one guidance scale (and the
     pipeline's one scheduler, which no request picks), so jobs that differ in those run
     apart. Adapter specs and negative prompts are per image, so with ``mix_adapters`` jobs
     of any adapters share a pass, apart only where ``negative_group`` (the service's
@@ -297,7 +373,8 @@ def pass_groups(
     that cannot mix) each spec and negative prompt gets its own pass."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
-        key: tuple = (job["steps"], job["guidance_scale"], job["width"], job["height"])
+        key: tuple = (job.get("run"), job["steps"], job["guidance_scale"])
+        key += (job["width"], job["height"])
         if mix_adapters:
             key += (negative_group(job["negative_prompt"]),)
         else:
@@ -306,10 +383,31 @@ def pass_groups(
     return list(groups.values())
 
 
+class LoadedRun:
+    """A run of the allowlist loaded into a replica's pipeline by the multiplexed loader.
+    Serve calls ``__del__`` when it evicts the run (least recently used); that unloads the
+    run's adapters, once its requests in flight are done."""
+
+    def __init__(self, service: DiffusionService, token: int, name: str):
+        self.service, self.token, self.name = service, token, name
+
+    def __del__(self) -> None:
+        try:
+            self.service.drop_run(self.token)
+        except Exception:  # noqa: BLE001 - also reached from the garbage collector
+            log.exception("unloading run %s failed", self.name)
+
+
 @serve.deployment
 class Diffusion:
-    def __init__(self, run: dict[str, Any], limits: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        run: dict[str, Any],
+        limits: dict[str, Any] | None = None,
+        runs: dict[str, dict[str, Any]] | None = None,
+    ):
         self.run = run
+        self.runs = dict(runs or {})  # the allowlist: name -> run reference
         self.service = DiffusionService(run)
         self.reloads = 0
         self.reload_error: str | None = None
@@ -321,6 +419,30 @@ class Diffusion:
         self.mix_blocker = self._mix_blocker()
         self._overrides = limits
         self._apply_limits(limits)
+        per_replica = effective_limits(self.service.config.serve, limits).max_runs_per_replica
+        self._load_run = serve.multiplexed(max_num_models_per_replica=per_replica)(self._loader())
+
+    def _loader(self) -> Callable[[str], Any]:
+        """The multiplexed loader: a run of the allowlist by name, loaded beside the default
+        run in this replica's pipeline. KeyError for a name not in the allowlist,
+        BaseModelMismatch for a run of another base model."""
+
+        async def load_run(name: str) -> LoadedRun:
+            if name not in self.runs:
+                raise KeyError(f"unknown run {name!r}; valid: {sorted(self.runs)}")
+            token = await asyncio.to_thread(self.service.add_run, self.runs[name])
+            log.info("run %s loaded for multiplexed requests", name)
+            return LoadedRun(self.service, token, name)
+
+        return load_run
+
+    async def _run_token(self) -> int | None:
+        """The set of the run this request names (``serve.get_multiplexed_model_id()``),
+        loaded if it is not; None for the default run."""
+        name = serve.get_multiplexed_model_id()
+        if not name:
+            return None
+        return (await self._load_run(name)).token
 
     def _mix_blocker(self) -> str | None:
         """Why this replica's adapters cannot share a forward pass (None when they can)."""
@@ -357,13 +479,16 @@ class Diffusion:
         self._overrides = user_config.get("limits", self._overrides)
         self._apply_limits(self._overrides)
 
-    def adapters(self) -> list[dict[str, Any]]:
-        return self.service.describe()
+    async def adapters(self) -> list[dict[str, Any]]:
+        """The adapters of the requested run (the multiplexed model id), or the default's."""
+        token = await self._run_token()
+        return self.service.describe(token)
 
     def status(self) -> dict[str, Any]:
         return {
             **replica_info(),
             "run": self.run["uri"],
+            "loaded_runs": sorted(self.service.loaded_runs().values()),
             "reloads": self.reloads,
             "reload_error": self.reload_error,
             "max_batch_size": self.max_batch_size,
@@ -387,16 +512,23 @@ class Diffusion:
             },
         }
 
-    def native_size(self) -> int:
-        return self.service.native_size
+    async def native_size(self) -> int:
+        return self.service.run_native_size(await self._run_token())
 
     async def generate(self, job: dict[str, Any]) -> list[bytes]:
-        if job.get("merge") is None:
-            return await self._batched(job)
-        merge = MergeSpec(**job["merge"])
-        with self.service.holding(merge):  # until rendered: other merges cannot evict it
-            spec = await asyncio.to_thread(self.service.merge, merge)  # off the event loop
-            return await self._batched({**job, "spec": spec})
+        token = await self._run_token()
+        with self.service.holding_run(token):  # until rendered: an eviction waits for it
+            if job.get("merge") is None:
+                return await self._batched({**job, "run": token})
+            if token is not None:
+                raise ValueError(
+                    "merges on demand are made for the default run only; leave run out, or "
+                    "pick one of this run's adapters (GET /v1/adapters?run=...)"
+                )
+            merge = MergeSpec(**job["merge"])
+            with self.service.holding(merge):  # until rendered: other merges cannot evict it
+                spec = await asyncio.to_thread(self.service.merge, merge)  # off the event loop
+                return await self._batched({**job, "spec": spec, "run": None})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, jobs: list[dict[str, Any]]) -> list[list[bytes]]:
@@ -427,6 +559,7 @@ class Diffusion:
                 first["width"],
                 first["height"],
                 negatives,
+                first.get("run"),
             )
             for i in members:
                 results[i], images = images[: jobs[i]["n"]], images[jobs[i]["n"] :]
@@ -441,11 +574,15 @@ class Ingress:
         diffusion: DeploymentHandle,
         run: dict[str, Any],
         limits: dict[str, Any] | None = None,
+        runs: dict[str, dict[str, Any]] | None = None,
     ):
         self.diffusion = diffusion
+        self.runs = dict(runs or {})  # the allowlist: name -> run reference
+        self._handles: dict[str, DeploymentHandle] = {}
         self._overrides = limits
         self.limits = effective_limits(load_run_config(run).serve, limits)
-        self._served: tuple[set[str], int] | None = None  # adapter names, native size
+        # Per run name ("" for the default run): adapter names, native size.
+        self._served: dict[str, tuple[set[str], int]] = {}
         self.started = int(time.time())  # the models' ``created`` in /v1/models
         self.run = run
         self.api_key = os.environ.get(self.limits.api_key_env, "")
@@ -464,7 +601,7 @@ class Ingress:
             self.run = run
         except Exception as e:
             log.error("hot reload: keeping %s: %s", self.run["uri"], e)
-        self._served = None
+        self._served = {}
 
     def _authorize(self, request: Request) -> None:
         if not authorized(self.api_key, request.url.path, request.headers):
@@ -479,39 +616,82 @@ class Ingress:
         """A plain HTML/JS page: prompt, adapter or mix, seed, steps; compare mode."""
         return PLAYGROUND
 
-    async def _served_adapters(self) -> tuple[set[str], int]:
-        """Adapter names and native size, asked of the diffusion deployment once (not per
-        request); a hot reload clears them."""
-        if self._served is None:
-            adapters = await forward(self.diffusion.adapters.remote(), self.limits)
-            self._served = (
-                {a["name"] for a in adapters},
-                await forward(self.diffusion.native_size.remote(), self.limits),
+    def _run(self, name: str | None) -> str:
+        """The multiplexed model id of a requested run: "" for the default run (none named),
+        the name for a run of the allowlist; a 404 listing the valid names otherwise."""
+        if name is None:
+            return ""
+        if name not in self.runs:
+            raise HTTPException(
+                404,
+                f"unknown run {name!r}; valid: {sorted(self.runs)} (or name none for the "
+                "default run)",
             )
-        return self._served
+        return name
+
+    def _describe_run(self, model_id: str) -> dict[str, Any]:
+        """Which run an answer describes: its URI, and its name in the allowlist."""
+        ref = self.runs[model_id] if model_id else self.run
+        return {"run": ref["uri"], "run_name": model_id or None}
+
+    def _handle(self, model_id: str) -> DeploymentHandle:
+        if not model_id:
+            return self.diffusion
+        if model_id not in self._handles:
+            self._handles[model_id] = self.diffusion.options(multiplexed_model_id=model_id)
+        return self._handles[model_id]
+
+    async def _ask(self, response: DeploymentResponse) -> Any:
+        """``forward``, with a run the replica cannot load as a 4xx: another base model is a
+        400 (the message names both), a name the replica does not know a 404."""
+        try:
+            return await forward(response, self.limits)
+        except BaseModelMismatch as e:
+            raise HTTPException(400, str(getattr(e, "cause", e))) from None
+
+    async def _served_adapters(self, model_id: str = "") -> tuple[set[str], int]:
+        """Adapter names and native size of a run, asked of the diffusion deployment once
+        (not per request); a hot reload clears them."""
+        if model_id not in self._served:
+            handle = self._handle(model_id)
+            adapters = await self._ask(handle.adapters.remote())
+            self._served[model_id] = (
+                {a["name"] for a in adapters},
+                await self._ask(handle.native_size.remote()),
+            )
+        return self._served[model_id]
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/v1/adapters", responses={401: ERROR_401, 503: ERROR_503})
-    async def adapters(self, request: Request) -> dict[str, Any]:
-        """Every adapter a request may name; ``replica`` says which diffusion replica
-        answered (its pid and id stay the same across a hot reload)."""
+    @api.get("/v1/adapters", responses=RUN_RESPONSES)
+    async def adapters(
+        self, request: Request, run: str | None = Query(None, max_length=64, description=RUN_Q)
+    ) -> dict[str, Any]:
+        """Every adapter a request for this run may name; ``run`` (URI) and ``run_name`` say
+        which run (``run_name`` null: the default run); ``replica`` says which diffusion
+        replica answered (its pid and id stay the same across a hot reload)."""
         self._authorize(request)
+        model_id = self._run(requested_run(run, request.headers.get(RUN_HEADER)))
+        handle = self._handle(model_id)
         return {
-            "run": self.run["uri"],
-            "adapters": await forward(self.diffusion.adapters.remote(), self.limits),
-            "replica": await forward(self.diffusion.status.remote(), self.limits),
+            **self._describe_run(model_id),
+            "adapters": await self._ask(handle.adapters.remote()),
+            "replica": await forward(handle.status.remote(), self.limits),
         }
 
-    @api.get("/v1/models", responses={401: ERROR_401, 503: ERROR_503})
-    async def models(self, request: Request) -> dict[str, Any]:
-        """The adapters as OpenAI's model list: each ``id`` is a valid ``model`` (and
-        ``adapter``) of a generation request; ``created`` is when this deployment started."""
+    @api.get("/v1/models", responses=RUN_RESPONSES)
+    async def models(
+        self, request: Request, run: str | None = Query(None, max_length=64, description=RUN_Q)
+    ) -> dict[str, Any]:
+        """The run's adapters as OpenAI's model list: each ``id`` is a valid ``model`` (and
+        ``adapter``) of a generation request for that run; ``run`` and ``run_name`` say which
+        run; ``created`` is when this deployment started."""
         self._authorize(request)
-        adapters = await forward(self.diffusion.adapters.remote(), self.limits)
-        return model_list(adapters, self.started)
+        model_id = self._run(requested_run(run, request.headers.get(RUN_HEADER)))
+        adapters = await self._ask(self._handle(model_id).adapters.remote())
+        return model_list(adapters, self.started, self._describe_run(model_id))
 
     def _size(self, size: str | None, native: int) -> tuple[int, int]:
         lim = self.limits
@@ -532,10 +712,14 @@ class Ingress:
             400: {
                 "model": ErrorDetail,
                 "description": "The body cannot be read (not UTF-8), model and adapter "
-                "disagree, or a response_format other than b64_json.",
+                "disagree, run and its header disagree, a run of another base model, or a "
+                "response_format other than b64_json.",
             },
             401: ERROR_401,
-            404: {"model": ErrorDetail, "description": "Unknown adapter; lists the valid ones."},
+            404: {
+                "model": ErrorDetail,
+                "description": "Unknown adapter or run; lists the valid ones.",
+            },
             422: {
                 "model": InvalidRequest,
                 "description": "Invalid request; the message says what is allowed.",
@@ -546,6 +730,7 @@ class Ingress:
     async def generate(self, req: GenerationRequest, request: Request) -> Response:
         self._authorize(request)
         adapter = requested_adapter(req)
+        model_id = self._run(requested_run(req.run, request.headers.get(RUN_HEADER)))
         lim = self.limits
         if len(req.prompt) > lim.max_prompt_chars:
             raise HTTPException(
@@ -558,7 +743,7 @@ class Ingress:
             raise HTTPException(422, f"num_inference_steps must be in 1..{lim.max_steps}")
         if req.seed + req.n - 1 > 2**31 - 1:
             raise HTTPException(422, f"seed + n - 1 must be at most {2**31 - 1}")
-        names, native = await self._served_adapters()
+        names, native = await self._served_adapters(model_id)
         merge = None
         try:
             if isinstance(adapter, MergeRequest):
@@ -587,9 +772,9 @@ class Ingress:
             "merge": None if merge is None else asdict(merge),
         }
         try:
-            images = await forward(self.diffusion.generate.remote(job), self.limits)
+            images = await self._ask(self._handle(model_id).generate.remote(job))
         except KeyError as e:  # unknown experts, or a hot reload removed the adapter
-            self._served = None
+            self._served.pop(model_id, None)
             cause = getattr(e, "cause", e)  # Ray wraps the replica's exception
             raise HTTPException(404, str(cause.args[0] if cause.args else cause)) from None
         except ValueError as e:  # a merge the replica cannot make (anything else: a 500)
@@ -608,6 +793,7 @@ class Ingress:
             content=_json(
                 {
                     "created": int(time.time()),
+                    "run_name": model_id or None,
                     "adapter": dict(spec) if merge is None else {merge.name: asdict(merge)},
                     "data": data,
                 }
@@ -618,19 +804,22 @@ class Ingress:
 
 def build_app(args: dict[str, Any]):
     """Serve application builder. ``args``: ``run_dir`` (a finished run directory: a local
-    path or a URI such as ``s3://bucket/runs/x``), optionally ``storage`` (``run.storage``:
-    endpoint, region, anonymous) and ``limits`` (overrides of the run's ``serve`` limits, e.g.
-    ``max_n``). Each replica copies the adapters it serves from the run's storage to a
-    node-local cache keyed by their content digest.
+    path or a URI such as ``s3://bucket/runs/x``; the default run), optionally ``runs``
+    (``{name: run_dir_or_uri}``: more runs of the same base model that requests may pick by
+    name, multiplexed into each replica's pipeline, at most ``max_runs_per_replica`` at a
+    time), ``storage`` (``run.storage``: endpoint, region, anonymous; for every run) and
+    ``limits`` (overrides of the default run's ``serve`` limits, e.g. ``max_n``; they govern
+    requests for every run). Each replica copies the adapters it serves from the run's storage
+    to a node-local cache keyed by their content digest.
 
     Replica resources and autoscaling default to the run's ``resources.serve``, scaling on
     one full batch (``max_batch_size``) per replica; the ``deployments:`` section of a Serve
     config file overrides them."""
-    unknown = set(args) - {"run_dir", "storage", "limits"}
+    unknown = set(args) - {"run_dir", "runs", "storage", "limits"}
     if unknown:
         raise ValueError(
             f"unknown args {sorted(unknown)} for selma_ray.serving.app:build_app; "
-            "it takes run_dir, storage and limits"
+            "it takes run_dir, runs, storage and limits"
         )
     if "run_dir" not in args:
         raise ValueError("the selma_ray Serve app needs args.run_dir (a finished run directory)")
@@ -640,6 +829,7 @@ def build_app(args: dict[str, Any]):
             f"args.storage must be a mapping (endpoint, region, anonymous): {storage!r}"
         )
     run = run_ref(str(args["run_dir"]), storage)
+    runs = run_allowlist(args.get("runs"), storage)
     cfg = load_run_config(run)
     limits = args.get("limits") or None
     if limits is not None and not isinstance(limits, dict):
@@ -667,10 +857,10 @@ def build_app(args: dict[str, Any]):
             "upscale_delay_s": res.upscale_delay_s,
             "downscale_delay_s": res.downscale_delay_s,
         },
-    ).bind(run, limits)
+    ).bind(run, limits, runs)
     # The ingress only validates and forwards: many requests in flight, so the diffusion
     # replicas' batches can fill.
     return Ingress.options(
         ray_actor_options={"num_cpus": 0, "resources": res.ingress_custom},
         max_ongoing_requests=64,
-    ).bind(diffusion, run, limits)
+    ).bind(diffusion, run, limits, runs)
