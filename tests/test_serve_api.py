@@ -14,9 +14,13 @@ from selma_ray.config import ServeSection
 from selma_ray.serving.app import (
     GenerationRequest,
     authorized,
+    build_app,
     forward,
     model_list,
+    pass_groups,
     requested_adapter,
+    requested_run,
+    run_allowlist,
     run_ref,
 )
 
@@ -148,3 +152,69 @@ def test_answers_and_other_errors_pass_through_unchanged():
     assert asyncio.run(forward(FakeResponse(["png"]), LIMITS)) == ["png"]
     with pytest.raises(KeyError):  # unknown adapter: the caller turns it into a 404
         asyncio.run(forward(FakeResponse(KeyError("nope")), LIMITS))
+
+
+# ---- the runs a deployment serves (its allowlist) --------------------------------------------
+
+
+def test_the_run_allowlist_maps_names_to_run_references(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refs = run_allowlist({"a": "runs/a", "b-2.v1": "s3://bucket/runs/b"}, {"region": "x"})
+    assert refs["a"]["uri"] == str((tmp_path / "runs" / "a").resolve())
+    assert refs["b-2.v1"]["uri"] == "s3://bucket/runs/b"
+    assert refs["b-2.v1"]["storage"]["region"] == "x"  # every run shares the app's storage
+    assert run_allowlist(None) == {}
+    assert not (tmp_path / "runs").exists()  # naming a run reads and creates nothing
+
+
+@pytest.mark.parametrize(
+    ("runs", "says"),
+    [
+        (["runs/a"], "must be a mapping"),
+        ({"../a": "runs/a"}, "run name '../a' is not allowed"),
+        ({"a/b": "runs/a"}, "is not allowed"),
+        ({"": "runs/a"}, "is not allowed"),
+        ({"x" * 65: "runs/a"}, "1-64 letters"),
+        ({1: "runs/a"}, "run name 1 is not allowed"),
+        ({"a": ""}, "args.runs.a must be a run directory"),
+        ({"a": {"uri": "runs/a"}}, "args.runs.a must be a run directory"),
+    ],
+)
+def test_build_app_refuses_a_bad_run_allowlist_before_reading_any_run(runs, says, tmp_path):
+    missing = tmp_path / "no-run"  # never read: the allowlist is checked first
+    with pytest.raises(ValueError, match="args.runs") as err:
+        build_app({"run_dir": str(missing), "runs": runs})
+    assert says in str(err.value)
+
+
+def test_build_app_lists_runs_among_its_args():
+    with pytest.raises(ValueError, match="run_dir, runs, storage and limits"):
+        build_app({"run_dir": "x", "models": {"a": "runs/a"}})
+
+
+def test_the_run_comes_from_the_body_or_the_multiplexing_header_and_they_must_agree():
+    assert requested_run(None, None) is None  # the default run
+    assert requested_run("a", None) == requested_run(None, "a") == requested_run("a", "a") == "a"
+    assert requested_run("", "") is None
+    with pytest.raises(HTTPException) as err:
+        requested_run("a", "b")
+    assert err.value.status_code == 400 and "disagree" in err.value.detail
+
+
+def test_jobs_of_different_runs_never_share_a_forward_pass():
+    job = {"steps": 2, "guidance_scale": 7.5, "width": 32, "height": 32, "negative_prompt": None}
+    jobs = [
+        {**job, "spec": (("counting", 1.0),), "run": None},
+        {**job, "spec": (("counting", 1.0),), "run": 7},
+        {**job, "spec": (("merged", 1.0),), "run": None},
+        {**job, "spec": (("merged", 1.0),), "run": 7},
+        {**job, "spec": (("merged", 1.0),), "run": 8},
+    ]
+    assert pass_groups(jobs, lambda negative: None) == [[0, 2], [1, 3], [4]]
+    assert pass_groups(jobs, lambda negative: None, mix_adapters=False) == [
+        [0],
+        [1],
+        [2],
+        [3],
+        [4],
+    ]
