@@ -96,16 +96,20 @@ def serve_app_config(
     ingress_env: dict[str, str] | None = None,
     replicas: int | None = None,
     storage: dict[str, Any] | None = None,
+    runs: dict[str, str | Path] | None = None,
 ) -> dict:
     """``serve/config.yaml``'s application, pointed at ``run_dir`` with ``limits`` replacing
     its limits; ``user_config`` goes on both deployments (a hot reload), ``ingress_env`` into
     the ingress replicas' environment (e.g. an API key); ``replicas`` pins the number of
-    diffusion replicas instead of autoscaling."""
+    diffusion replicas instead of autoscaling; ``runs`` is the app's allowlist of more runs
+    (``{name: run_dir}``) that requests may pick by name."""
     spec = yaml.safe_load(SERVE_CONFIG.read_text())
     app = copy.deepcopy(spec["applications"][0])
     app["args"] = {**app.get("args", {}), "run_dir": str(run_dir)}
     if storage is not None:
         app["args"]["storage"] = dict(storage)
+    if runs is not None:
+        app["args"]["runs"] = {name: str(where) for name, where in runs.items()}
     if limits is not None:
         app["args"]["limits"] = dict(limits)
     by_name = {d["name"]: d for d in app.setdefault("deployments", [])}
