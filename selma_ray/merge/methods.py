@@ -230,22 +230,27 @@ def cat_module(mods: Sequence[LoraModule], weights: Sequence[float]) -> LoraModu
 def svd_module(mods: Sequence[LoraModule], weights: Sequence[float], rank: int) -> LoraModule:
     """Best rank-``rank`` factorisation of the exact sum of w_i dW_i (zero-padded if smaller).
 
-    dW = B_cat A_cat is never decomposed whole: with B_cat = Q R, the top-``rank``
-    eigenvectors U of the small Gram matrix (R A_cat)(R A_cat)^T span dW's top left singular
-    vectors, and dW_k = (Q U)(U^T R A_cat) is its truncated SVD (B = Q U has orthonormal
-    columns, A carries the singular values). It runs in float32: against a float64 SVD of
-    the full dW the truncated dW_k differs by ~1e-6 relative at the SD v1.5 shape (printed
-    by bench/merge_bench.py; tests/test_merge_math.py holds it under 1e-4), and float64
-    costs about twice the time.
+    dW = B_cat A_cat is never decomposed whole: with B_cat = Q R (Q kept as Householder
+    reflectors, never formed), the top-``rank`` eigenvectors U of the small Gram matrix
+    (R A_cat)(R A_cat)^T span dW's top left singular vectors, and dW_k = (Q U)(U^T R A_cat) is
+    its truncated SVD (B = Q U has orthonormal columns, A carries the singular values). It
+    runs in float32: against a float64 SVD of the full dW the truncated dW_k differs by ~1e-6
+    relative at the SD v1.5 shape (printed by bench/merge_bench.py; tests/test_merge_math.py
+    holds it under 1e-4), and float64 costs about twice the time. The eigensolve of the
+    (sum of ranks)-square Gram matrix is most of the time and the floor of any exact route.
     """
     cat = cat_module(mods, weights)
     a_shape, b_shape = cat.A.shape, cat.B.shape
     a = cat.A.reshape(a_shape[0], -1).float()
-    q, r = torch.linalg.qr(cat.B.reshape(b_shape[0], b_shape[1]).float())
-    projected = r @ a  # Q^T dW
+    reflectors, tau = torch.geqrf(cat.B.reshape(b_shape[0], b_shape[1]).float())
+    inner = min(reflectors.shape)  # rows of R: min(out, sum of ranks)
+    projected = reflectors[:inner].triu() @ a  # R A_cat = Q^T dW
     _, vectors = torch.linalg.eigh(projected @ projected.T)  # ascending eigenvalues
     top = vectors[:, -rank:].flip(1)
-    new_b, new_a = q @ top, top.T @ projected
+    new_a = top.T @ projected
+    embedded = top.new_zeros(b_shape[0], top.shape[1])
+    embedded[:inner] = top
+    new_b = torch.ormqr(reflectors, tau, embedded)  # Q U, without forming Q
     if new_a.shape[0] < rank:  # the layer is smaller than the rank asked for
         pad = rank - new_a.shape[0]
         new_a = torch.cat([new_a, new_a.new_zeros(pad, new_a.shape[1])], 0)
