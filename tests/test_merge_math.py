@@ -14,9 +14,11 @@ from selma_ray.lora.methods import (
     dare_mask,
     default_weights,
     delta_weight,
+    disjoint_mean,
     from_state,
     merge,
     to_state,
+    trim,
 )
 
 # (module name, in_features, out_features)
@@ -275,6 +277,31 @@ def test_ties_keeps_the_requested_fraction_of_each_factor():
     merged = merge([adapter, adapter], [1.0, 1.0], "ties", density=0.25)
     kept = (merged["m"].A != 0).float().mean().item()
     assert kept == pytest.approx(0.25, abs=0.01)
+
+
+def test_trim_keeps_every_magnitude_tied_at_the_threshold():
+    x = torch.tensor([[1.0, -3.0, 2.0], [-2.0, 0.5, -0.0]])
+    # k = int(0.4 * 6) = 2: the second largest magnitude is 2, held by 2.0 and -2.0
+    assert torch.equal(trim(x, 0.4), torch.tensor([[0.0, -3.0, 2.0], [-2.0, 0.0, 0.0]]))
+    assert torch.equal(trim(x, 0.1), torch.zeros_like(x))  # k = 0
+    assert torch.equal(trim(x, 1.0), x)
+
+
+def test_disjoint_mean_elects_plus_where_entries_cancel_and_averages_only_agreeing_ones():
+    first = torch.tensor([2.0, 3.0, -1.0, 0.0, -0.0])
+    second = torch.tensor([-2.0, -1.0, -1.0, 0.0, -0.0])
+    got = disjoint_mean([first, second], [1.0, 0.5])
+    # sums 0 (elect +: only 2.0 agrees), 2 (+: 3.0), -2 (-: both), 0 and -0 (nothing agrees)
+    assert torch.equal(got, torch.tensor([2.0, 3.0, -0.75, 0.0, 0.0]))
+
+
+def test_ties_merge_elects_plus_where_the_factors_cancel():
+    adapters = [
+        {"m": LoraModule(torch.tensor([[2.0, 3.0, -1.0, 0.0]]), torch.ones(1, 1), 1.0)},
+        {"m": LoraModule(torch.tensor([[-2.0, -1.0, -1.0, 0.0]]), torch.ones(1, 1), 1.0)},
+    ]
+    merged = merge(adapters, [1.0, 1.0], "ties", density=1.0)
+    assert torch.equal(delta_weight(merged["m"]), torch.tensor([[2.0, 3.0, -1.0, 0.0]]))
 
 
 def test_half_precision_inputs_and_outputs_accumulate_in_float32():

@@ -18,8 +18,9 @@ weight per adapter, computes in float32 on the chosen device and returns a new a
   ties trims each factor to its ``density`` largest magnitudes, elects a sign per entry from
   the sum of the trimmed factors and averages the weighted entries that agree with it (the
   disjoint mean). DARE keeps each entry with probability ``density`` and rescales by
-  1/density; the drop masks are seeded per (seed, module, factor, adapter), so a merge is
-  reproducible whatever the order or device. dare_linear then sums, dare_ties elects signs.
+  1/density; the drop masks (float32 uniforms from numpy's PCG64, on the CPU) are seeded per
+  (seed, module, factor, adapter), so a merge is reproducible whatever the order or device.
+  dare_linear then sums, dare_ties elects signs.
 
 Outputs of every rule but ``paper`` have scale 1 (``lora_alpha == r``), so diffusers applies
 exactly the merged dW. Default weights (``default_weights``) are those for which N copies of
@@ -229,22 +230,27 @@ def cat_module(mods: Sequence[LoraModule], weights: Sequence[float]) -> LoraModu
 def svd_module(mods: Sequence[LoraModule], weights: Sequence[float], rank: int) -> LoraModule:
     """Best rank-``rank`` factorisation of the exact sum of w_i dW_i (zero-padded if smaller).
 
-    dW = B_cat A_cat is never decomposed whole: with B_cat = Q R, the top-``rank``
-    eigenvectors U of the small Gram matrix (R A_cat)(R A_cat)^T span dW's top left singular
-    vectors, and dW_k = (Q U)(U^T R A_cat) is its truncated SVD (B = Q U has orthonormal
-    columns, A carries the singular values). It runs in float32: against a float64 SVD of
-    the full dW the truncated dW_k differs by ~1e-6 relative at the SD v1.5 shape (printed
-    by bench/merge_bench.py; tests/test_merge_math.py holds it under 1e-4), and float64
-    costs about twice the time.
+    dW = B_cat A_cat is never decomposed whole: with B_cat = Q R (Q kept as Householder
+    reflectors, never formed), the top-``rank`` eigenvectors U of the small Gram matrix
+    (R A_cat)(R A_cat)^T span dW's top left singular vectors, and dW_k = (Q U)(U^T R A_cat) is
+    its truncated SVD (B = Q U has orthonormal columns, A carries the singular values). It
+    runs in float32: against a float64 SVD of the full dW the truncated dW_k differs by ~1e-6
+    relative at the SD v1.5 shape (printed by bench/merge_bench.py; tests/test_merge_math.py
+    holds it under 1e-4), and float64 costs about twice the time. The eigensolve of the
+    (sum of ranks)-square Gram matrix is most of the time and the floor of any exact route.
     """
     cat = cat_module(mods, weights)
     a_shape, b_shape = cat.A.shape, cat.B.shape
     a = cat.A.reshape(a_shape[0], -1).float()
-    q, r = torch.linalg.qr(cat.B.reshape(b_shape[0], b_shape[1]).float())
-    projected = r @ a  # Q^T dW
+    reflectors, tau = torch.geqrf(cat.B.reshape(b_shape[0], b_shape[1]).float())
+    inner = min(reflectors.shape)  # rows of R: min(out, sum of ranks)
+    projected = reflectors[:inner].triu() @ a  # R A_cat = Q^T dW
     _, vectors = torch.linalg.eigh(projected @ projected.T)  # ascending eigenvalues
     top = vectors[:, -rank:].flip(1)
-    new_b, new_a = q @ top, top.T @ projected
+    new_a = top.T @ projected
+    embedded = top.new_zeros(b_shape[0], top.shape[1])
+    embedded[:inner] = top
+    new_b = torch.ormqr(reflectors, tau, embedded)  # Q U, without forming Q
     if new_a.shape[0] < rank:  # the layer is smaller than the rank asked for
         pad = rank - new_a.shape[0]
         new_a = torch.cat([new_a, new_a.new_zeros(pad, new_a.shape[1])], 0)
@@ -265,42 +271,71 @@ def factor_weights(
 def trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``int(density * numel)`` largest magnitudes, zero the rest (TIES step 1).
 
-    Found with a k-th value threshold (3x faster than topk on CPU); magnitudes tied at the
-    threshold are all kept, the only case where this differs from peft's topk. On the CPU the
-    threshold comes from numpy's selection (``np.partition``): the same value as
-    ``torch.kthvalue``, and ties at the SD v1.5 shape took 1.85 s instead of 2.35 s.
+    Found with a k-th value threshold; magnitudes tied at the threshold are all kept, the
+    only case where this differs from peft's topk.
     """
-    n = tensor.numel()
+    return _trim_rows(tensor.reshape(1, -1).clone(), density).reshape(tensor.shape)
+
+
+def _trim_rows(rows: torch.Tensor, density: float) -> torch.Tensor:
+    """``trim`` of each row of ``rows`` (N, n), in place.
+
+    The thresholds come from selection, not a sort or topk: on the CPU numpy's
+    ``np.partition`` (the same value as ``torch.kthvalue``, several times faster on CPU),
+    elsewhere ``kthvalue``. The mask is applied as a float 0/1 multiply: the same values as
+    a boolean mask, without a slow mixed-dtype kernel.
+    """
+    n = rows.shape[1]
     k = int(density * n)
     if density >= 1 or k >= n:
-        return tensor
+        return rows
     if k == 0:
-        return torch.zeros_like(tensor)
-    magnitude = tensor.abs()
-    flat = magnitude.reshape(-1)
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        threshold = torch.as_tensor(np.partition(flat.numpy(), n - k)[n - k])
+        return rows.zero_()
+    magnitude = rows.abs()
+    if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float32, torch.float64):
+        found = [np.partition(row, n - k)[n - k] for row in magnitude.numpy()]
+        thresholds = torch.from_numpy(np.stack(found))
     else:
-        threshold = flat.kthvalue(n - k + 1).values
-    return tensor * (magnitude >= threshold)
+        thresholds = magnitude.kthvalue(n - k + 1, dim=1).values
+    return rows.mul_(magnitude.ge_(thresholds[:, None]))
+
+
+def _dare_uniform(out: np.ndarray, seed: int, where: Sequence[object]) -> np.ndarray:
+    """Fill the float32 array ``out`` with uniforms in [0, 1) from numpy's PCG64 seeded by
+    (seed, *where): on a 2^-24 grid like ``torch.rand``, about twice as fast as torch's CPU
+    generator."""
+    gen = np.random.Generator(np.random.PCG64(stable_seed("dare", seed, *where)))
+    return gen.random(dtype=np.float32, out=out)
 
 
 def dare_mask(shape: Sequence[int], density: float, seed: int, *where: object) -> torch.Tensor:
     """The DARE keep-mask (True = kept, probability ``density``), drawn on the CPU from a
     generator seeded by (seed, *where) so it never depends on order or device."""
-    gen = torch.Generator().manual_seed(stable_seed("dare", seed, *where))
-    return torch.rand(tuple(shape), generator=gen) < density
+    uniform = _dare_uniform(np.empty(math.prod(shape), np.float32), seed, where)
+    return (torch.from_numpy(uniform) < density).reshape(tuple(shape))
 
 
 def disjoint_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """TIES steps 2-3: elect a sign per entry from the unweighted sum, then average the
     weighted entries whose sign agrees with it (divided by how many agree)."""
-    stacked = torch.stack(list(tensors))
-    majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
-    agree = stacked.sign() == majority
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape(-1, *([1] * (stacked.dim() - 1)))
-    return (stacked * w * agree).sum(0) / agree.sum(0).clamp(min=1)
+    rows = torch.stack(list(tensors))
+    w = torch.tensor(list(weights), dtype=rows.dtype, device=rows.device)
+    return _disjoint_mean_rows(rows.reshape(len(rows), -1), w).reshape(rows.shape[1:])
+
+
+def _disjoint_mean_rows(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``disjoint_mean`` over the rows of ``rows`` (N, n) with ``weights`` (N,); overwrites rows.
+
+    The elected sign s is +1 where the sum is >= 0 (copysign gives -1 for a sum of -0.0, which
+    happens only when every entry is zero: then nothing agrees either way). An entry agrees
+    when x * s > 0, so relu(x * s) holds the agreeing magnitudes: one matmul with the weights
+    gives the numerator, one with ones (of their signs) the count.
+    """
+    sign = torch.ones((), dtype=rows.dtype, device=rows.device).copysign(rows.sum(0))
+    agreeing = rows.mul_(sign).clamp_(min=0)
+    total = weights @ agreeing
+    count = torch.ones_like(weights) @ agreeing.sign_()
+    return total.mul_(sign).div_(count.clamp_(min=1))
 
 
 def sparse_module(
@@ -312,21 +347,28 @@ def sparse_module(
     name: str,
     indices: Sequence[int],
 ) -> LoraModule:
-    """ties / dare_linear / dare_ties on each factor separately; ``indices`` seed the masks."""
+    """ties / dare_linear / dare_ties on each factor separately; ``indices`` seed the masks.
+
+    Each factor of all the adapters is stacked into one (adapters, numel) matrix, so every
+    step is one kernel over all of them and the weighted sums are matrix products.
+    """
     out = {}
     for factor, fw in zip("AB", factor_weights(mods, weights), strict=True):
-        tensors = [getattr(m, factor) for m in mods]
+        shape = getattr(mods[0], factor).shape
+        rows = torch.stack([getattr(m, factor) for m in mods]).reshape(len(mods), -1)
+        w = torch.tensor(fw, dtype=rows.dtype, device=rows.device)
         if method == "ties":
-            tensors = [trim(t, density) for t in tensors]
-        else:
-            tensors = [
-                t * dare_mask(t.shape, density, seed, name, factor, i).to(t.device) / density
-                for t, i in zip(tensors, indices, strict=True)
-            ]
+            rows = _trim_rows(rows, density)
+        elif density < 1:
+            keep = torch.empty(rows.shape)  # drawn on the CPU whatever the device
+            for row, i in zip(keep.numpy(), indices, strict=True):
+                _dare_uniform(row, seed, (name, factor, i))
+            rows.mul_(keep.lt_(density).to(rows.device))  # float 0/1: as dare_mask's True/False
+            w /= density
         if method == "dare_linear":
-            out[factor] = _weighted_sum(tensors, fw)
+            out[factor] = (w @ rows).reshape(shape)
         else:
-            out[factor] = disjoint_mean(tensors, fw)
+            out[factor] = _disjoint_mean_rows(rows, w).reshape(shape)
     return LoraModule(out["A"], out["B"], 1.0)
 
 
