@@ -6,7 +6,10 @@ cross_attention_dim=768, layers_per_block=2, attention_head_dim=8)`` built under
 
 Each method runs in a fresh child process, so the peak RSS it reports (``ru_maxrss``) is its
 own. Time is the merge itself (``merge_math.merge`` + ``to_state``, i.e. up to a state dict
-ready to save), best of ``--repeat`` after one untimed warm-up merge in the same child. The
+ready to save), best of ``--repeat`` after one untimed warm-up merge in the same child; the
+child's CPU seconds in that same merge are printed beside it (CPU well above wall x threads
+means threads waiting on each other, as under load). The load average is printed before and
+after the runs. The
 children run in the method order and then in the reverse order (ABBA for two methods); time
 is reported per order and as the mean of both, peak RSS as the larger of both. Memory is
 reported as peak RSS and as (peak RSS - RSS before the inputs existed) / input size, which
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -109,9 +113,9 @@ def child(method: str, shapes_file: str, n: int, rank: int, repeat: int) -> dict
     ]
     input_mib = sum(m.A.nbytes + m.B.nbytes for a in adapters for m in a.values()) / 2**20
     weights = default_weights("paper" if method == NAIVE else method, n)
-    times, out_rank = [], rank
+    times, cpu, out_rank = [], [], rank
     for _ in range(repeat + 1):  # the first merge is an untimed warm-up
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if method == NAIVE:  # the old per-key loop over flat state dicts
             states = [
                 {k: t for name, m in a.items() for k, t in ((f"{name}.A", m.A), (f"{name}.B", m.B))}
@@ -126,6 +130,7 @@ def child(method: str, shapes_file: str, n: int, rank: int, repeat: int) -> dict
         else:
             out, out_rank, _ = to_state(merge(adapters, weights, method, seed=0))
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         del out
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     errors = svd_errors(adapters, weights, shapes) if method == "svd" else {}
@@ -133,6 +138,7 @@ def child(method: str, shapes_file: str, n: int, rank: int, repeat: int) -> dict
         **errors,
         "method": method,
         "seconds": min(times[1:]),
+        "cpu_seconds": cpu[1:][times[1:].index(min(times[1:]))],
         "peak_mib": peak,
         "base_mib": base,
         "input_mib": input_mib,
@@ -176,6 +182,7 @@ def main() -> int:
         f"attention projections, {params / 1e6:.1f}M LoRA params per adapter), every method "
         "on the same inputs"
     )
+    load_before = os.getloadavg()
     passes: list[dict[str, dict]] = [{}, {}]
     with tempfile.TemporaryDirectory() as tmp:
         shapes_file = Path(tmp) / "shapes.json"
@@ -192,11 +199,19 @@ def main() -> int:
                 passes[i][method] = json.loads(proc.stdout.strip().splitlines()[-1])
                 progress(f"{method} (pass {i + 1}): {passes[i][method]['seconds']:.3f} s")
 
+    load_after = os.getloadavg()
+    print(
+        "load average (1/5/15 min) before the runs: "
+        + "/".join(f"{x:.2f}" for x in load_before)
+        + ", after: "
+        + "/".join(f"{x:.2f}" for x in load_after)
+        + f" ({os.cpu_count()} CPUs)"
+    )
     inputs = passes[0][NAIVE]["input_mib"]
     print(f"inputs: {inputs:.1f} MiB (fp32)")
     head = (
-        f"{'method':<12} {'time (s) first/reverse/mean':>29} {'peak RSS (MiB)':>15} "
-        f"{'RSS/inputs':>11} {'out rank':>9}"
+        f"{'method':<12} {'time (s) first/reverse/mean':>29} {'CPU (s) mean':>13} "
+        f"{'peak RSS (MiB)':>15} {'RSS/inputs':>11} {'out rank':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -208,8 +223,9 @@ def main() -> int:
         worst = max(runs, key=lambda r: r["peak_mib"] - r["base_mib"])
         ratios[method] = (worst["peak_mib"] - worst["base_mib"]) / worst["input_mib"]
         times = "/".join(f"{t:.3f}" for t in seconds[method])
+        cpu = sum(r["cpu_seconds"] for r in runs) / len(runs)
         print(
-            f"{method:<12} {times:>29} {worst['peak_mib']:>15.0f} "
+            f"{method:<12} {times:>29} {cpu:>13.3f} {worst['peak_mib']:>15.0f} "
             f"{ratios[method]:>10.2f}x {worst['rank']:>9}"
         )
     print(

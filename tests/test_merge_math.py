@@ -287,6 +287,17 @@ def test_trim_keeps_every_magnitude_tied_at_the_threshold():
     assert torch.equal(trim(x, 1.0), x)
 
 
+def test_trim_threshold_is_the_same_from_numpy_selection_and_from_kthvalue():
+    # float32 on the CPU takes np.partition; other dtypes (and devices) take torch.kthvalue
+    g = torch.Generator().manual_seed(0)
+    magnitudes = torch.randperm(7 * 33, generator=g).float() + 1  # distinct, exact in float16
+    signs = torch.randint(0, 2, (7 * 33,), generator=g).float() * 2 - 1
+    x = (magnitudes * signs / 16).reshape(7, 33)
+    for density in (0.1, 0.37, 0.5, 0.9):
+        assert torch.equal(trim(x.half(), density).float(), trim(x, density))
+        assert torch.equal(trim(x, density), ref_trim(x.double(), density).float())
+
+
 def test_disjoint_mean_elects_plus_where_entries_cancel_and_averages_only_agreeing_ones():
     first = torch.tensor([2.0, 3.0, -1.0, 0.0, -0.0])
     second = torch.tensor([-2.0, -1.0, -1.0, 0.0, -0.0])
