@@ -337,26 +337,22 @@ def mixed_engine(
     def peft_render(jobs: list[dict[str, Any]]) -> Any:
         names = [svc._internal[j["spec"][0][0]] for j in jobs]
         with svc._lock, peft_mixed_route(svc.pipe, names):
-            return svc.pipe(
-                prompt=[j["prompt"] for j in jobs],
-                num_inference_steps=steps,
-                guidance_scale=GUIDANCE,
-                height=SIZE,
-                width=SIZE,
-                generator=[torch.Generator("cpu").manual_seed(j["seed"]) for j in jobs],
-                output_type="np",
-            ).images
+            return svc.pipe(**call(jobs)).images
 
     def fused_render(jobs: list[dict[str, Any]]) -> Any:
-        return fused(
-            prompt=[j["prompt"] for j in jobs],
-            num_inference_steps=steps,
-            guidance_scale=GUIDANCE,
-            height=SIZE,
-            width=SIZE,
-            generator=[torch.Generator("cpu").manual_seed(j["seed"]) for j in jobs],
-            output_type="np",
-        ).images
+        return fused(**call(jobs)).images
+
+    def call(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+        """The pipeline arguments of one pass over ``jobs`` (as the engine passes them)."""
+        return {
+            "prompt": [j["prompt"] for j in jobs],
+            "num_inference_steps": steps,
+            "guidance_scale": GUIDANCE,
+            "height": SIZE,
+            "width": SIZE,
+            "generator": [torch.Generator("cpu").manual_seed(j["seed"]) for j in jobs],
+            "output_type": "np",
+        }
 
     latencies: dict[str, list[float]] = {}
 

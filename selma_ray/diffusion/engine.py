@@ -464,24 +464,10 @@ class DiffusionService:
 
         Each image has its own generator, so it does not depend on what it is batched with.
         """
-        from selma_ray.diffusion.common import png_bytes
-
-        with self._lock:  # the pipeline is not re-entrant
-            missing = sorted({name for name, _ in spec} - set(self.adapters) - set(self._internal))
-            if missing:  # e.g. a request validated just before a hot reload removed them
-                raise KeyError(f"unknown adapters {missing}; valid: {sorted(self.adapters)}")
-            self._activate(spec)
-            out = self.pipe(
-                prompt=prompts,
-                negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
-                generator=[self._torch.Generator(self.device).manual_seed(s) for s in seeds],
-                output_type="np",
-            )
-        return [png_bytes(img) for img in out.images]
+        n = len(prompts)  # one spec for all: generate_mixed's set_adapters path
+        return self.generate_mixed(
+            [spec] * n, prompts, seeds, steps, guidance_scale, width, height, [negative_prompt] * n
+        )
 
     def _internal_spec(
         self, spec: AdapterSpec, internal: dict[str, str] | None = None
