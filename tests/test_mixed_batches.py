@@ -107,6 +107,58 @@ def test_a_layer_fed_rows_that_are_not_blocks_of_the_samples_raises(service):
             layer(torch.zeros(4, 4, layer.in_features))
 
 
+class _OneLayerPipe:
+    """What ``per_sample_adapters`` needs of a pipeline, around one PEFT LoRA Linear."""
+
+    def __init__(self, model):
+        self.components = {"net": model}
+
+    def disable_lora(self) -> None:
+        for layer in lora_layers(self).values():
+            layer.enable_adapters(False)
+
+
+@pytest.mark.parametrize("rank", [2, 64], ids=["factors", "dense"])
+def test_each_sample_gets_its_own_adapters_update_at_any_rank(rank):
+    """One Linear (32 -> 24) with two adapters: per sample, the hooked layer's output equals
+    PEFT's with that adapter alone, a weighted mix of both, or none (base). At rank 64 the
+    update runs as one (in, out) matrix per sample (fewer multiply-adds than the factors);
+    at rank 2 as the two factors."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from selma_ray.diffusion.mixed import gather
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24))
+    for name, r in (("hi", rank), ("lo", 2)):
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False)
+        model = inject_adapter_in_model(config, model, adapter_name=name)
+    layer = model[0]
+    x = torch.randn(4, 5, 32)
+
+    def peft_alone(name: str | None, i: int):
+        layer.enable_adapters(name is not None)
+        if name is not None:
+            layer.set_adapter(name)
+        with torch.no_grad():
+            return layer(x[i : i + 1])
+
+    mix = (("hi", 0.25), ("lo", 0.5))
+    specs = [(("hi", 1.0),), (), mix, (("lo", 1.0),)]
+    want = [peft_alone("hi", 0), peft_alone(None, 1), None, peft_alone("lo", 3)]
+    base = peft_alone(None, 2)
+    want[2] = base + sum(w * (peft_alone(n, 2) - base) for n, w in mix)
+    chain = gather(layer, specs).rows(4, "net.0")
+    assert len(chain) == (1 if rank == 64 else 2)
+    with per_sample_adapters(_OneLayerPipe(model), specs), torch.no_grad():
+        got = layer(x)
+        doubled = layer(torch.cat([x, x]))  # classifier-free guidance's two blocks
+    for i, spec in enumerate(specs):
+        torch.testing.assert_close(got[i : i + 1], want[i], msg=f"sample {i}: {spec}")
+        torch.testing.assert_close(doubled[i + 4 : i + 5], want[i], msg=f"block 2, {spec}")
+
+
 def test_mixed_batch_arguments_must_line_up(service):
     with pytest.raises(ValueError, match="2 specs, 1 prompts"):
         service.generate_mixed(SPECS[:2], PROMPTS[:1], SEEDS[:1], 1, 7.5, 32, 32)

@@ -294,6 +294,80 @@ def test_a_merge_a_request_is_holding_is_not_evicted_until_it_lets_go(service):
         service.merge_cache_size = 4
 
 
+def test_requests_render_while_an_on_demand_merge_is_computed(service, monkeypatch):
+    """The merge maths runs outside the pipeline's lock: a request for another adapter
+    renders while a merge is still being computed, and the merge then loads and serves."""
+    import threading
+
+    from selma_ray.diffusion import engine
+
+    spec = MergeSpec("paper", ("counting", "everyday_scenes"), weights=(0.4, 0.6))
+    started, release = threading.Event(), threading.Event()
+    write = engine._write_merge
+
+    def slow_write(*args, **kwargs):
+        started.set()
+        if not release.wait(60):
+            raise TimeoutError("the test never released the merge")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_write_merge", slow_write)
+    merged: list = []
+    worker = threading.Thread(target=lambda: merged.append(service.merge(spec)))
+    worker.start()
+    try:
+        assert started.wait(60)
+        rendered = _png(service, "counting")  # would wait for the merge under one lock
+        assert worker.is_alive() and not merged  # the merge is still in progress
+    finally:
+        release.set()
+        worker.join(60)
+    assert rendered == _png(service, "counting")
+    assert merged == [((spec.name, 1.0),)]
+    assert _render(service, ((spec.name, 1.0),)) != rendered
+
+
+def test_a_reload_during_an_on_demand_merge_merges_the_new_runs_experts(
+    service, run_dir, tmp_path, monkeypatch
+):
+    """Experts swapped by a reload while a merge is computed: the merge is made again from
+    the new experts, never loaded from the old ones."""
+    import shutil
+
+    import torch
+
+    from selma_ray.diffusion import engine
+    from selma_ray.lora import methods as merge_math
+    from selma_ray.lora.files import read_lora
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    _random_adapter(other / "experts" / "counting", seed=7)
+    RunDir(other).write_manifest("fp", "experts", "counting")
+    spec = MergeSpec("cat", ("counting", "everyday_scenes"), weights=(0.3, 0.9))
+    calls: list = []
+    write = engine._write_merge
+
+    def reload_first(spec, run, *args, **kwargs):
+        calls.append(run.uri)
+        if len(calls) == 1:
+            service.reload(other)
+        return write(spec, run, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_write_merge", reload_first)
+    try:
+        service.merge(spec)
+        assert len(calls) == 2 and calls[1] == RunDir(other).uri
+        internal = service._internal[spec.name]
+        inputs = [read_lora(other / "experts" / e)[0] for e in spec.experts]
+        expected = merge_math.merge(inputs, [0.3, 0.9], "cat")
+        module = sorted(expected)[0]
+        want = merge_math.delta_weight(expected[module]).flatten(1)
+        torch.testing.assert_close(_loaded_delta(service.pipe, module, internal), want)
+    finally:
+        service.reload(run_dir)
+
+
 def test_equal_merges_are_equal_specs_with_one_name():
     """Options the method ignores, ints for floats and lists for tuples do not make a new
     cache entry; the experts' order does (DARE's masks depend on it)."""

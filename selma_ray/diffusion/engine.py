@@ -221,6 +221,7 @@ class DiffusionService:
         self._merges: OrderedDict[MergeSpec, str] = OrderedDict()
         self._in_use: Counter[MergeSpec] = Counter()  # merges requests are holding
         self._in_use_lock = threading.Lock()
+        self._merge_lock = threading.Lock()  # one on-demand merge computed at a time
         self._merge_ids = itertools.count()
         self.merge_cache_size = self.config.serve.merge_cache_size
         self.merge_stats = {"computed": 0, "reused": 0, "evicted": 0}
@@ -370,29 +371,56 @@ class DiffusionService:
         return self._runs[run].config.images.resolution or self._native
 
     def merge(self, spec: MergeSpec) -> AdapterSpec:
-        """The adapter spec of an on-demand merge: computed from the run's experts (the first
-        time, under the pipeline's lock) and loaded beside them, or taken from the LRU of
-        ``merge_cache_size`` merges. When the LRU is full, the least recently used merges go
-        first, but never ``spec`` itself nor one that a request is ``holding``. Raises
-        KeyError for experts the run does not have, ValueError for a bad spec."""
-        with self._lock:
-            check_merge(spec, self.adapters, self.merge_cache_size)
-            if spec in self._merges:
-                self._merges.move_to_end(spec)
-                self.merge_stats["reused"] += 1
-            else:
-                self._merges[spec] = self._internal[spec.name] = self._compute(spec)
-                self.merge_stats["computed"] += 1
-                log.info("merged %s on demand: %s", spec.name, spec)
-            with self._in_use_lock:
-                held = {spec, *self._in_use}
-            for old in [s for s in self._merges if s not in held]:  # least recently used first
-                if len(self._merges) <= self.merge_cache_size:
-                    break
-                self.pipe.delete_adapters([self._merges.pop(old)])
-                del self._internal[old.name]
-                self.merge_stats["evicted"] += 1
-            return ((spec.name, 1.0),)
+        """The adapter spec of an on-demand merge: taken from the LRU of ``merge_cache_size``
+        merges, or computed from the run's experts and loaded beside them. The merge maths
+        and its file run outside the pipeline's lock, so requests go on rendering meanwhile
+        (on-demand merges are computed one at a time); only loading the result takes the
+        lock. When the LRU is full, the least recently used merges go first, but never
+        ``spec`` itself nor one that a request is ``holding``. Raises KeyError for experts
+        the run does not have, ValueError for a bad spec."""
+        import tempfile
+
+        from selma_ray.models import cache_dir
+
+        with self._merge_lock:
+            while True:
+                with self._lock:
+                    check_merge(spec, self.adapters, self.merge_cache_size)
+                    if spec in self._merges:
+                        self._merges.move_to_end(spec)
+                        self.merge_stats["reused"] += 1
+                        return ((spec.name, 1.0),)
+                    run, files = self.run, self._files
+                scratch = cache_dir() / "merges"
+                scratch.mkdir(parents=True, exist_ok=True)
+                # A fresh temporary folder, never a path made from a request's names.
+                with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+                    out = _write_merge(spec, run, files, Path(tmp), self.device)
+                    with self._lock:
+                        if self._files is not files:  # reloaded meanwhile: other experts
+                            log.info("run reloaded during merge %s; merging again", spec.name)
+                            continue
+                        internal = f"g{self._generation}_m{next(self._merge_ids)}"
+                        self.pipe.load_lora_weights(
+                            str(out), weight_name=WEIGHT_NAME, adapter_name=internal
+                        )
+                        self._merges[spec] = self._internal[spec.name] = internal
+                        self.merge_stats["computed"] += 1
+                        log.info("merged %s on demand: %s", spec.name, spec)
+                        self._evict_merges(spec)
+                        return ((spec.name, 1.0),)
+
+    def _evict_merges(self, keep: MergeSpec) -> None:
+        """Unload the least recently used merges beyond ``merge_cache_size``, except ``keep``
+        and those requests hold. Called under the pipeline's lock."""
+        with self._in_use_lock:
+            held = {keep, *self._in_use}
+        for old in [s for s in self._merges if s not in held]:  # least recently used first
+            if len(self._merges) <= self.merge_cache_size:
+                break
+            self.pipe.delete_adapters([self._merges.pop(old)])
+            del self._internal[old.name]
+            self.merge_stats["evicted"] += 1
 
     @contextmanager
     def holding(self, spec: MergeSpec) -> Iterator[None]:
@@ -407,35 +435,6 @@ class DiffusionService:
                 self._in_use[spec] -= 1
                 if not self._in_use[spec]:
                     del self._in_use[spec]
-
-    def _compute(self, spec: MergeSpec) -> str:
-        """Merge the spec's experts and load the result; returns its name in the pipeline.
-        Written to a fresh temporary folder (never a path made from a request's names)."""
-        import tempfile
-
-        from selma_ray.lora.files import merge_loaded, read_lora
-        from selma_ray.models import cache_dir
-
-        loaded = {e: read_lora(fetch_adapter(self.run, self._files[e])) for e in spec.experts}
-        weights = dict(zip(spec.experts, spec.weights, strict=True)) if spec.weights else None
-        scratch = cache_dir() / "merges"
-        scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-            out = Path(tmp) / "merge"
-            merge_loaded(
-                loaded,
-                {},
-                spec.method,
-                weights,
-                out,
-                density=spec.density,
-                rank=spec.rank,
-                seed=spec.seed,
-                device="cuda" if str(self.device).startswith("cuda") else "cpu",
-            )
-            internal = f"g{self._generation}_m{next(self._merge_ids)}"
-            self.pipe.load_lora_weights(str(out), weight_name=WEIGHT_NAME, adapter_name=internal)
-        return internal
 
     def cached_merges(self) -> list[dict[str, Any]]:
         """The on-demand merges held now, least recently used first."""
@@ -573,6 +572,29 @@ class DiffusionService:
 
 
 AdapterSpec = tuple[tuple[str, float], ...]
+
+
+def _write_merge(
+    spec: MergeSpec, run: RunDir, files: dict[str, AdapterInfo], tmp: Path, device: Any
+) -> Path:
+    """Merge the spec's experts of ``run`` into ``tmp``; returns the folder of the result."""
+    from selma_ray.lora.files import merge_loaded, read_lora
+
+    loaded = {e: read_lora(fetch_adapter(run, files[e])) for e in spec.experts}
+    weights = dict(zip(spec.experts, spec.weights, strict=True)) if spec.weights else None
+    out = tmp / "merge"
+    merge_loaded(
+        loaded,
+        {},
+        spec.method,
+        weights,
+        out,
+        density=spec.density,
+        rank=spec.rank,
+        seed=spec.seed,
+        device="cuda" if str(device).startswith("cuda") else "cpu",
+    )
+    return out
 
 
 def check_merge(spec: MergeSpec, adapters: dict[str, AdapterInfo], cache_size: int) -> None:

@@ -7,7 +7,11 @@ gathered once per pipeline call, not per denoising step: a single adapter is its
 ``B``; a weighted mix is its adapters' ranks concatenated (``A`` stacked, each ``B`` scaled
 by its weight); ``base`` is zero. ``B`` carries the PEFT scale (``lora_alpha / r``, or
 ``/ sqrt(r)`` for rsLoRA) and the spec's weight, then every sample is zero-padded to the
-largest rank in the batch and the update runs as two batched matmuls (``torch.bmm``).
+largest rank in the batch and the update runs as two batched matmuls (``torch.bmm``). Where
+that rank exceeds what the layer's shape can hold (``rank * (in + out) > in * out``: a wide
+adapter on a narrow layer), each sample's two factors are multiplied once per pipeline call
+into one (in, out) matrix, and the update is a single batched matmul with fewer
+multiply-adds per row; the same update, rounded differently.
 
 Why hooks with a gathered bmm and not PEFT's own mixed-batch inference (``adapter_names=``
 per sample, which diffusers' UNet does not pass down, so it too would need hooks on every
@@ -98,14 +102,15 @@ def _scale(layer: Any, name: str) -> float:
 
 
 class _Factors:
-    """One layer's per-sample ``A^T`` (samples, in, rank) and scaled ``B^T`` (samples, rank,
-    out), and their copies for a batch of ``k`` blocks of the samples."""
+    """One layer's per-sample matrices, applied in turn with ``torch.bmm``: ``A^T`` (samples,
+    in, rank) then scaled ``B^T`` (samples, rank, out), or their product (samples, in, out)
+    alone; and their copies for a batch of ``k`` blocks of the samples."""
 
-    def __init__(self, a: Any, b: Any):
-        self.by_blocks = {1: (a, b)}
-        self.samples = a.shape[0]
+    def __init__(self, *chain: Any):
+        self.by_blocks = {1: chain}
+        self.samples = chain[0].shape[0]
 
-    def rows(self, rows: int, path: str) -> tuple[Any, Any]:
+    def rows(self, rows: int, path: str) -> tuple[Any, ...]:
         if rows % self.samples:
             raise RuntimeError(
                 f"{path} got a batch of {rows} rows for {self.samples} samples; mixed-adapter "
@@ -114,8 +119,7 @@ class _Factors:
             )
         k = rows // self.samples
         if k not in self.by_blocks:
-            a, b = self.by_blocks[1]
-            self.by_blocks[k] = (a.repeat(k, 1, 1), b.repeat(k, 1, 1))
+            self.by_blocks[k] = tuple(m.repeat(k, 1, 1) for m in self.by_blocks[1])
         return self.by_blocks[k]
 
 
@@ -146,6 +150,10 @@ def gather(layer: Any, specs: Sequence[InternalSpec]) -> _Factors | None:
             a, b = found
             a_all[i, :, : a.shape[0]] = a.T
             b_all[i, : a.shape[0], :] = b.T
+    if rank * (ref.shape[1] + layer.out_features) > ref.shape[1] * layer.out_features:
+        # The rank exceeds what the layer's shape can hold: one (in, out) matrix per sample
+        # is fewer multiply-adds per row than the two factors, and the same update.
+        return _Factors(torch.bmm(a_all, b_all))
     return _Factors(a_all, b_all)
 
 
@@ -156,9 +164,10 @@ def _add_update(path: str, factors: _Factors) -> Any:
         x = args[0] if args else kwargs.get("x")
         if x is None:
             raise RuntimeError(f"{path} was called without its input as the first argument")
-        a, b = factors.rows(x.shape[0], path)
-        rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-        update = torch.bmm(torch.bmm(rows, a), b)
+        chain = factors.rows(x.shape[0], path)
+        update = x.reshape(x.shape[0], -1, x.shape[-1]).to(chain[0].dtype)
+        for matrix in chain:
+            update = torch.bmm(update, matrix)
         return output + update.reshape(output.shape).to(output.dtype)
 
     return hook
