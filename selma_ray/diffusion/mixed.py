@@ -18,11 +18,13 @@ per sample, which diffusers' UNet does not pass down, so it too would need hooks
 LoRA layer): PEFT's route serves one adapter per sample, so it cannot serve weighted mixes,
 and it loops over the adapters present in the batch in every layer at every step (a gather
 of the sub-batch, two small matmuls and a scatter-add each). The gathered bmm is two matmuls
-per layer whatever the mix of adapters. Measured on the tiny model (``bench/serve_bench.py
---mode mixed --clock cpu``: six adapters cycling, batches of 8, CFG on, 10 steps, one torch
-thread, CPU seconds of the process, means of an ABBA run), the gathered route gave 1.33x the
-throughput of PEFT's at rank 4 and 1.28x at rank 128, with the same pixels as PEFT's route,
-and each image within 1/255 of its request alone at rank 4.
+(or one) per layer whatever the mix of adapters. Measured on the tiny model
+(``bench/serve_bench.py --mode mixed --clock cpu``: six adapters cycling, batches of 8, CFG
+on, 10 steps, one torch thread, CPU seconds of the process, means of an ABBA run), the
+gathered route gave 1.28x the throughput of PEFT's at rank 4 and 1.43x at rank 128 (where
+the tiny model's 32- and 64-wide layers take the one-matrix route). At rank 4 its pixels are
+PEFT's route's, and each image is within 1/255 of its request alone; at rank 128, random
+adapters make the tiny model so sensitive that batching alone moves pixels by 37/255.
 
 Which row belongs to which sample: every module of a diffusers text-to-image pipeline sees
 the batch in sample order, once (no guidance, and the text encoders) or in blocks of the
