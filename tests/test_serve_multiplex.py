@@ -153,11 +153,14 @@ def test_run_and_header_that_disagree_are_a_400(live):
     assert resp.status_code == 400 and "disagree" in resp.text
 
 
-def test_merges_on_demand_are_for_the_default_run_only(live):
+def test_a_merge_on_demand_merges_the_experts_of_the_run_the_request_names(live):
     spec = {"merge": "ties", "experts": SKILLS}
-    assert gen(live, spec).status_code == 200
-    resp = gen(live, spec, run="strong")
-    assert resp.status_code == 422 and "default run only" in resp.text
+    default, strong = gen(live, spec), gen(live, spec, run="strong")
+    assert default.status_code == strong.status_code == 200, (default.text, strong.text)
+    assert default.content != strong.content  # each run's own experts, merged
+    assert gen(live, spec, run="strong").content == strong.content
+    assert gen(live, {"merge": "ties", "experts": ["dense_detail", "counting"]}).status_code == 404
+    assert gen(live, {"merge": "ties", "experts": ["dense_detail", "counting"]}, run="detail").ok
 
 
 def test_a_run_stays_served_while_another_is_loaded(live):

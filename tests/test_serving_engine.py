@@ -327,23 +327,39 @@ def test_requests_render_while_an_on_demand_merge_is_computed(service, monkeypat
     assert _render(service, ((spec.name, 1.0),)) != rendered
 
 
+def _copy_with_new_counting(run_dir: Path, root: Path, seed: int) -> Path:
+    """A copy of the run whose "counting" expert has other weights."""
+    import shutil
+
+    shutil.copytree(run_dir, root)
+    _random_adapter(root / "experts" / "counting", seed=seed)
+    RunDir(root).write_manifest("fp", "experts", "counting")
+    return root
+
+
+def _assert_loaded_merge(service, internal: str, run: Path, spec: MergeSpec) -> None:
+    """The merge loaded as ``internal`` has merge_math's weights for ``run``'s experts."""
+    import torch
+
+    from selma_ray.lora import methods as merge_math
+    from selma_ray.lora.files import read_lora
+
+    inputs = [read_lora(run / "experts" / e)[0] for e in spec.experts]
+    weights = spec.weights or merge_math.default_weights(spec.method, len(inputs))
+    expected = merge_math.merge(inputs, weights, spec.method)
+    module = sorted(expected)[0]
+    want = merge_math.delta_weight(expected[module]).flatten(1)
+    torch.testing.assert_close(_loaded_delta(service.pipe, module, internal), want)
+
+
 def test_a_reload_during_an_on_demand_merge_merges_the_new_runs_experts(
     service, run_dir, tmp_path, monkeypatch
 ):
     """Experts swapped by a reload while a merge is computed: the merge is made again from
     the new experts, never loaded from the old ones."""
-    import shutil
-
-    import torch
-
     from selma_ray.diffusion import engine
-    from selma_ray.lora import methods as merge_math
-    from selma_ray.lora.files import read_lora
 
-    other = tmp_path / "other"
-    shutil.copytree(run_dir, other)
-    _random_adapter(other / "experts" / "counting", seed=7)
-    RunDir(other).write_manifest("fp", "experts", "counting")
+    other = _copy_with_new_counting(run_dir, tmp_path / "other", seed=7)
     spec = MergeSpec("cat", ("counting", "everyday_scenes"), weights=(0.3, 0.9))
     calls: list = []
     write = engine._write_merge
@@ -358,12 +374,7 @@ def test_a_reload_during_an_on_demand_merge_merges_the_new_runs_experts(
     try:
         service.merge(spec)
         assert len(calls) == 2 and calls[1] == RunDir(other).uri
-        internal = service._internal[spec.name]
-        inputs = [read_lora(other / "experts" / e)[0] for e in spec.experts]
-        expected = merge_math.merge(inputs, [0.3, 0.9], "cat")
-        module = sorted(expected)[0]
-        want = merge_math.delta_weight(expected[module]).flatten(1)
-        torch.testing.assert_close(_loaded_delta(service.pipe, module, internal), want)
+        _assert_loaded_merge(service, service._internal[spec.name], other, spec)
     finally:
         service.reload(run_dir)
 
@@ -463,3 +474,29 @@ def test_adding_a_run_of_another_base_model_names_both_models(run_dir, tmp_path)
     assert load_config("sd14").models.base in str(err.value)
     assert service.config.models.base in str(err.value)
     assert set(service.pipe.get_list_adapters()["unet"]) == loaded
+
+
+def test_an_added_runs_merge_on_demand_is_of_its_own_experts_and_goes_with_the_run(
+    run_dir, tmp_path
+):
+    """The same merge spec asked of the default run and of an added run: two merges, each of
+    its own run's experts; dropping the run unloads its merge and keeps the default's."""
+    service = DiffusionService(run_dir)
+    other = _copy_with_new_counting(run_dir, tmp_path / "other", seed=11)
+    token = service.add_run(other)
+    spec = MergeSpec("cat", ("counting", "everyday_scenes"))
+    assert service.merge(spec, token) == service.merge(spec) == ((spec.name, 1.0),)
+    assert service.merge_stats["computed"] == 2  # one per run, under one public name
+    internal = service._runs[token].internal[spec.name]
+    _assert_loaded_merge(service, internal, other, spec)
+    _assert_loaded_merge(service, service._internal[spec.name], Path(run_dir), spec)
+    on_default = _mixed(service, spec.name)
+    assert _mixed(service, spec.name, run=token) != on_default
+    runs = [m["run"] for m in service.cached_merges()]
+    assert runs == [RunDir(other).uri, RunDir(run_dir).uri]  # least recently used first
+    service.drop_run(token)
+    assert internal not in service.pipe.get_list_adapters()["unet"]
+    assert [m["run"] for m in service.cached_merges()] == [RunDir(run_dir).uri]
+    assert _mixed(service, spec.name) == on_default
+    with pytest.raises(KeyError, match="not loaded"):
+        service.merge(spec, token)

@@ -58,7 +58,8 @@ class RunSet:
     run: RunDir
     config: SelmaConfig
     adapters: dict[str, AdapterInfo]  # public name -> info (full URLs)
-    internal: dict[str, str]  # public name -> name inside the pipeline
+    internal: dict[str, str]  # public name -> name inside the pipeline (merges on demand too)
+    files: dict[str, AdapterInfo]  # the adapters as found (paths relative to the run)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,10 @@ class MergeSpec:
         import hashlib
 
         return f"merge-{self.method}-{hashlib.sha256(repr(self).encode()).hexdigest()[:12]}"
+
+
+# An on-demand merge in the LRU: the run set whose experts it merges (None: the main run).
+MergeKey = tuple[int | None, MergeSpec]
 
 
 def as_run(run: RunRef) -> RunDir:
@@ -217,9 +222,10 @@ class DiffusionService:
         self._internal: dict[str, str] = {}  # public name -> name inside the pipeline
         self._generation = 0
         self._lock = threading.Lock()
-        # On-demand merges, least recently used first: spec -> name inside the pipeline.
-        self._merges: OrderedDict[MergeSpec, str] = OrderedDict()
-        self._in_use: Counter[MergeSpec] = Counter()  # merges requests are holding
+        # On-demand merges of every run, least recently used first: (run token or None for
+        # the main run, spec) -> name inside the pipeline.
+        self._merges: OrderedDict[MergeKey, str] = OrderedDict()
+        self._in_use: Counter[MergeKey] = Counter()  # merges requests are holding
         self._in_use_lock = threading.Lock()
         self._merge_lock = threading.Lock()  # one on-demand merge computed at a time
         self._merge_ids = itertools.count()
@@ -285,7 +291,8 @@ class DiffusionService:
             old = list(self._internal.values())  # the on-demand merges of the old run too
             self.adapters, self._internal, self.config, self.run = found, internal, config, run
             self._files = files
-            self._merges.clear()
+            for key in [k for k in self._merges if k[0] is None]:  # unloaded with `old`
+                del self._merges[key]
             if old:
                 self.pipe.delete_adapters(old)
         log.info("reloaded from %s: adapters %s", run.uri, sorted(found))
@@ -298,9 +305,9 @@ class DiffusionService:
         run = as_run(run)
         config = self._same_base(run)
         with self._lock:
-            found, internal, _ = self._load_set(run)
+            found, internal, files = self._load_set(run)
             token = self._generation
-            self._runs[token] = RunSet(run, config, found, internal)
+            self._runs[token] = RunSet(run, config, found, internal, files)
         log.info("loaded run %s as set %d: adapters %s", run.uri, token, sorted(found))
         return token
 
@@ -318,6 +325,8 @@ class DiffusionService:
     def _unload_run(self, token: int) -> None:
         with self._lock:
             gone = self._runs.pop(token, None)
+            for key in [k for k in self._merges if k[0] == token]:  # in gone.internal
+                del self._merges[key]
             if gone is not None and gone.internal:
                 self.pipe.delete_adapters(list(gone.internal.values()))
         if gone is not None:
@@ -370,75 +379,91 @@ class DiffusionService:
             return self.native_size
         return self._runs[run].config.images.resolution or self._native
 
-    def merge(self, spec: MergeSpec) -> AdapterSpec:
-        """The adapter spec of an on-demand merge: taken from the LRU of ``merge_cache_size``
-        merges, or computed from the run's experts and loaded beside them. The merge maths
-        and its file run outside the pipeline's lock, so requests go on rendering meanwhile
-        (on-demand merges are computed one at a time); only loading the result takes the
-        lock. When the LRU is full, the least recently used merges go first, but never
-        ``spec`` itself nor one that a request is ``holding``. Raises KeyError for experts
-        the run does not have, ValueError for a bad spec."""
+    def merge(self, spec: MergeSpec, run: int | None = None) -> AdapterSpec:
+        """The adapter spec of an on-demand merge of the main run's experts (``run`` None) or
+        of a run ``add_run`` loaded: taken from the LRU of ``merge_cache_size`` merges (all
+        runs' together), or computed from the run's experts and loaded beside them. The merge
+        maths and its file run outside the pipeline's lock, so requests go on rendering
+        meanwhile (on-demand merges are computed one at a time); only loading the result
+        takes the lock. When the LRU is full, the least recently used merges go first, but
+        never this one nor one that a request is ``holding``. Raises KeyError for experts the
+        run does not have (or a run set no longer loaded), ValueError for a bad spec."""
         import tempfile
 
         from selma_ray.models import cache_dir
 
+        key = (run, spec)
         with self._merge_lock:
             while True:
                 with self._lock:
-                    check_merge(spec, self.adapters, self.merge_cache_size)
-                    if spec in self._merges:
-                        self._merges.move_to_end(spec)
+                    adapters, _ = self._set(run)
+                    check_merge(spec, adapters, self.merge_cache_size)
+                    if key in self._merges:
+                        self._merges.move_to_end(key)
                         self.merge_stats["reused"] += 1
                         return ((spec.name, 1.0),)
-                    run, files = self.run, self._files
+                    source, files = self._source(run)
                 scratch = cache_dir() / "merges"
                 scratch.mkdir(parents=True, exist_ok=True)
                 # A fresh temporary folder, never a path made from a request's names.
                 with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-                    out = _write_merge(spec, run, files, Path(tmp), self.device)
+                    out = _write_merge(spec, source, files, Path(tmp), self.device)
                     with self._lock:
-                        if self._files is not files:  # reloaded meanwhile: other experts
+                        if self._source(run)[1] is not files:  # reloaded: other experts
                             log.info("run reloaded during merge %s; merging again", spec.name)
                             continue
                         internal = f"g{self._generation}_m{next(self._merge_ids)}"
                         self.pipe.load_lora_weights(
                             str(out), weight_name=WEIGHT_NAME, adapter_name=internal
                         )
-                        self._merges[spec] = self._internal[spec.name] = internal
+                        self._merges[key] = self._set(run)[1][spec.name] = internal
                         self.merge_stats["computed"] += 1
                         log.info("merged %s on demand: %s", spec.name, spec)
-                        self._evict_merges(spec)
+                        self._evict_merges(key)
                         return ((spec.name, 1.0),)
 
-    def _evict_merges(self, keep: MergeSpec) -> None:
+    def _source(self, run: int | None) -> tuple[RunDir, dict[str, AdapterInfo]]:
+        """The run an on-demand merge reads, and its adapters as found."""
+        if run is None:
+            return self.run, self._files
+        self._set(run)  # KeyError when the set is gone
+        return self._runs[run].run, self._runs[run].files
+
+    def _evict_merges(self, keep: MergeKey) -> None:
         """Unload the least recently used merges beyond ``merge_cache_size``, except ``keep``
         and those requests hold. Called under the pipeline's lock."""
         with self._in_use_lock:
             held = {keep, *self._in_use}
-        for old in [s for s in self._merges if s not in held]:  # least recently used first
+        for old in [k for k in self._merges if k not in held]:  # least recently used first
             if len(self._merges) <= self.merge_cache_size:
                 break
             self.pipe.delete_adapters([self._merges.pop(old)])
-            del self._internal[old.name]
+            del self._set(old[0])[1][old[1].name]
             self.merge_stats["evicted"] += 1
 
     @contextmanager
-    def holding(self, spec: MergeSpec) -> Iterator[None]:
+    def holding(self, spec: MergeSpec, run: int | None = None) -> Iterator[None]:
         """Keeps an on-demand merge from eviction while a request uses it: from before its
         ``merge`` until its images are rendered (a concurrent merge could evict it between)."""
+        key = (run, spec)
         with self._in_use_lock:
-            self._in_use[spec] += 1
+            self._in_use[key] += 1
         try:
             yield
         finally:
             with self._in_use_lock:
-                self._in_use[spec] -= 1
-                if not self._in_use[spec]:
-                    del self._in_use[spec]
+                self._in_use[key] -= 1
+                if not self._in_use[key]:
+                    del self._in_use[key]
 
     def cached_merges(self) -> list[dict[str, Any]]:
-        """The on-demand merges held now, least recently used first."""
-        return [{"name": m.name, **asdict(m)} for m in list(self._merges)]
+        """The on-demand merges held now, least recently used first, each with the URI of
+        the run whose experts it merges."""
+        runs = {None: self.run, **{t: r.run for t, r in self._runs.items()}}
+        return [
+            {"name": m.name, "run": runs[t].uri if t in runs else None, **asdict(m)}
+            for t, m in list(self._merges)
+        ]
 
     def _activate(self, spec: AdapterSpec, internal: dict[str, str] | None = None) -> None:
         if spec == ((BASE, 1.0),):

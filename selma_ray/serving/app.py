@@ -520,15 +520,10 @@ class Diffusion:
         with self.service.holding_run(token):  # until rendered: an eviction waits for it
             if job.get("merge") is None:
                 return await self._batched({**job, "run": token})
-            if token is not None:
-                raise ValueError(
-                    "merges on demand are made for the default run only; leave run out, or "
-                    "pick one of this run's adapters (GET /v1/adapters?run=...)"
-                )
             merge = MergeSpec(**job["merge"])
-            with self.service.holding(merge):  # until rendered: other merges cannot evict it
-                spec = await asyncio.to_thread(self.service.merge, merge)  # off the event loop
-                return await self._batched({**job, "spec": spec, "run": None})
+            with self.service.holding(merge, token):  # until rendered: no merge evicts it
+                spec = await asyncio.to_thread(self.service.merge, merge, token)  # off the loop
+                return await self._batched({**job, "spec": spec, "run": token})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, jobs: list[dict[str, Any]]) -> list[list[bytes]]:
