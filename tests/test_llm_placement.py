@@ -5,10 +5,13 @@ reservation is real; the rank actors are stand-ins for vLLM's (no CUDA here)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 
 from selma_ray.config import load_config
+from selma_ray.models import llm_data
 from selma_ray.models.llm_data import backend_udf, engine_bundles, engine_options
 from selma_ray.plan import build_plan
 
@@ -80,5 +83,32 @@ def test_the_engine_and_its_ranks_run_inside_the_reserved_group():
         assert placed["gpus"] == 0  # the engine holds no GPU of its own
         assert placed["ranks"] == [group.id.hex()] * 2 == [placed["engine"]] * 2
         assert ray.available_resources().get("GPU", 0) == 0  # both GPUs are the group's
+    finally:
+        ray.shutdown()
+
+
+def test_a_ray_data_pass_with_tensor_parallelism_gives_its_gpus_back(monkeypatch):
+    """Each engine actor of a plain Ray Data pass gets a placement group of its own; when
+    the pass ends the groups are removed and every GPU is free again."""
+
+    class Echo:  # stands in for the vLLM UDF (defined here: Ray ships it by value)
+        def __init__(self, **kwargs):
+            pass
+
+        def __call__(self, batch: dict) -> dict:
+            return {"text": batch["prompt"]}
+
+    monkeypatch.setattr(llm_data, "backend_udf", lambda cfg: (Echo, {}))
+    ray.init(num_cpus=4, num_gpus=2, resources={"a10g": 1}, include_dashboard=False)
+    try:
+        cfg = tp_config(2, **{"resources.prompts.num_cpus": 1})
+        rows = llm_data.generate_with_ray_data(cfg, [{"prompt": f"p{i}"} for i in range(3)])
+        assert sorted(r["text"] for r in rows) == ["p0", "p1", "p2"]
+        groups = ray.util.placement_group_table()
+        assert groups and {g["state"] for g in groups.values()} == {"REMOVED"}
+        deadline = time.monotonic() + 60  # the resources view catches up asynchronously
+        while ray.available_resources().get("GPU", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ray.available_resources().get("GPU", 0) == 2
     finally:
         ray.shutdown()

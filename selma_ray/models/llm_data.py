@@ -142,17 +142,19 @@ def generate_with_ray_data(
     if model:
         kwargs["model"] = model
     pool = ray.data.ActorPoolStrategy(min_size=res.min_size, max_size=res.max_size)
+    groups: list[Any] = []  # the engines' placement groups, removed when the pass ends
+
+    def own_group() -> dict[str, Any]:  # called for each engine actor the pool starts
+        strategy = engine_options(cfg)["scheduling_strategy"]
+        groups.append(strategy.placement_group)
+        return {"scheduling_strategy": strategy}
+
     if cfg.prompts.backend != "vllm":
         placement: dict[str, Any] = {"num_cpus": res.num_cpus, "resources": res.custom}
     elif engine_bundles(cfg) is None:
         placement = engine_options(cfg)
-    else:  # a placement group of its own for each engine actor the pool starts
-        placement = {
-            "num_cpus": res.num_cpus,
-            "ray_remote_args_fn": lambda: {
-                "scheduling_strategy": engine_options(cfg)["scheduling_strategy"]
-            },
-        }
+    else:
+        placement = {"num_cpus": res.num_cpus, "ray_remote_args_fn": own_group}
     ds = ray.data.from_items(requests).map_batches(
         udf,
         fn_constructor_kwargs=kwargs,
@@ -160,7 +162,11 @@ def generate_with_ray_data(
         batch_size=cfg.prompts.batch_size,
         **placement,
     )
-    return ds.take_all()
+    try:
+        return ds.take_all()
+    finally:
+        for group in groups:
+            ray.util.remove_placement_group(group)
 
 
 class PersistentEngines:
