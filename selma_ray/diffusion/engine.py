@@ -459,7 +459,7 @@ class DiffusionService:
     def cached_merges(self) -> list[dict[str, Any]]:
         """The on-demand merges held now, least recently used first, each with the URI of
         the run whose experts it merges."""
-        runs = {None: self.run, **{t: r.run for t, r in self._runs.items()}}
+        runs = {None: self.run, **{t: r.run for t, r in list(self._runs.items())}}
         return [
             {"name": m.name, "run": runs[t].uri if t in runs else None, **asdict(m)}
             for t, m in list(self._merges)
