@@ -104,6 +104,7 @@ def test_playground_page_is_self_contained_and_uses_the_api():
 
     assert PLAYGROUND.startswith("<!doctype html>")
     assert "/v1/adapters" in PLAYGROUND and "/v1/images/generations" in PLAYGROUND
+    assert "/v1/runs" in PLAYGROUND
     assert "<script src" not in PLAYGROUND  # no build step, no external assets
 
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import platform
-import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from browser import run_and_wait, wait_for
 
 from selma_ray.testing import LocalServe, make_run, serve_app_config
 
@@ -380,74 +378,6 @@ def test_api_key_is_enforced_when_set(live, runs):
 
 
 # ---- the playground in headless Chromium ----------------------------------------------------
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
-    if missing:
-        why = (
-            f"{missing} not installed on {platform.platform()}: `bash scripts/setup_browser.sh` "
-            "installs Debian's chromium and chromium-driver (make test runs it; needs root)"
-        )
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI needs the browser: {why}")
-        pytest.skip(why)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def wait_for(driver, condition, timeout=120):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
-
-
-def shown_images(driver) -> list[dict]:
-    """The result images that have loaded, with their natural width and source scheme."""
-    return driver.execute_script(
-        """return [...document.querySelectorAll('#out img[data-testid="result-image"]')]
-             .map((img) => ({alt: img.alt, width: img.naturalWidth, complete: img.complete,
-                             scheme: img.src.split(':')[0]}));"""
-    )
-
-
-def run_and_wait(driver, button: str, count: int) -> list[dict]:
-    from selenium.webdriver.common.by import By
-
-    driver.find_element(By.ID, button).click()
-    wait_for(driver, lambda d: d.find_element(By.ID, "out").get_attribute("data-state") == "done")
-    status = driver.find_element(By.ID, "status").text
-    assert status == "", f"the page reported an error: {status}"
-    wait_for(driver, lambda d: all(i["complete"] for i in shown_images(d)), timeout=30)
-    images = shown_images(driver)
-    assert len(images) == count, images
-    assert all(i["width"] > 0 and i["scheme"] in ("data", "blob") for i in images), images
-    return images
 
 
 def test_playground_lists_adapters_and_generates_in_a_browser(live, browser):

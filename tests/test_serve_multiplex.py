@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from browser import run_and_wait, wait_for
 
 from selma_ray.config import load_config
 from selma_ray.testing import LocalServe, make_run, serve_app_config
@@ -161,6 +162,43 @@ def test_a_merge_on_demand_merges_the_experts_of_the_run_the_request_names(live)
     assert gen(live, spec, run="strong").content == strong.content
     assert gen(live, {"merge": "ties", "experts": ["dense_detail", "counting"]}).status_code == 404
     assert gen(live, {"merge": "ties", "experts": ["dense_detail", "counting"]}, run="detail").ok
+
+
+def test_runs_lists_the_default_run_and_the_allowlist(live, runs):
+    resp = get(live, "/v1/runs")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"] == [
+        {"run": str(runs["default"]), "run_name": None},
+        *({"run": str(runs[n]), "run_name": n} for n in ("detail", "sd14", "strong")),
+    ]
+
+
+def test_the_playground_picks_a_run_and_draws_with_its_adapters(live, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    def adapters_loaded(d) -> bool:
+        return bool(d.find_element(By.TAG_NAME, "body").get_attribute("data-adapters"))
+
+    browser.get(f"{live.url}/")
+    wait_for(browser, adapters_loaded)
+    runs = Select(browser.find_element(By.ID, "runs"))
+    assert [o.text for o in runs.options] == ["default", "detail", "sd14", "strong"]
+    runs.select_by_value("detail")
+    wait_for(browser, lambda d: "dense_detail" in d.find_element(By.ID, "adapter").text)
+    assert browser.find_element(By.ID, "run").text.endswith("detail")
+    Select(browser.find_element(By.ID, "adapter")).select_by_value("dense_detail")
+    steps = browser.find_element(By.ID, "steps")
+    steps.clear()
+    steps.send_keys("2")
+    assert [i["alt"] for i in run_and_wait(browser, "generate", 1)] == ["dense_detail"]
+    runs.select_by_value("")  # back to the default run: no dense_detail there
+    wait_for(
+        browser,
+        lambda d: (
+            adapters_loaded(d) and "dense_detail" not in d.find_element(By.ID, "adapter").text
+        ),
+    )
 
 
 def test_a_run_stays_served_while_another_is_loaded(live):

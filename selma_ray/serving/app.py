@@ -660,6 +660,14 @@ class Ingress:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    @api.get("/v1/runs")
+    async def list_runs(self, request: Request) -> dict[str, Any]:
+        """The runs a request may pick (``run`` or the ``serve_multiplexed_model_id``
+        header): the default run first (``run_name`` null), then the allowlist by name."""
+        self._authorize(request)
+        names = ["", *sorted(self.runs)]
+        return {"object": "list", "data": [self._describe_run(n) for n in names]}
+
     @api.get("/v1/adapters", responses=RUN_RESPONSES)
     async def adapters(
         self, request: Request, run: str | None = Query(None, max_length=64, description=RUN_Q)
